@@ -1,0 +1,127 @@
+"""Configs are plain dataclasses: loaded from YAML, overridden by `key=value`, validated, saved.
+
+Every stage defines one `@dataclass` subclassing `StageConfig` and checks itself
+in `validate()` (called from `__post_init__`), so a config that cannot work fails
+in the first second, with a sentence naming the key and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError, InputError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+@dataclasses.dataclass
+class StageConfig:
+    def __post_init__(self) -> None:
+        self._coerce_types()
+        self.validate()
+
+    def validate(self) -> None:
+        """Subclasses raise ConfigError for anything that cannot work."""
+
+    # -- construction ---------------------------------------------------
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key '{unknown[0]}' for {cls.__name__}; known keys: {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**values)
+        except TypeError as e:  # e.g. a wrong type the coercion could not fix
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> C:
+        """YAML file (optional), then `key=value` overrides, then keyword arguments."""
+        values: dict[str, Any] = {}
+        source = "config"
+        if path is not None:
+            values.update(read_yaml_mapping(path))
+            source = str(path)
+        for item in overrides or []:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override '{item}' is not of the form key=value")
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            source = f"{source} (override {key.strip()})"
+        values.update({k: v for k, v in kwargs.items() if v is not None})
+        return cls.from_dict(values, source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else v
+        return out
+
+    def save(self, directory: str | Path, name: str | None = None) -> Path:
+        """Write the config beside the stage's outputs, so every run says how it was made."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / (name or f"alignloop_{type(self).__name__.lower()}.yaml")
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    # -- helpers ----------------------------------------------------------
+    def _coerce_types(self) -> None:
+        """YAML gives `1e-4` as a string and ints where floats are meant; fix the obvious cases."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            hint = hints.get(f.name)
+            if value is None or hint is None:
+                continue
+            target = _plain_type(hint)
+            if target is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+                try:
+                    setattr(self, f.name, float(value))
+                except ValueError:
+                    raise ConfigError(f"{type(self).__name__}.{f.name}: expected a number, got {value!r}") from None
+            elif target is int and isinstance(value, str):
+                try:
+                    setattr(self, f.name, int(value))
+                except ValueError:
+                    raise ConfigError(f"{type(self).__name__}.{f.name}: expected an integer, got {value!r}") from None
+            elif target is Path and isinstance(value, str):
+                setattr(self, f.name, Path(value))
+
+    def require(self, condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{type(self).__name__}: {message}")
+
+
+def _plain_type(hint: Any) -> Any:
+    """`Path | None` -> Path; `float` -> float."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return hint
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such config file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise InputError(path, f"not valid YAML ({getattr(e, 'problem', e)})", line=None if line is None else line + 1) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(path, "expected a mapping of key: value at the top level")
+    return data

@@ -1,0 +1,57 @@
+"""Reading and writing JSON Lines, with errors that name file, line and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import InputError
+
+
+def read_jsonl(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None) -> list[dict[str, Any]]:
+    """Read every line of a JSONL file as a dict.
+
+    `required` maps field name -> accepted type(s); a missing field or a value
+    of the wrong type raises `InputError` naming the line and the field.
+    Blank lines are skipped; anything else that is not a JSON object is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file" if not path.exists() else "not a file")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(path, f"not valid JSON ({e.msg} at column {e.colno})", line=line_no) from None
+            if not isinstance(row, dict):
+                raise InputError(path, f"expected a JSON object, got {type(row).__name__}", line=line_no)
+            for field, kind in (required or {}).items():
+                if field not in row:
+                    raise InputError(path, "missing", line=line_no, field=field)
+                if not isinstance(row[field], kind):
+                    names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+                    raise InputError(
+                        path, f"expected {names}, got {type(row[field]).__name__}", line=line_no, field=field
+                    )
+            row["_line"] = line_no
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write rows (dropping private `_`-prefixed keys); returns how many were written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)  # atomic: a crash never leaves half a file behind
+    return n
