@@ -1,0 +1,78 @@
+"""Batched sampling from any HF causal LM: the `generate` CLI, `alignloop sample` and evaluation use it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .device import autocast
+from .errors import ConfigError
+from .progress import progress
+from .prompts import encode_prompt, pad_left
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 32
+    seed: int = 0
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.greedy and self.temperature <= 0:
+            raise ConfigError("temperature must be > 0 (use greedy=true for argmax decoding)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("max_new_tokens and batch_size must be >= 1")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Completion:
+    prompt: str
+    completion: str
+    finished: bool  # True when the model emitted EOS within max_new_tokens
+    token_ids: list[int]  # the response tokens, EOS included when finished
+
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+             settings: SamplingSettings, precision: str = "fp32", show_progress: bool = True) -> list[Completion]:
+    device = next(model.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(settings.seed)
+    # Sorting by prompt length keeps left padding (and wasted compute) small; order restored below.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: dict[int, Completion] = {}
+    eos = tokenizer.eos_token_id
+    batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    for batch in progress(batches, desc="generate", disable=not show_progress):
+        ids, mask = pad_left([encode_prompt(tokenizer, prompts[i]) for i in batch], tokenizer.pad_token_id)
+        input_ids = torch.tensor(ids, device=device)
+        with autocast(device, precision):
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.tensor(mask, device=device),
+                do_sample=not settings.greedy,
+                temperature=settings.temperature if not settings.greedy else None,
+                top_p=settings.top_p if not settings.greedy else None,
+                top_k=0 if not settings.greedy else None,  # no hidden top-k: only what the user set
+                max_new_tokens=settings.max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        for row, i in zip(out[:, input_ids.shape[1]:].tolist(), batch):
+            finished = eos in row
+            tokens = row[: row.index(eos) + 1] if finished else row
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            results[i] = Completion(prompts[i], text, finished, tokens)
+    torch.random.set_rng_state(generator_state)
+    return [results[i] for i in range(len(prompts))]

@@ -1,0 +1,104 @@
+"""Building, loading and saving models as standard Hugging Face directories.
+
+Everything the toolkit writes loads with `AutoModelForCausalLM.from_pretrained`
+(or `AutoModelForSequenceClassification` for the reward model) and
+`AutoTokenizer.from_pretrained`, with no alignloop code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from .errors import InputError
+
+
+def build_causal_lm(tokenizer: PreTrainedTokenizerBase, n_layer: int = 4, n_embd: int = 256, n_head: int = 4,
+                    n_positions: int = 256, dropout: float = 0.0, seed: int = 0) -> GPT2LMHeadModel:
+    """A small GPT-2, randomly initialised (seeded), sized to the tokenizer."""
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(path, "no such model directory" if not path.exists() else "not a directory")
+    if not (path / "config.json").is_file():
+        raise InputError(path, "not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = check_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # A separate pad token, so masking padding never masks the EOS (see tokenizer.py).
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, device: torch.device | str = "cpu",
+                   tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """Load a causal LM in fp32 (autocast picks the matmul dtype), in eval mode: dropout off."""
+    path = check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))  # we added a pad token
+    if tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device).eval()
+
+
+def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
+                   max_new_tokens: int | None = None) -> Path:
+    """Weights as safetensors, tokenizer, and a generation config that stops at EOS and pads with pad."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "generation_config") and model.can_generate():
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            max_new_tokens=max_new_tokens or 64,
+        )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def count_matmul_params(model: PreTrainedModel) -> int:
+    """Parameters that take part in matmuls per token (all 2-D weights but the input embedding)."""
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    total = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not emb)
+    if out is not None and out.weight is emb:  # tied: the LM head is a matmul even though it shares the embedding
+        total += emb.numel()
+    return total

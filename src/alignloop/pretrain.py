@@ -1,0 +1,117 @@
+"""Stage 0: the embedded default base model, trained here so the toolkit needs no hub.
+
+Trains a byte-level BPE tokenizer and a small GPT-2 on a real corpus (Debian's
+fortunes by default, or any .txt/.jsonl the user points at), then writes both
+as one standard HF directory and reports held-out perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import StageConfig
+from .corpus import load_corpus, split_corpus
+from .device import choose_precision, resolve_device, set_cpu_threads
+from .modeling import build_causal_lm, count_matmul_params, save_model_dir
+from .tokenizer import train_tokenizer
+from .training import LMBatch, perplexity, train_lm
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    out_dir: Path = Path("runs/demo/base")
+    corpus: str | None = None  # None: the fortunes directory
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    block_size: int = 128  # tokens per packed training sequence
+    batch_size: int = 32
+    epochs: float = 3.0
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    held_out_fraction: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        self.require(self.vocab_size >= 300, "vocab_size must be >= 300 (256 bytes + special tokens + merges)")
+        self.require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        self.require(self.block_size >= 8, "block_size must be >= 8")
+        self.require(self.batch_size >= 1 and self.epochs > 0, "batch_size and epochs must be positive")
+        self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
+
+
+def pack_documents(token_lists: list[list[int]], block_size: int) -> torch.Tensor:
+    """Concatenate `<bos> doc <eos>` streams and cut into (n_blocks, block_size); the tail is dropped."""
+    stream = [t for ids in token_lists for t in ids]
+    n_blocks = len(stream) // block_size
+    return torch.tensor(stream[: n_blocks * block_size]).view(n_blocks, block_size)
+
+
+def _blocks_to_batches(blocks: torch.Tensor, batch_size: int, device: torch.device, shuffle_seed: int | None) -> Iterator[LMBatch]:
+    order = list(range(len(blocks)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        ids = blocks[order[i:i + batch_size]].to(device)
+        yield LMBatch(ids, torch.ones_like(ids), ids)
+
+
+def pretrain(config: PretrainConfig) -> dict:
+    start = time.time()
+    set_cpu_threads()
+    device = resolve_device(config.device)
+    precision = choose_precision(device, config.precision)
+    docs = load_corpus(config.corpus)
+    train_docs, held_docs = split_corpus(docs, config.held_out_fraction, config.seed)
+
+    tokenizer = train_tokenizer(train_docs, config.vocab_size)
+    encode = lambda d: [tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    train_blocks = pack_documents([encode(d) for d in train_docs], config.block_size)
+    held_blocks = pack_documents([encode(d) for d in held_docs], config.block_size)
+
+    model = build_causal_lm(tokenizer, config.n_layer, config.n_embd, config.n_head,
+                            n_positions=max(256, config.block_size), seed=config.seed).to(device)
+    steps_per_epoch = -(-len(train_blocks) // config.batch_size)
+    total_steps = max(1, int(steps_per_epoch * config.epochs))
+
+    def batches() -> Iterator[LMBatch]:
+        epoch = 0
+        while True:  # reshuffle each epoch; train_lm stops at total_steps
+            yield from _blocks_to_batches(train_blocks, config.batch_size, device, config.seed + epoch)
+            epoch += 1
+
+    held_batches = list(_blocks_to_batches(held_blocks, 64, device, None))
+    losses = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
+                      config.grad_clip, precision, desc="pretrain")
+    held_ppl = perplexity(model, held_batches, precision)
+
+    save_model_dir(model, tokenizer, config.out_dir)
+    config.save(config.out_dir)
+    summary = {
+        "stage": "pretrain",
+        "out_dir": str(config.out_dir),
+        "documents": {"train": len(train_docs), "held_out": len(held_docs)},
+        "tokens": {"train": int(train_blocks.numel()), "held_out": int(held_blocks.numel())},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "matmul_parameters": count_matmul_params(model),
+        "steps": total_steps,
+        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "held_out_perplexity": held_ppl,
+        "precision": precision,
+        "device": str(device),
+        "seconds": time.time() - start,
+    }
+    (Path(config.out_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,45 @@
+"""Turning prompts and responses into token ids, the same way in every stage.
+
+The prompt goes through the model's own chat template (stored in its tokenizer),
+so SFT, sampling, reward scoring and PPO all see identical prompt tokens. The
+response is tokenised on its own and ends with EOS: this is exactly what the
+model produces at generation time, so training and sampling agree token for token.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return (tokenizer.bos_token or "") + prompt
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    # add_special_tokens=False: the template already placed BOS where the model expects it.
+    return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, response: str, add_eos: bool = True) -> list[int]:
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if add_eos else ids
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Left padding for generation: every prompt ends at the same column."""
+    width = max(len(s) for s in sequences)
+    ids = [[pad_id] * (width - len(s)) + s for s in sequences]
+    mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
+    return ids, mask
+
+
+def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Right padding for training and scoring."""
+    width = max(len(s) for s in sequences)
+    ids = [s + [pad_id] * (width - len(s)) for s in sequences]
+    mask = [[1] * len(s) + [0] * (width - len(s)) for s in sequences]
+    return ids, mask

@@ -1,0 +1,102 @@
+"""Pieces every training stage shares: optimiser, LR schedule, the LM-loss loop, perplexity.
+
+Pretraining and SFT both minimise next-token cross-entropy on the positions
+whose label is not -100, so one loop serves both; the reward and PPO stages
+reuse the optimiser and schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from transformers import PreTrainedModel
+
+from .device import autocast
+from .progress import progress
+
+IGNORE = -100  # label value that cross-entropy skips (prompt and padding positions)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying biases and norms just hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  final_fraction: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to `final_fraction` of the peak LR."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress_ = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress_))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class LMBatch:
+    input_ids: torch.Tensor  # (batch, seq)
+    attention_mask: torch.Tensor  # (batch, seq), 0 on padding
+    labels: torch.Tensor  # (batch, seq), IGNORE where no loss is taken
+
+
+def lm_loss_sum(model: PreTrainedModel, batch: LMBatch, precision: str) -> tuple[torch.Tensor, int]:
+    """Sum of token losses and the token count, so accumulation over batches weights every token equally."""
+    device = batch.input_ids.device
+    with autocast(device, precision):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    # Shift: position t predicts token t+1. Cross-entropy in fp32 whatever the matmul dtype.
+    logits = logits[:, :-1].float()
+    targets = batch.labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def perplexity(model: PreTrainedModel, batches: list[LMBatch], precision: str) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        loss, n = lm_loss_sum(model, batch, precision)
+        total += loss.item()
+        count += n
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: int, lr: float,
+             weight_decay: float, warmup_steps: int, grad_clip: float, precision: str, desc: str) -> list[float]:
+    """One optimiser step per batch; returns the per-step mean token loss."""
+    model.train()
+    optimizer = make_optimizer(model, lr, weight_decay)
+    scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
+    losses = []
+    bar = progress(total=total_steps, desc=desc)
+    for step, batch in zip(range(total_steps), batches):
+        loss_sum, n_tokens = lm_loss_sum(model, batch, precision)
+        loss = loss_sum / max(n_tokens, 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    bar.close()
+    model.eval()  # dropout off for whatever comes next (generation, scoring)
+    return losses

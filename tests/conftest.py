@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny tokenizer + GPT-2 saved as a HF directory, built in seconds.
+
+Tests of every stage load models from directories exactly as users do; these
+models are random (untrained) unless a test trains them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from alignloop.corpus import load_corpus
+from alignloop.modeling import build_causal_lm, save_model_dir
+from alignloop.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def fortunes() -> list[str]:
+    """A few thousand real quotations from the default corpus (Debian's fortunes)."""
+    return load_corpus(max_chars=300)[:3000]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(fortunes):
+    return train_tokenizer(fortunes, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A random 2-layer x 64-wide GPT-2 with our tokenizer, as a HF directory."""
+    out = tmp_path_factory.mktemp("tiny_lm")
+    model = build_causal_lm(tiny_tokenizer, n_layer=2, n_embd=64, n_head=2, n_positions=128, seed=0)
+    save_model_dir(model, tiny_tokenizer, out)
+    return out
