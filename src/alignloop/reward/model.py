@@ -1,0 +1,89 @@
+"""The reward model as a standard `AutoModelForSequenceClassification` directory plus its normalisation.
+
+The score of a (prompt, response) is the scalar head's output at the last
+non-pad token of `prompt + response + EOS`, i.e. at the EOS: the transformer
+has read the whole response there. `reward_normalization.json` holds a gain
+and bias chosen after training so that scores of responses sampled from the
+reference (SFT) policy have mean 0 and std 1 (as in OpenAI's lm-human-preferences):
+PPO's KL coefficient then means the same thing whatever the RM's raw scale.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..device import autocast
+from ..modeling import check_model_dir, load_tokenizer
+from ..prompts import encode_prompt, encode_response, pad_right
+
+NORMALIZATION_FILE = "reward_normalization.json"
+
+
+def init_reward_model(backbone_dir: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """Backbone weights from a causal LM directory, a fresh (num_labels=1) scalar head, dropout off."""
+    backbone_dir = check_model_dir(backbone_dir)
+    tokenizer = tokenizer or load_tokenizer(backbone_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(backbone_dir, num_labels=1, dtype=torch.float32)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it
+    return model.eval()
+
+
+class RewardModel:
+    """A loaded reward model: scores token ids (for PPO) or text (for everything else)."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gain: float = 1.0,
+                 bias: float = 0.0, precision: str = "fp32"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.gain = gain
+        self.bias = bias
+        self.precision = precision
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32") -> "RewardModel":
+        path = check_model_dir(path)
+        tokenizer = load_tokenizer(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device)
+        norm_file = path / NORMALIZATION_FILE
+        norm = json.loads(norm_file.read_text()) if norm_file.is_file() else {"gain": 1.0, "bias": 0.0}
+        for p in model.parameters():
+            p.requires_grad_(False)  # frozen during PPO
+        return cls(model, tokenizer, norm["gain"], norm["bias"], precision)
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        out_dir = Path(out_dir)
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+        (out_dir / NORMALIZATION_FILE).write_text(json.dumps({"gain": self.gain, "bias": self.bias}, indent=2))
+        return out_dir
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(batch,) fp32 scores of right-padded `prompt + response + EOS` token ids."""
+        with autocast(self.device, self.precision):
+            raw = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        raw = raw.float()
+        return self.gain * raw + self.bias if normalize else raw
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, normalize: bool = True) -> list[float]:
+        """Scores of text pairs, batched by length so padding stays small."""
+        seqs = [encode_prompt(self.tokenizer, p) + encode_response(self.tokenizer, r) for p, r in zip(prompts, responses)]
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out = [0.0] * len(seqs)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = pad_right([seqs[i] for i in idx], self.tokenizer.pad_token_id)
+            scores = self.score_ids(torch.tensor(ids, device=self.device), torch.tensor(mask, device=self.device), normalize)
+            for i, s in zip(idx, scores.tolist()):
+                out[i] = s
+        return out
