@@ -31,13 +31,16 @@ class StageConfig:
 
     # -- construction ---------------------------------------------------
     @classmethod
-    def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    def from_dict(cls: type[C], values: dict[str, Any], source: str = "config",
+                  key_lines: dict[str, int] | None = None) -> C:
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(
-                f"{source}: unknown key '{unknown[0]}' for {cls.__name__}; known keys: {', '.join(sorted(known))}"
-            )
+            key = unknown[0]
+            message = f"unknown key for {cls.__name__}; known keys: {', '.join(sorted(known))}"
+            if key_lines and key in key_lines:  # it came from the YAML file: name file, line and key
+                raise InputError(source, message, line=key_lines[key], field=key)
+            raise ConfigError(f"{source}: unknown key '{key}' ({message})")
         try:
             return cls(**values)
         except TypeError as e:  # e.g. a wrong type the coercion could not fix
@@ -47,18 +50,20 @@ class StageConfig:
     def load(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> C:
         """YAML file (optional), then `key=value` overrides, then keyword arguments."""
         values: dict[str, Any] = {}
-        source = "config"
+        key_lines: dict[str, int] = {}
+        source = "--set"
         if path is not None:
-            values.update(read_yaml_mapping(path))
+            file_values, key_lines = read_yaml_mapping(path)
+            values.update(file_values)
             source = str(path)
         for item in overrides or []:
             key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"override '{item}' is not of the form key=value")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set '{item}' is not of the form key=value")
             values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-            source = f"{source} (override {key.strip()})"
+            key_lines.pop(key.strip(), None)  # an override is no longer the file's line
         values.update({k: v for k, v in kwargs.items() if v is not None})
-        return cls.from_dict(values, source=source)
+        return cls.from_dict(values, source=source, key_lines=key_lines)
 
     def to_dict(self) -> dict[str, Any]:
         out = {}
@@ -111,7 +116,8 @@ def _plain_type(hint: Any) -> Any:
     return hint
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+def read_yaml_mapping(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The mapping at the top of a YAML file, and the 1-based line of each top-level key."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such config file")
@@ -121,7 +127,9 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         raise InputError(path, f"not valid YAML ({getattr(e, 'problem', e)})", line=None if line is None else line + 1) from None
     if data is None:
-        return {}
+        return {}, {}
     if not isinstance(data, dict):
         raise InputError(path, "expected a mapping of key: value at the top level")
-    return data
+    node = yaml.compose(path.read_text(encoding="utf-8"))
+    key_lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    return data, key_lines

@@ -1,0 +1,35 @@
+# Two commands for a fresh machine:
+#   make demo   set up, then run the whole loop on the embedded default
+#   make test   set up, then run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OUT ?= runs/demo
+
+.PHONY: setup demo test test-fast clean
+
+# torch first and pinned: 2.13.0 is the CPU build on our machines, and nothing
+# after it may pull a newer (multi-GB CUDA) torch.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+	scripts/system-deps.sh corpus
+
+demo: setup
+	$(BIN)/alignloop demo --out $(OUT)
+
+test: setup
+	scripts/system-deps.sh browser
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+clean:
+	rm -rf $(VENV) runs

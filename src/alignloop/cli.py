@@ -1,0 +1,107 @@
+"""The `alignloop` command: a thin layer over the Python API, one subcommand per stage.
+
+Every stage command takes `--config FILE.yaml` and repeatable `--set key=value`
+overrides (applied after the file), plus flags for the few settings people
+change most. Errors a user can fix are printed on one line, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import AlignloopError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="The whole RLHF loop: pretrain, sft, sample, annotate, reward, ppo, evaluate.")
+console = Console(stderr=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with this stage's config.")
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: --set key=value (repeatable).")
+
+
+def run_stage(config_cls: type, stage_fn: Callable[[Any], dict], config: Optional[Path], sets: Optional[list[str]],
+              **flags: Any) -> dict:
+    """Config file, then --set overrides, then explicit flags; run; print the summary."""
+    cfg = config_cls.load(config, sets or [], **flags)
+    summary = stage_fn(cfg)
+    print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    console.print_json(json.dumps(summary, default=str))
+
+
+@app.command()
+def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+             out_dir: Optional[Path] = typer.Option(None, help="Where the base model directory goes."),
+             corpus: Optional[str] = typer.Option(None, help="A .txt/.jsonl file or directory (default: fortunes).")):
+    """Train the embedded default tokenizer and small GPT-2 on a real corpus."""
+    from .pretrain import PretrainConfig, pretrain as run
+
+    run_stage(PretrainConfig, run, config, set_, out_dir=out_dir, corpus=corpus)
+
+
+@app.command()
+def sft(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+        model: Optional[Path] = typer.Option(None, help="Base HF causal LM directory."),
+        out_dir: Optional[Path] = typer.Option(None, help="Where the SFT model directory goes."),
+        data: Optional[Path] = typer.Option(None, help="JSONL of {prompt, response}; default: pairs from the corpus.")):
+    """Supervised fine-tuning on prompt/response pairs (loss on response tokens only)."""
+    from .sft import SFTConfig, sft as run
+
+    run_stage(SFTConfig, run, config, set_, model=model, out_dir=out_dir, data=data)
+
+
+@app.command()
+def generate(model: Path = typer.Option(..., help="HF causal LM directory."),
+             prompts: Path = typer.Option(..., help='JSONL with {"prompt": ...} per line.'),
+             out: Path = typer.Option(..., help='Output JSONL of {"prompt", "completion", "finished"}.'),
+             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 32,
+             seed: int = 0, greedy: bool = False, device: str = "auto", precision: str = "auto"):
+    """Batched generation from any local model."""
+    from .device import choose_precision, resolve_device, set_cpu_threads
+    from .generation import SamplingSettings, generate as run
+    from .jsonl import write_jsonl
+    from .modeling import load_causal_lm, load_tokenizer
+    from .sampling import read_prompts
+
+    set_cpu_threads()
+    settings = SamplingSettings(temperature, top_p, max_new_tokens, batch_size, seed, greedy)
+    prompt_list = read_prompts(prompts)
+    dev = resolve_device(device)
+    tokenizer = load_tokenizer(model)
+    lm = load_causal_lm(model, dev, tokenizer)
+    completions = run(lm, tokenizer, prompt_list, settings, choose_precision(dev, precision))
+    write_jsonl(out, ({"prompt": c.prompt, "completion": c.completion, "finished": c.finished} for c in completions))
+    print_summary({"out": str(out), "completions": len(completions),
+                   "eos_rate": sum(c.finished for c in completions) / len(completions)})
+
+
+@app.command()
+def sample(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+           model: Optional[Path] = typer.Option(None, help="Policy to sample from (SFT model, or the latest policy)."),
+           prompts: Optional[Path] = typer.Option(None, help='JSONL with {"prompt": ...}.'),
+           out: Optional[Path] = typer.Option(None, help="Campaign JSONL for the annotation app."),
+           k: Optional[int] = typer.Option(None, help="Responses per prompt.")):
+    """Sample K responses per prompt and write an annotation campaign."""
+    from .sampling import SampleConfig, sample_campaign
+
+    run_stage(SampleConfig, sample_campaign, config, set_, model=model, prompts=prompts, out=out, k=k)
+
+
+def main() -> None:
+    try:
+        app()
+    except AlignloopError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)

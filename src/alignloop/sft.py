@@ -1,0 +1,181 @@
+"""Stage 1: supervised fine-tuning on prompt/response pairs, loss on response tokens only.
+
+Works on any local HF causal LM. Pairs come from a JSONL file
+(`{"prompt", "response"}`; `completion` is accepted as the response's name,
+as in TRL's prompt-completion format) or, for the embedded default, are
+derived from the corpus: the first few words of a quotation are the prompt and
+the rest is the response, so the model learns to continue a prompt in the
+corpus's style and to stop with EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import StageConfig
+from .corpus import load_corpus, split_corpus
+from .device import choose_precision, resolve_device, set_cpu_threads
+from .errors import InputError
+from .jsonl import read_jsonl, write_jsonl
+from .modeling import check_model_dir, load_causal_lm, load_tokenizer, save_model_dir
+from .prompts import encode_prompt, encode_response, pad_right
+from .tokenizer import CONTINUATION_TEMPLATE
+from .training import IGNORE, LMBatch, perplexity, train_lm
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    model: Path = Path("runs/demo/base")  # any local HF causal LM directory
+    out_dir: Path = Path("runs/demo/sft")
+    data: Path | None = None  # JSONL of {"prompt", "response"}; None: derive pairs from the corpus
+    held_out_data: Path | None = None  # JSONL for held-out perplexity; None: a split of `data` or the corpus
+    corpus: str | None = None  # used when data is None (default: the fortunes corpus)
+    max_response_chars: int = 280  # corpus-derived pairs: quotations short enough to finish in ~64 tokens
+    prompt_words_min: int = 2
+    prompt_words_max: int = 6
+    max_length: int = 192  # prompt + response tokens; longer pairs are dropped and counted
+    batch_size: int = 32
+    epochs: float = 1.0
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    grad_clip: float = 1.0
+    held_out_fraction: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        check_model_dir(self.model)
+        if self.data is not None and not Path(self.data).is_file():
+            raise InputError(self.data, "no such data file")
+        self.require(1 <= self.prompt_words_min <= self.prompt_words_max,
+                     "need 1 <= prompt_words_min <= prompt_words_max")
+        self.require(self.batch_size >= 1 and self.epochs > 0 and self.lr > 0, "batch_size, epochs and lr must be positive")
+        self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
+
+
+def corpus_pairs(docs: list[str], rng: random.Random, min_words: int, max_words: int) -> list[dict]:
+    """Split each document after its first k words (k random in [min, max], at most half the words)."""
+    pairs = []
+    for doc in docs:
+        words = doc.split(" ")
+        if len(words) < 2 * min_words:
+            continue
+        k = rng.randint(min_words, min(max_words, len(words) // 2))
+        pairs.append({"prompt": " ".join(words[:k]), "response": " " + " ".join(words[k:])})
+    return pairs
+
+
+def read_pairs(path: Path) -> list[dict]:
+    rows = read_jsonl(path, required={"prompt": str})
+    pairs = []
+    for row in rows:
+        response = row.get("response", row.get("completion"))
+        if response is None:
+            raise InputError(path, "missing (expected 'response' or 'completion')", line=row["_line"], field="response")
+        if not isinstance(response, str):
+            raise InputError(path, f"expected str, got {type(response).__name__}", line=row["_line"], field="response")
+        if not response.strip():
+            raise InputError(path, "empty response", line=row["_line"], field="response")
+        pairs.append({"prompt": row["prompt"], "response": response})
+    if not pairs:
+        raise InputError(path, "no prompt/response pairs in the file")
+    return pairs
+
+
+def _encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    encoded, dropped = [], 0
+    for pair in pairs:
+        p, r = encode_prompt(tokenizer, pair["prompt"]), encode_response(tokenizer, pair["response"])
+        if len(p) + len(r) > max_length:
+            dropped += 1
+            continue
+        encoded.append((p, r))
+    return encoded, dropped
+
+
+def _batches(encoded, batch_size: int, pad_id: int, device, seed: int | None) -> Iterator[LMBatch]:
+    """Right-padded batches; labels are -100 on prompt and padding so only the response is learned."""
+    order = list(range(len(encoded)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        chunk = [encoded[j] for j in order[i:i + batch_size]]
+        ids, mask = pad_right([p + r for p, r in chunk], pad_id)
+        labels = [[IGNORE] * len(p) + r + [IGNORE] * (len(row) - len(p) - len(r)) for (p, r), row in zip(chunk, ids)]
+        yield LMBatch(torch.tensor(ids, device=device), torch.tensor(mask, device=device), torch.tensor(labels, device=device))
+
+
+def sft(config: SFTConfig) -> dict:
+    start = time.time()
+    set_cpu_threads()
+    device = resolve_device(config.device)
+    precision = choose_precision(device, config.precision)
+    rng = random.Random(config.seed)
+
+    if config.data is not None:
+        pairs = read_pairs(Path(config.data))
+        if config.held_out_data is not None:
+            train_pairs, held_pairs = pairs, read_pairs(Path(config.held_out_data))
+        else:
+            rng.shuffle(pairs)
+            n_held = max(1, int(len(pairs) * config.held_out_fraction))
+            train_pairs, held_pairs = pairs[n_held:], pairs[:n_held]
+    else:
+        # Same split as pretraining (same seed and fraction), so held-out quotations stay unseen.
+        train_docs, held_docs = split_corpus(load_corpus(config.corpus), config.held_out_fraction, config.seed)
+        keep = lambda docs: [d for d in docs if len(d) <= config.max_response_chars]
+        train_pairs = corpus_pairs(keep(train_docs), rng, config.prompt_words_min, config.prompt_words_max)
+        held_pairs = corpus_pairs(keep(held_docs), rng, config.prompt_words_min, config.prompt_words_max)
+
+    tokenizer = load_tokenizer(config.model)
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CONTINUATION_TEMPLATE  # stored with the model from now on
+    model = load_causal_lm(config.model, device, tokenizer)
+    train_enc, dropped_train = _encode_pairs(tokenizer, train_pairs, config.max_length)
+    held_enc, dropped_held = _encode_pairs(tokenizer, held_pairs, config.max_length)
+    if not train_enc:
+        raise InputError(config.data or "corpus", f"every pair is longer than max_length={config.max_length} tokens")
+    held_batches = list(_batches(held_enc, 64, tokenizer.pad_token_id, device, None))
+    held_ppl_before = perplexity(model, held_batches, precision)
+
+    steps_per_epoch = -(-len(train_enc) // config.batch_size)
+    total_steps = max(1, int(steps_per_epoch * config.epochs))
+
+    def batches() -> Iterator[LMBatch]:
+        epoch = 0
+        while True:
+            yield from _batches(train_enc, config.batch_size, tokenizer.pad_token_id, device, config.seed + epoch)
+            epoch += 1
+
+    losses = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
+                      config.grad_clip, precision, desc="sft")
+    held_ppl_after = perplexity(model, held_batches, precision)
+
+    out = Path(config.out_dir)
+    save_model_dir(model, tokenizer, out)
+    config.save(out)
+    # The held-out prompts are what later stages sample and evaluate on.
+    write_jsonl(out / "held_out_pairs.jsonl", held_pairs)
+    write_jsonl(out / "train_prompts.jsonl", ({"prompt": p["prompt"]} for p in train_pairs))
+    summary = {
+        "stage": "sft",
+        "out_dir": str(out),
+        "pairs": {"train": len(train_enc), "held_out": len(held_enc),
+                  "dropped_too_long": dropped_train + dropped_held},
+        "steps": total_steps,
+        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "held_out_response_perplexity": {"before_sft": held_ppl_before, "after_sft": held_ppl_after},
+        "precision": precision,
+        "seconds": time.time() - start,
+    }
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,122 @@
+"""Corpus, tokenizer, model directories, SFT masking and generation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alignloop.corpus import load_corpus, split_corpus
+from alignloop.generation import SamplingSettings, generate
+from alignloop.jsonl import read_jsonl
+from alignloop.modeling import load_causal_lm, load_tokenizer
+from alignloop.pretrain import PretrainConfig, pack_documents, pretrain
+from alignloop.prompts import encode_prompt, encode_response
+from alignloop.sft import SFTConfig, _batches, corpus_pairs, sft
+from alignloop.training import IGNORE
+
+
+def test_fortune_format_and_txt_and_jsonl(tmp_path):
+    (tmp_path / "quotes").write_text("First  quote\nspans lines.\n%\nSecond quote.\n%\n")
+    (tmp_path / "quotes.dat").write_bytes(b"")  # strfile's index marks a fortune file
+    (tmp_path / "notes.txt").write_text("Para one.\n\nPara two\nstill two.\n")
+    (tmp_path / "more.jsonl").write_text('{"text": "From jsonl."}\n')
+    docs = load_corpus(tmp_path)
+    assert docs == ["From jsonl.", "Para one.", "Para two still two.", "First quote spans lines.", "Second quote."]
+
+
+def test_default_corpus_is_real_and_split_is_disjoint(fortunes):
+    assert len(fortunes) > 1000
+    train, held = split_corpus(fortunes + fortunes[:10], 0.1, seed=0)
+    assert not set(train) & set(held)
+    assert split_corpus(fortunes, 0.1, seed=0) == split_corpus(fortunes, 0.1, seed=0)
+
+
+def test_tokenizer_special_tokens_distinct_and_loadable(tiny_lm_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_lm_dir)  # no alignloop code
+    assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
+    text = "Wit is educated insolence. -- Aristotle"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert encode_prompt(tok, "Hello")[0] == tok.bos_token_id
+    assert encode_response(tok, " world")[-1] == tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    assert model.generation_config.pad_token_id == tok.pad_token_id
+
+
+def test_pack_documents_cuts_blocks():
+    blocks = pack_documents([[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 2]], block_size=4)
+    assert blocks.tolist() == [[1, 5, 6, 2], [1, 7, 2, 1]]
+
+
+def test_corpus_pairs_split_after_first_words():
+    pairs = corpus_pairs(["one two three four five six"], random.Random(0), 2, 3)
+    p = pairs[0]
+    assert (p["prompt"] + p["response"]) == "one two three four five six"
+    assert p["response"].startswith(" ") and 2 <= len(p["prompt"].split()) <= 3
+
+
+def test_sft_labels_cover_response_only(tiny_lm_dir):
+    tok = load_tokenizer(tiny_lm_dir)
+    p, r = encode_prompt(tok, "A penny saved"), encode_response(tok, " is a penny earned.")
+    short_p, short_r = encode_prompt(tok, "Hi"), encode_response(tok, " there.")
+    batch = next(_batches([(p, r), (short_p, short_r)], 2, tok.pad_token_id, "cpu", None))
+    labels = batch.labels.tolist()
+    assert labels[0] == [IGNORE] * len(p) + r
+    assert labels[1] == [IGNORE] * len(short_p) + short_r + [IGNORE] * (len(p) + len(r) - len(short_p) - len(short_r))
+    assert batch.attention_mask[1].sum() == len(short_p) + len(short_r)
+
+
+def test_batched_left_padded_generation_matches_one_by_one(tiny_lm_dir):
+    tok = load_tokenizer(tiny_lm_dir)
+    model = load_causal_lm(tiny_lm_dir, "cpu", tok)
+    prompts = ["A", "The early bird catches the worm, but", "Never"]
+    settings = SamplingSettings(max_new_tokens=8, greedy=True, batch_size=8)
+    batched = generate(model, tok, prompts, settings, show_progress=False)
+    single = [generate(model, tok, [p], settings, show_progress=False)[0] for p in prompts]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    assert [c.prompt for c in batched] == prompts
+
+
+def test_generation_seeded_and_truncated_at_eos(tiny_lm_dir):
+    tok = load_tokenizer(tiny_lm_dir)
+    model = load_causal_lm(tiny_lm_dir, "cpu", tok)
+    settings = SamplingSettings(max_new_tokens=12, seed=3)
+    a = generate(model, tok, ["Hello"] * 4, settings, show_progress=False)
+    b = generate(model, tok, ["Hello"] * 4, settings, show_progress=False)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    for c in a:
+        if c.finished:
+            assert c.token_ids[-1] == tok.eos_token_id and tok.eos_token_id not in c.token_ids[:-1]
+        else:
+            assert len(c.token_ids) == 12
+
+
+def test_tiny_pretrain_then_sft_write_hf_dirs_and_learn(tmp_path, fortunes):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in fortunes[:600]))
+    base = tmp_path / "base"
+    s = pretrain(PretrainConfig(out_dir=base, corpus=str(corpus), vocab_size=400, n_layer=1, n_embd=32, n_head=2,
+                                block_size=64, batch_size=16, epochs=1, held_out_fraction=0.1, warmup_steps=5))
+    assert s["held_out_perplexity"] < 400  # better than uniform over the vocabulary
+    assert (base / "model.safetensors").is_file() and (base / "alignloop_pretrainconfig.yaml").is_file()
+
+    sft_dir = tmp_path / "sft"
+    s2 = sft(SFTConfig(model=base, out_dir=sft_dir, corpus=str(corpus), batch_size=16, epochs=1, warmup_steps=5))
+    ppl = s2["held_out_response_perplexity"]
+    assert ppl["after_sft"] < ppl["before_sft"]
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    assert tok.chat_template and AutoModelForCausalLM.from_pretrained(sft_dir) is not None
+    held = read_jsonl(sft_dir / "held_out_pairs.jsonl", required={"prompt": str, "response": str})
+    assert held and (sft_dir / "train_prompts.jsonl").is_file()
+
+
+def test_sft_reads_user_pairs_and_counts_dropped(tmp_path, tiny_lm_dir):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}", "completion": " answer " * (1 if i % 5 else 100)} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = sft(SFTConfig(model=tiny_lm_dir, out_dir=tmp_path / "o", data=data, max_length=64, batch_size=8,
+                      epochs=1, warmup_steps=1))
+    assert s["pairs"]["dropped_too_long"] == 8  # every fifth pair is 100 words long
