@@ -1,0 +1,55 @@
+"""Evaluation figures on hand-checkable cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignloop.evaluate import EvaluateConfig, evaluate, win_rate
+from alignloop.logprobs import response_logprobs, token_logprobs
+from alignloop.modeling import load_causal_lm, load_tokenizer
+from alignloop.prompts import encode_prompt, encode_response
+from alignloop.reward.model import RewardModel, init_reward_model
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_token_logprobs_hand_computed():
+    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0]]])  # two positions, vocab 2
+    labels = torch.tensor([[1, 0]])
+    lp = token_logprobs(logits, labels)
+    expected = [-torch.log(torch.tensor(2.0)).item(), -torch.log1p(torch.exp(torch.tensor(-2.0))).item()]
+    assert lp[0].tolist() == pytest.approx(expected, abs=1e-6)
+    # temperature divides the logits: T=2 makes position 2 logits (1, 0)
+    assert token_logprobs(logits, labels, 2.0)[0, 1].item() == pytest.approx(-torch.log1p(torch.exp(torch.tensor(-1.0))).item(), abs=1e-6)
+
+
+def test_response_logprobs_match_unpadded_forward(tiny_lm_dir):
+    tok = load_tokenizer(tiny_lm_dir)
+    model = load_causal_lm(tiny_lm_dir, "cpu", tok)
+    prompts = [encode_prompt(tok, "Short"), encode_prompt(tok, "A much longer prompt than the other")]
+    responses = [encode_response(tok, " one two three"), encode_response(tok, " four")]
+    batched = response_logprobs(model, prompts, responses, tok.pad_token_id)
+    for p, r, lp in zip(prompts, responses, batched):
+        ids = torch.tensor([p + r])
+        alone = token_logprobs(model(ids).logits[:, :-1], ids[:, 1:])[0, len(p) - 1:]
+        assert lp.shape == (len(r),)
+        assert torch.allclose(lp, alone, atol=1e-5)
+
+
+def test_evaluate_policy_equal_to_reference_gives_zero_kl_and_even_win_rate(tmp_path, tiny_lm_dir):
+    rm_dir = tmp_path / "rm"
+    RewardModel(init_reward_model(tiny_lm_dir), load_tokenizer(tiny_lm_dir)).save_pretrained(rm_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Love is", "The sky", "Never", "Why"]))
+    s = evaluate(EvaluateConfig(policy=tiny_lm_dir, reference=tiny_lm_dir, reward_model=rm_dir, prompts=prompts,
+                                out_dir=tmp_path / "eval", max_new_tokens=8, precision="fp32"))
+    assert s["kl_to_reference_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert s["win_rate_policy_over_sft"] == {"by_rm": 0.5, "by_judge": 0.5}  # same samples: every item a tie
+    assert s["policy"] == s["sft"]
+    assert s["policy_perplexity_under_reference"] > 1
+    assert (tmp_path / "eval" / "samples.jsonl").is_file()
