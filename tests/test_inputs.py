@@ -96,3 +96,20 @@ def test_cli_unknown_config_key(tmp_path, tiny_lm_dir):
     cfg.write_text("epochs: 1\nbatchsize: 4\n")
     assert_one_line_error(run_cli("sft", "--model", str(tiny_lm_dir), "--config", str(cfg)),
                           "c.yaml:2", "field 'batchsize'", "unknown key")
+
+
+def test_parquet_and_datasets_directory_read_like_jsonl(tmp_path):
+    import datasets
+
+    from alignloop.jsonl import read_records
+
+    ds = datasets.Dataset.from_list([{"prompt": "a", "response": " b"}, {"prompt": "c", "response": " d"}])
+    ds.to_parquet(str(tmp_path / "pairs.parquet"))
+    ds.save_to_disk(str(tmp_path / "pairs_ds"))
+    for source in (tmp_path / "pairs.parquet", tmp_path / "pairs_ds"):
+        rows = read_records(source, required={"prompt": str})
+        assert [(r["prompt"], r["response"], r["_line"]) for r in rows] == [("a", " b", 1), ("c", " d", 2)]
+    bad = datasets.Dataset.from_list([{"prompt": 1}])
+    bad.to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(InputError, match=r"bad.parquet:1: field 'prompt': expected str, got int"):
+        read_records(tmp_path / "bad.parquet", required={"prompt": str})

@@ -9,7 +9,10 @@ from typing import Any, Iterable
 from .errors import InputError
 
 
-def read_jsonl(path: str | Path, required: dict[str, type | tuple[type, ...]] | None = None) -> list[dict[str, Any]]:
+Required = dict[str, type | tuple[type, ...]]
+
+
+def read_jsonl(path: str | Path, required: Required | None = None) -> list[dict[str, Any]]:
     """Read every line of a JSONL file as a dict.
 
     `required` maps field name -> accepted type(s); a missing field or a value
@@ -30,16 +33,43 @@ def read_jsonl(path: str | Path, required: dict[str, type | tuple[type, ...]] | 
                 raise InputError(path, f"not valid JSON ({e.msg} at column {e.colno})", line=line_no) from None
             if not isinstance(row, dict):
                 raise InputError(path, f"expected a JSON object, got {type(row).__name__}", line=line_no)
-            for field, kind in (required or {}).items():
-                if field not in row:
-                    raise InputError(path, "missing", line=line_no, field=field)
-                if not isinstance(row[field], kind):
-                    names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-                    raise InputError(
-                        path, f"expected {names}, got {type(row[field]).__name__}", line=line_no, field=field
-                    )
+            check_fields(path, line_no, row, required)
             row["_line"] = line_no
             rows.append(row)
+    return rows
+
+
+def check_fields(path: str | Path, line_no: int, row: dict[str, Any], required: Required | None) -> None:
+    for field, kind in (required or {}).items():
+        if field not in row:
+            raise InputError(path, "missing", line=line_no, field=field)
+        if not isinstance(row[field], kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise InputError(path, f"expected {names}, got {type(row[field]).__name__}", line=line_no, field=field)
+
+
+def read_records(path: str | Path, required: Required | None = None) -> list[dict[str, Any]]:
+    """JSONL, Parquet, or a `datasets.save_to_disk` directory; rows are numbered from 1 as `_line`.
+
+    Only local files: `datasets` is used for its readers, never for the hub.
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl" or (path.is_file() and path.suffix not in (".parquet",)):
+        return read_jsonl(path, required)
+    if not path.exists():
+        raise InputError(path, "no such file or directory")
+    import datasets
+
+    try:
+        table = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_parquet(str(path))
+    except Exception as e:  # datasets raises many types; the user needs the file and the reason
+        raise InputError(path, f"cannot read as a dataset ({type(e).__name__}: {e})") from None
+    if isinstance(table, datasets.DatasetDict):
+        raise InputError(path, f"holds several splits ({', '.join(table)}); point at one split's directory")
+    rows = []
+    for i, row in enumerate(table, start=1):
+        check_fields(path, i, row, required)
+        rows.append({**row, "_line": i})
     return rows
 
 

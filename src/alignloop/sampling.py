@@ -19,7 +19,7 @@ from .config import StageConfig
 from .device import choose_precision, resolve_device, set_cpu_threads
 from .errors import InputError
 from .generation import SamplingSettings, generate
-from .jsonl import read_jsonl, write_jsonl
+from .jsonl import read_records, write_jsonl
 from .modeling import check_model_dir, load_causal_lm, load_tokenizer
 
 
@@ -41,7 +41,7 @@ class SampleConfig(StageConfig):
 
     def validate(self) -> None:
         check_model_dir(self.model)
-        if not Path(self.prompts).is_file():
+        if not Path(self.prompts).exists():
             raise InputError(self.prompts, "no such prompts file")
         self.require(self.k >= 2, f"k must be >= 2 (people compare at least two responses), got {self.k}")
         self.require(self.num_prompts is None or self.num_prompts >= 1, "num_prompts must be >= 1")
@@ -57,7 +57,7 @@ def item_id(prompt: str) -> str:
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
-    rows = read_jsonl(path, required={"prompt": str})
+    rows = read_records(path, required={"prompt": str})
     prompts = list(dict.fromkeys(r["prompt"] for r in rows if r["prompt"].strip()))
     if not prompts:
         raise InputError(path, "no non-empty prompts")

@@ -23,7 +23,7 @@ from .config import StageConfig
 from .corpus import load_corpus, split_corpus
 from .device import choose_precision, resolve_device, set_cpu_threads
 from .errors import InputError
-from .jsonl import read_jsonl, write_jsonl
+from .jsonl import read_records, write_jsonl
 from .modeling import check_model_dir, load_causal_lm, load_tokenizer, save_model_dir
 from .prompts import encode_prompt, encode_response, pad_right
 from .tokenizer import CONTINUATION_TEMPLATE
@@ -54,7 +54,7 @@ class SFTConfig(StageConfig):
 
     def validate(self) -> None:
         check_model_dir(self.model)
-        if self.data is not None and not Path(self.data).is_file():
+        if self.data is not None and not Path(self.data).exists():
             raise InputError(self.data, "no such data file")
         self.require(1 <= self.prompt_words_min <= self.prompt_words_max,
                      "need 1 <= prompt_words_min <= prompt_words_max")
@@ -75,7 +75,7 @@ def corpus_pairs(docs: list[str], rng: random.Random, min_words: int, max_words:
 
 
 def read_pairs(path: Path) -> list[dict]:
-    rows = read_jsonl(path, required={"prompt": str})
+    rows = read_records(path, required={"prompt": str})
     pairs = []
     for row in rows:
         response = row.get("response", row.get("completion"))
