@@ -96,6 +96,11 @@ def sample(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOp
     run_stage(SampleConfig, sample_campaign, config, set_, model=model, prompts=prompts, out=out, k=k)
 
 
+from .reward.cli import app as reward_app  # noqa: E402  (the command bodies live in alignloop.reward.cli)
+
+app.add_typer(reward_app, name="reward")
+
+
 def main() -> None:
     try:
         app()

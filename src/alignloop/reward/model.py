@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..device import autocast
 from ..modeling import check_model_dir, load_tokenizer
@@ -27,7 +27,13 @@ def init_reward_model(backbone_dir: str | Path, tokenizer: PreTrainedTokenizerBa
     """Backbone weights from a causal LM directory, a fresh (num_labels=1) scalar head, dropout off."""
     backbone_dir = check_model_dir(backbone_dir)
     tokenizer = tokenizer or load_tokenizer(backbone_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(backbone_dir, num_labels=1, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(backbone_dir, num_labels=1)
+    for key, value in config.to_dict().items():
+        # Dropout off for good, in the saved config too: scores must be deterministic, and the
+        # PPO critic initialised from this directory inherits the setting.
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+    model = AutoModelForSequenceClassification.from_pretrained(backbone_dir, config=config, dtype=torch.float32)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it

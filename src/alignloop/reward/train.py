@@ -1,0 +1,319 @@
+"""Stage 3: train the reward model on preference pairs and rankings.
+
+One loss serves both formats: every item is K responses to one prompt with a
+rank each (a pair is K=2), scored in ONE forward pass over all K·batch
+sequences, and `kway_ranking_loss` averages its pairwise Bradley–Terry terms.
+
+Where the time goes on a small model, and what we do about it:
+- padding: items are bucketed by length (sorted inside shuffled mega-batches),
+  so a batch's sequences are of similar length and few pad tokens are computed;
+- two forward passes per pair (chosen, then rejected, as TRL does): we run one
+  over the concatenation, so each batch pays the Python/kernel-launch cost once;
+- matmul dtype: bf16 autocast where the `choose_precision` probe measured it faster.
+Dropout is off (as for the policy in PPO: scores must be deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..config import StageConfig
+from ..device import autocast, choose_precision, resolve_device, set_cpu_threads
+from ..errors import InputError
+from ..generation import SamplingSettings, generate
+from ..modeling import check_model_dir, load_causal_lm, load_tokenizer
+from ..progress import progress
+from ..prompts import encode_prompt, encode_response, pad_right
+from ..training import make_optimizer, warmup_cosine
+from .data import Preference, PreferenceData, read_preferences
+from .losses import kway_ranking_loss, pairwise_accuracy
+from .model import RewardModel, init_reward_model
+
+SUMMARY_FILE = "reward_summary.json"
+
+
+@dataclass
+class RewardTrainConfig(StageConfig):
+    model: Path = Path("runs/demo/sft")  # backbone: any local HF causal LM directory (and the reference policy)
+    data: Path = Path("runs/demo/preferences.jsonl")  # pairs and/or rankings: a file or a directory of them
+    held_out_data: Path | None = None  # None: hold out `held_out_fraction` of the prompts of `data`
+    held_out_fraction: float = 0.05
+    out_dir: Path = Path("runs/demo/reward_model")
+    init_from: Path | None = None  # continue training an existing reward-model directory instead of a fresh head
+    epochs: float = 1.0
+    batch_size: int = 32  # preference items (pairs or rankings) per micro-batch
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # fraction of the optimiser steps with a linear warm-up; cosine decay after
+    grad_clip: float = 1.0
+    max_length: int = 192  # tokens of prompt + response + EOS; longer items are dropped and counted
+    save_every: int = 0  # optimiser steps between checkpoints in out_dir/checkpoint (0: only the final save)
+    normalize_prompts: Path | None = None  # prompts to sample reference responses from; None: the data's responses
+    normalize_samples: int = 256
+    normalize_max_new_tokens: int = 64
+    eval_batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        check_model_dir(self.model)
+        if self.init_from is not None:
+            check_model_dir(self.init_from)
+        for path in (self.data, self.held_out_data, self.normalize_prompts):
+            if path is not None and not Path(path).exists():
+                raise InputError(path, "no such file or directory")
+        self.require(self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
+                     "batch_size and gradient_accumulation_steps must be >= 1")
+        self.require(self.epochs > 0 and self.lr > 0, "epochs and lr must be positive")
+        self.require(0 <= self.warmup < 1, "warmup is a fraction of the optimiser steps, in [0, 1)")
+        self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
+        self.require(self.max_length >= 8, "max_length must be >= 8 tokens")
+        self.require(self.normalize_samples >= 2, "normalize_samples must be >= 2 (a std needs two scores)")
+
+
+# -- encoding and batching ---------------------------------------------------------------
+
+@dataclass
+class EncodedItem:
+    seqs: list[list[int]]  # K token sequences: prompt + response + EOS
+    ranks: list[int]
+    margin: float | None
+
+
+def encode_items(tokenizer: PreTrainedTokenizerBase, items: list[Preference], max_length: int) -> tuple[list[EncodedItem], int]:
+    """Token ids per item; items with a sequence over max_length are dropped (truncation would cut the EOS we score)."""
+    encoded, too_long = [], 0
+    prompt_cache: dict[str, list[int]] = {}
+    for item in items:
+        if item.prompt not in prompt_cache:
+            prompt_cache[item.prompt] = encode_prompt(tokenizer, item.prompt)
+        p = prompt_cache[item.prompt]
+        seqs = [p + encode_response(tokenizer, r) for r in item.responses]
+        if max(len(s) for s in seqs) > max_length:
+            too_long += 1
+            continue
+        encoded.append(EncodedItem(seqs, item.ranks, item.margin))
+    return encoded, too_long
+
+
+@dataclass
+class RMBatch:
+    input_ids: torch.Tensor  # (n_seqs, seq), right-padded; every response of every item once
+    attention_mask: torch.Tensor  # (n_seqs, seq)
+    index: torch.Tensor  # (batch, K_max): row of input_ids holding item b's response k (0 on padding slots)
+    valid: torch.Tensor  # (batch, K_max): False on padding slots (items with fewer responses)
+    ranks: torch.Tensor  # (batch, K_max)
+    margin: torch.Tensor | None  # (batch,), None when no item has one
+
+    @property
+    def size(self) -> int:
+        return self.index.shape[0]
+
+
+def collate(items: list[EncodedItem], pad_id: int, device: torch.device) -> RMBatch:
+    k_max = max(len(it.seqs) for it in items)
+    seqs, index, valid, ranks = [], [], [], []
+    for it in items:
+        k = len(it.seqs)
+        index.append([len(seqs) + i for i in range(k)] + [0] * (k_max - k))
+        valid.append([True] * k + [False] * (k_max - k))
+        ranks.append(it.ranks + [0] * (k_max - k))
+        seqs += it.seqs
+    ids, mask = pad_right(seqs, pad_id)
+    margin = None
+    if any(it.margin is not None for it in items):
+        margin = torch.tensor([it.margin or 0.0 for it in items], device=device)
+    t = lambda x, **kw: torch.tensor(x, device=device, **kw)
+    return RMBatch(t(ids), t(mask), t(index), t(valid, dtype=torch.bool), t(ranks), margin)
+
+
+def length_buckets(items: list[EncodedItem], batch_size: int, rng: random.Random, mega: int = 32) -> list[list[int]]:
+    """Batches of item indices with similar lengths, in random order.
+
+    Shuffle, cut into mega-batches of `mega` batches, sort each by length, cut
+    into batches, shuffle the batches: padding nearly as small as a full sort,
+    while every epoch still sees different batch compositions.
+    """
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    cost = lambda i: max(len(s) for s in items[i].seqs)
+    batches = []
+    for start in range(0, len(order), mega * batch_size):
+        chunk = sorted(order[start:start + mega * batch_size], key=cost)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def item_scores(model: PreTrainedModel, batch: RMBatch, precision: str) -> torch.Tensor:
+    """(batch, K_max) fp32 scores, each response scored once, read at its last non-pad token (the EOS)."""
+    with autocast(batch.input_ids.device, precision):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (n_seqs, 1)
+    return logits[:, 0].float()[batch.index]
+
+
+# -- training --------------------------------------------------------------------------------
+
+def split_by_prompt(items: list[Preference], fraction: float, seed: int) -> tuple[list[Preference], list[Preference]]:
+    """Hold out whole prompts, so no held-out prompt was seen in training."""
+    prompts = sorted({it.prompt for it in items})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[:max(1, int(len(prompts) * fraction))])
+    return [it for it in items if it.prompt not in held], [it for it in items if it.prompt in held]
+
+
+def load_backbone(config: RewardTrainConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> PreTrainedModel:
+    if config.init_from is not None:
+        model = AutoModelForSequenceClassification.from_pretrained(config.init_from, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        model = init_reward_model(config.model, tokenizer)
+    return model.to(device)
+
+
+def fit_normalization(raw: list[float]) -> tuple[float, float]:
+    """gain, bias with gain·raw + bias of mean 0 and std 1 over `raw` (the reference policy's responses)."""
+    t = torch.tensor(raw, dtype=torch.float64)
+    std = float(t.std()) if len(raw) > 1 else 0.0
+    gain = 1.0 / max(std, 1e-6)
+    return gain, -float(t.mean()) * gain
+
+
+def reference_responses(config: RewardTrainConfig, tokenizer, device, precision: str,
+                        train_items: list[Preference]) -> tuple[list[str], list[str], str]:
+    """(prompts, responses, where they came from) for the normalisation."""
+    if config.normalize_prompts is not None:
+        from ..sampling import read_prompts
+
+        prompts = read_prompts(Path(config.normalize_prompts), config.normalize_samples)
+        policy = load_causal_lm(config.model, device, tokenizer)
+        settings = SamplingSettings(max_new_tokens=config.normalize_max_new_tokens, batch_size=64, seed=config.seed)
+        completions = generate(policy, tokenizer, prompts, settings, precision)
+        return prompts, [c.completion for c in completions], f"{len(prompts)} samples of {config.model}"
+    # No prompts given: the training data's responses stand in for the reference
+    # policy's (in the demo they ARE samples of the SFT policy).
+    pairs = [(it.prompt, r) for it in train_items for r in it.responses]
+    random.Random(config.seed).shuffle(pairs)
+    pairs = pairs[:config.normalize_samples]
+    return [p for p, _ in pairs], [r for _, r in pairs], f"{len(pairs)} responses of the training data"
+
+
+def train_reward_model(config: RewardTrainConfig) -> dict:
+    from .evaluate import preference_metrics
+
+    start = time.time()
+    set_cpu_threads()
+    device = resolve_device(config.device)
+    precision = choose_precision(device, config.precision)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+
+    data = read_preferences(config.data)
+    if config.held_out_data is not None:
+        held_data = read_preferences(config.held_out_data)
+        train_items, held_items = data.items, held_data.items
+    else:
+        held_data = PreferenceData()
+        train_items, held_items = split_by_prompt(data.items, config.held_out_fraction, config.seed)
+    if not train_items:
+        raise InputError(config.data, f"no usable preferences ({data.summary()['rejected_by_reason']})")
+
+    tokenizer = load_tokenizer(config.model)
+    model = load_backbone(config, tokenizer, device)
+    train_enc, too_long = encode_items(tokenizer, train_items, config.max_length)
+    if not train_enc:
+        raise InputError(config.data, f"every item is longer than max_length={config.max_length} tokens")
+
+    step_items = config.batch_size * config.gradient_accumulation_steps
+    total_steps = max(1, math.ceil(len(train_enc) * config.epochs / step_items))
+    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
+
+    def micro_batches() -> Iterator[list[int]]:
+        while True:  # epochs, each reshuffled
+            yield from length_buckets(train_enc, config.batch_size, rng)
+
+    out = Path(config.out_dir)
+    model.eval()  # dropout off (init_reward_model also zeroes it in the config); grads still flow
+    batches = micro_batches()
+    losses, correct, compared, pad_tokens, real_tokens = [], 0.0, 0.0, 0, 0
+    bar = progress(total=total_steps, desc="reward")
+    train_start = time.time()
+    items_seen = 0
+    for step in range(total_steps):
+        micro = [collate([train_enc[i] for i in next(batches)], tokenizer.pad_token_id, device)
+                 for _ in range(config.gradient_accumulation_steps)]
+        n_items = sum(b.size for b in micro)  # the step's loss is the mean over ALL its items
+        step_loss = 0.0
+        for b in micro:
+            scores = item_scores(model, b, precision)
+            per_item = kway_ranking_loss(scores, b.ranks, b.valid, b.margin)  # (batch,)
+            loss = per_item.sum() / n_items
+            loss.backward()
+            step_loss += loss.item()
+            c, n = pairwise_accuracy(scores.detach(), b.ranks, b.valid)
+            correct, compared = correct + float(c), compared + float(n)
+            real_tokens += int(b.attention_mask.sum())
+            pad_tokens += b.attention_mask.numel() - int(b.attention_mask.sum())
+        items_seen += n_items
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        bar.update(1)
+        if step % 10 == 0 or step == total_steps - 1:
+            recent = losses[-10:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", acc=f"{correct / max(compared, 1):.3f}",
+                            lr=f"{scheduler.get_last_lr()[0]:.1e}")
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+            RewardModel(model, tokenizer, precision=precision).save_pretrained(out / "checkpoint")
+    bar.close()
+    train_seconds = time.time() - train_start
+    model.eval()
+
+    rm = RewardModel(model, tokenizer, precision=precision)
+    norm_prompts, norm_responses, norm_source = reference_responses(config, tokenizer, device, precision, train_items)
+    rm.gain, rm.bias = fit_normalization(rm.score(norm_prompts, norm_responses, config.eval_batch_size, normalize=False))
+
+    held_metrics = None
+    if held_items:
+        held_metrics = preference_metrics(rm, held_items, config.eval_batch_size, config.max_length)
+
+    rm.save_pretrained(out)
+    config.save(out)
+    summary = {
+        "stage": "reward",
+        "out_dir": str(out),
+        "data": {"train": data.summary(), "held_out_file": held_data.summary() if config.held_out_data else None,
+                 "train_items": len(train_enc), "held_out_items": held_metrics["items"] if held_metrics else 0,
+                 "dropped_too_long": too_long + (held_metrics["dropped_too_long"] if held_metrics else 0)},
+        "steps": total_steps,
+        "items_per_step": step_items,
+        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "train_accuracy": correct / max(compared, 1),
+        "padding_fraction": pad_tokens / max(pad_tokens + real_tokens, 1),
+        "held_out_accuracy": held_metrics["accuracy"] if held_metrics else None,
+        "held_out_loss": held_metrics["loss"] if held_metrics else None,
+        "held_out_mean_margin": held_metrics["mean_margin"] if held_metrics else None,
+        "normalization": {"gain": rm.gain, "bias": rm.bias, "fitted_on": norm_source},
+        "init": str(config.init_from) if config.init_from else f"fresh head on {config.model}",
+        "precision": precision,
+        "train_seconds": train_seconds,
+        "items_per_second": items_seen / max(train_seconds, 1e-9),
+        "seconds": time.time() - start,
+    }
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
