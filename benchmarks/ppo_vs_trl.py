@@ -1,0 +1,350 @@
+"""PPO throughput: alignloop vs TRL 0.23's PPOTrainer, on the same models, prompts and settings.
+
+    flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/ppo_vs_trl.py [--sizes 4x256,8x512] [--steps 12]
+
+For each model size (layers x width) it
+1. builds or locates the policy (SFT), a reward model and the value model (a separate critic
+   initialised from the reward model: the same directory, loaded twice) and ~15-token prompts;
+2. measures the machine's ceiling: the matmul FLOP/s of a plain forward+backward of the policy
+   at the PPO batch shape (8 x (prompt + response) tokens), in fp32 and in bf16 autocast;
+3. runs TRL's PPOTrainer in its own virtualenv (`_trl_ppo_worker.py`) with bf16=False and with
+   bf16=True, and alignloop's `ppo`, with the same settings: 8 episodes per step, 48 response
+   tokens, 4 PPO epochs, 1 mini-batch, separate critic, kl_coef 0.05, temperature 1.0,
+   missing-EOS penalty 1.0, lr 3e-6, the same number of timed steps after the same warm-up;
+4. prints episodes/s of each, the ratio alignloop / best TRL, the final mean RM score of each
+   (mean over the last batches) and each one's share of the ceiling, and writes it all to
+   runs/bench/ppo_vs_trl.json (plus a markdown table beside it).
+
+The figures come from whatever machine runs this; ours is a 2-core CPU shared with other jobs,
+so expect run-to-run noise of 10-20 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from alignloop.corpus import load_corpus
+from alignloop.device import set_cpu_threads
+from alignloop.jsonl import write_jsonl
+from alignloop.modeling import build_causal_lm, count_matmul_params, load_causal_lm, load_tokenizer, save_model_dir
+from alignloop.prompts import encode_prompt
+from alignloop.reward.model import RewardModel, init_reward_model
+from alignloop.tokenizer import train_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ceiling import lm_matmul_flops, measure_fwd_bwd_flops_per_second  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_VENV = ROOT / ".venv-trl"
+DEFAULT_SFT = ROOT / "runs" / "demo" / "sft"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What both trainers are given. Names follow alignloop's PPOConfig."""
+
+    batch_size: int = 8
+    mini_batch_size: int = 8  # 1 mini-batch
+    ppo_epochs: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    missing_eos_penalty: float = 1.0
+    lr: float = 3e-6
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- models and prompts
+
+def parse_size(text: str) -> tuple[int, int]:
+    layers, width = text.lower().split("x")
+    return int(layers), int(width)
+
+
+def is_shape(model_dir: Path, layers: int, width: int) -> bool:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return cfg.get("n_layer") == layers and cfg.get("n_embd") == width
+
+
+def bench_tokenizer(out_root: Path, base: Path | None):
+    """The tokenizer of the embedded SFT model if given, else a 1k-vocab BPE trained on fortunes (cached)."""
+    if base is not None:
+        return load_tokenizer(base)
+    tok_dir = out_root / "tokenizer-1k"
+    if not (tok_dir / "tokenizer.json").is_file():
+        tok = train_tokenizer(load_corpus(max_chars=400), vocab_size=1024)
+        tok.save_pretrained(tok_dir)
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tok_dir)
+
+
+def build_models(size: str, out_root: Path, base: Path | None, reward_dir: Path | None) -> dict:
+    """{"policy", "reward_model", "value_model", "source"}: directories both trainers load."""
+    layers, width = parse_size(size)
+    tokenizer = bench_tokenizer(out_root, base)
+    model_root = out_root / "models" / size
+    if base is not None and is_shape(base, layers, width):
+        policy_dir, source = base, f"trained SFT model {base.relative_to(ROOT) if base.is_relative_to(ROOT) else base}"
+    else:
+        policy_dir = model_root / "policy"
+        source = f"random GPT-2 {layers}x{width}, vocab {len(tokenizer)}"
+        if not (policy_dir / "config.json").is_file():
+            model = build_causal_lm(tokenizer, n_layer=layers, n_embd=width, n_head=max(1, width // 64),
+                                    n_positions=256, seed=0)
+            save_model_dir(model, tokenizer, policy_dir)
+    if reward_dir is not None and is_shape(reward_dir, layers, width):
+        rm_dir = reward_dir
+    else:
+        rm_dir = model_root / "reward_model"
+        if not (rm_dir / "config.json").is_file():
+            torch.manual_seed(0)  # the fresh scalar head
+            rm = init_reward_model(policy_dir)
+            RewardModel(rm, load_tokenizer(policy_dir)).save_pretrained(rm_dir)
+    # The critic starts from the reward model (both trainers' default for a separate critic).
+    return {"policy": str(policy_dir), "reward_model": str(rm_dir), "value_model": str(rm_dir), "source": source}
+
+
+def bench_prompts(tokenizer, n: int = 256, min_tokens: int = 15, seed: int = 0) -> list[str]:
+    """Openings of fortunes, cut at the first word boundary that gives >= min_tokens prompt tokens."""
+    docs = [d for d in load_corpus(max_chars=400) if len(d.split()) >= 12]
+    random.Random(seed).shuffle(docs)
+    prompts = []
+    for doc in docs:
+        words = doc.split()
+        for k in range(2, len(words) - 2):
+            text = " ".join(words[:k])
+            if len(encode_prompt(tokenizer, text)) >= min_tokens:
+                prompts.append(text)
+                break
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+# ---------------------------------------------------------------- FLOPs and ceiling
+
+def ppo_flops_per_episode(n_policy: int, n_reward: int, n_value: int, prompt_tokens: float,
+                          response_tokens: int, ppo_epochs: int) -> dict:
+    """Matmul FLOPs one episode needs, counted the same way for both trainers.
+
+    generation: one forward per token with a KV cache (prompt prefill + response);
+    scoring: forwards of the reference, the reward model, the critic and the policy (log-probs)
+    over prompt + response; update: ppo_epochs x forward+backward of policy and critic.
+    The full response length is counted (what both pad to when a sample misses EOS).
+    """
+    t = prompt_tokens + response_tokens
+    parts = {
+        "generation": lm_matmul_flops(n_policy, t, backward=False),
+        "scoring": lm_matmul_flops(2 * n_policy + n_reward + n_value, t, backward=False),
+        "update": ppo_epochs * lm_matmul_flops(n_policy + n_value, t, backward=True),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def measure_ceilings(policy_dir: str, batch_size: int, seq_len: int, seconds: float) -> dict:
+    model = load_causal_lm(policy_dir)
+    return {p: measure_fwd_bwd_flops_per_second(model, batch_size, seq_len, p, "cpu", seconds=seconds)
+            for p in ("fp32", "bf16")}
+
+
+# ---------------------------------------------------------------- the two trainers
+
+def run_trl(models: dict, prompt_ids: list[list[int]], settings: Settings, steps: int, warmup: int,
+            bf16: bool, work: Path, final_steps: int) -> dict:
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_trl_env.sh"), str(TRL_VENV)], check=True)
+    tag = "bf16" if bf16 else "fp32"
+    spec = {
+        "policy": models["policy"], "reward_model": models["reward_model"], "value_model": models["value_model"],
+        "prompt_ids": prompt_ids, "steps": steps, "warmup_steps": warmup, "final_score_steps": final_steps,
+        "batch_size": settings.batch_size, "num_mini_batches": settings.batch_size // settings.mini_batch_size,
+        "ppo_epochs": settings.ppo_epochs, "response_length": settings.max_new_tokens,
+        "temperature": settings.temperature, "kl_coef": settings.kl_coef,
+        "missing_eos_penalty": settings.missing_eos_penalty, "lr": settings.lr, "seed": settings.seed,
+        "bf16": bf16, "threads": torch.get_num_threads(), "output_dir": str(work / f"trl-{tag}"),
+    }
+    spec_path, result_path = work / f"trl-{tag}-spec.json", work / f"trl-{tag}-result.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([str(TRL_VENV / "bin" / "python"), str(ROOT / "benchmarks" / "_trl_ppo_worker.py"),
+                           str(spec_path), str(result_path)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL worker ({tag}) failed:\n{proc.stderr[-4000:]}")
+    return json.loads(result_path.read_text())
+
+
+def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: int, warmup: int,
+                  precision: str, work: Path, final_steps: int) -> dict:
+    from alignloop.ppo import PPOConfig, ppo
+
+    config = PPOConfig(
+        policy=models["policy"], reward_model=models["reward_model"], value_model=models["value_model"],
+        prompts=str(prompts_file), out_dir=str(work / f"alignloop-{precision}"), steps=warmup + steps,
+        batch_size=settings.batch_size, mini_batch_size=settings.mini_batch_size,
+        ppo_epochs=settings.ppo_epochs, max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature, kl_coef=settings.kl_coef,
+        missing_eos_penalty=settings.missing_eos_penalty, lr=settings.lr, precision=precision,
+        seed=settings.seed,
+    )
+    summary = ppo(config)
+    return {"summary": summary, "precision": precision}
+
+
+# ---------------------------------------------------------------- report
+
+def fmt_table(results: list[dict]) -> str:
+    lines = ["| size | trainer | precision | episodes/s | vs best TRL | final RM score | share of ceiling | ceiling ep/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        best = r.get("trl_best_eps")
+        for row in r["rows"]:
+            ratio = f"{row['episodes_per_second'] / best:.2f}x" if best else "-"
+            lines.append(f"| {r['size']} | {row['trainer']} | {row['precision']} | {row['episodes_per_second']:.2f} | "
+                         f"{ratio} | {row['final_score_mean']:+.3f} | {100 * row['share_of_ceiling']:.0f} % | "
+                         f"{r['ceiling_episodes_per_second']:.1f} |")
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cpu_bf16_flags() -> list[str]:
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return sorted(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="4x256,8x512", help="comma-separated LAYERSxWIDTH")
+    parser.add_argument("--steps", type=int, default=12, help="timed PPO steps per trainer")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="steps run first and excluded from timing")
+    parser.add_argument("--final-steps", type=int, default=3, help="final score = mean RM score of the last N batches")
+    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-alignloop", action="store_true")
+    parser.add_argument("--trl-precision", default="both", choices=["both", "fp32", "bf16"])
+    parser.add_argument("--alignloop-precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--sft", type=Path, default=DEFAULT_SFT,
+                        help="trained SFT model used as the policy where its shape matches a size")
+    parser.add_argument("--reward-model", type=Path, default=None,
+                        help="trained reward model used where its shape matches (default: init from the policy)")
+    parser.add_argument("--fresh", action="store_true", help="ignore --sft: random GPT-2s and a 1k tokenizer")
+    parser.add_argument("--ceiling-seconds", type=float, default=6.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "ppo_vs_trl.json")
+    args = parser.parse_args(argv)
+
+    set_cpu_threads()
+    settings = Settings()
+    out_root = args.out.parent
+    base = None if args.fresh or not (args.sft / "config.json").is_file() else args.sft
+    if base is None and not args.fresh:
+        print(f"note: {args.sft} not found; using random GPT-2s and a 1k-vocab tokenizer", flush=True)
+    results = []
+    for size in args.sizes.split(","):
+        models = build_models(size, out_root, base, args.reward_model)
+        tokenizer = load_tokenizer(models["policy"])
+        prompts = bench_prompts(tokenizer)
+        prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+        work = out_root / "work" / size
+        work.mkdir(parents=True, exist_ok=True)
+        prompts_file = work / "prompts.jsonl"
+        write_jsonl(prompts_file, ({"prompt": p} for p in prompts))
+        mean_prompt = sum(map(len, prompt_ids)) / len(prompt_ids)
+
+        policy = load_causal_lm(models["policy"])
+        from transformers import AutoModelForSequenceClassification
+        rm = AutoModelForSequenceClassification.from_pretrained(models["reward_model"])
+        n_pol, n_rm = count_matmul_params(policy), count_matmul_params(rm)
+        flops = ppo_flops_per_episode(n_pol, n_rm, n_rm, mean_prompt, settings.max_new_tokens, settings.ppo_epochs)
+        seq_len = round(mean_prompt) + settings.max_new_tokens
+        print(f"[{size}] policy: {models['source']}; {len(prompts)} prompts, mean {mean_prompt:.1f} tokens; "
+              f"{flops['total'] / 1e9:.2f} GFLOP per episode", flush=True)
+        ceilings = measure_ceilings(models["policy"], settings.batch_size, seq_len, args.ceiling_seconds)
+        best_ceiling = max(c["flops_per_second"] for c in ceilings.values())
+        ceiling_eps = best_ceiling / flops["total"]
+        print(f"[{size}] ceiling: " + ", ".join(f"{p} {c['flops_per_second'] / 1e9:.1f} GFLOP/s"
+                                                for p, c in ceilings.items())
+              + f" -> {ceiling_eps:.1f} episodes/s", flush=True)
+
+        rows = []
+        if not args.skip_trl:
+            precisions = ["fp32", "bf16"] if args.trl_precision == "both" else [args.trl_precision]
+            for p in precisions:
+                t0 = time.time()
+                r = run_trl(models, prompt_ids, settings, args.steps, args.warmup_steps, p == "bf16", work,
+                            args.final_steps)
+                rows.append({"trainer": f"TRL {r['trl_version']}", "precision": p, **{
+                    k: r[k] for k in ("episodes_per_second", "final_score_mean", "final_penalised_score_mean",
+                                      "seconds_timed", "steps_timed", "warmup_steps_excluded")}, "detail": r})
+                print(f"[{size}] TRL {p}: {r['episodes_per_second']:.2f} episodes/s, final score "
+                      f"{r['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
+        if not args.skip_alignloop:
+            a = run_alignloop(models, prompts_file, settings, args.steps, args.warmup_steps,
+                              args.alignloop_precision, work, args.final_steps)
+            s = a["summary"]
+            rows.append({"trainer": "alignloop", "precision": s.get("precision", args.alignloop_precision),
+                         "episodes_per_second": s["episodes_per_second"],
+                         "final_score_mean": s["final_score_mean"], "detail": s})
+            print(f"[{size}] alignloop: {s['episodes_per_second']:.2f} episodes/s, final score "
+                  f"{s['final_score_mean']:+.3f}", flush=True)
+        for row in rows:
+            row["share_of_ceiling"] = row["episodes_per_second"] * flops["total"] / best_ceiling
+        trl_rows = [r for r in rows if r["trainer"].startswith("TRL")]
+        entry = {
+            "size": size, "models": models, "prompts": len(prompts), "mean_prompt_tokens": mean_prompt,
+            "matmul_params": {"policy": n_pol, "reward_model": n_rm, "value_model": n_rm},
+            "flops_per_episode": flops, "ceiling": ceilings, "ceiling_flops_per_second": best_ceiling,
+            "ceiling_episodes_per_second": ceiling_eps, "rows": rows,
+            "trl_best_eps": max((r["episodes_per_second"] for r in trl_rows), default=None),
+        }
+        al = [r for r in rows if r["trainer"] == "alignloop"]
+        if al and entry["trl_best_eps"]:
+            entry["ratio_alignloop_over_best_trl"] = al[0]["episodes_per_second"] / entry["trl_best_eps"]
+        results.append(entry)
+
+    report = {
+        "command": "flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/ppo_vs_trl.py "
+                   + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": settings.__dict__, "steps_timed": args.steps, "warmup_steps": args.warmup_steps,
+        "final_score_steps": args.final_steps,
+        "machine": {"cpu": cpu_model(), "bf16_flags": cpu_bf16_flags(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "note": "shared with other jobs: figures vary run to run"},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    table = fmt_table(results)
+    args.out.with_suffix(".md").write_text(table + "\n")
+    print()
+    print(table)
+    for r in results:
+        if "ratio_alignloop_over_best_trl" in r:
+            print(f"{r['size']}: alignloop / best TRL = {r['ratio_alignloop_over_best_trl']:.2f}x")
+    print(f"\nwritten: {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
