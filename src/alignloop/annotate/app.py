@@ -7,7 +7,7 @@ and prompt text into the DOM with `textContent`, and the Content-Security-Policy
 forbids inline scripts, so a response holding `<script>` is shown as text.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must resolve the Annotated aliases made inside create_app.
 
 import json
 import threading
