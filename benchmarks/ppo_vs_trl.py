@@ -186,19 +186,58 @@ def run_trl(models: dict, prompt_ids: list[list[int]], settings: Settings, steps
 
 def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: int, warmup: int,
                   precision: str, work: Path, final_steps: int) -> dict:
-    from alignloop.ppo import PPOConfig, ppo
+    """alignloop's PPO timed exactly as the TRL worker times TRL: a stamp at the end of every step.
 
+    The span from the end of the warm-up steps to the end of the last step includes everything
+    the trainer does between steps (logging, TensorBoard, sample tables), as TRL's does.
+    """
+    import shutil
+
+    from alignloop.ppo import PPOConfig, PPOTrainer
+
+    out_dir = work / f"alignloop-{precision}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # never resume a previous benchmark run
     config = PPOConfig(
         policy=models["policy"], reward_model=models["reward_model"], value_model=models["value_model"],
-        prompts=str(prompts_file), out_dir=str(work / f"alignloop-{precision}"), steps=warmup + steps,
+        prompts=prompts_file, out_dir=out_dir, steps=warmup + steps,
         batch_size=settings.batch_size, mini_batch_size=settings.mini_batch_size,
         ppo_epochs=settings.ppo_epochs, max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature, kl_coef=settings.kl_coef,
         missing_eos_penalty=settings.missing_eos_penalty, lr=settings.lr, precision=precision,
-        seed=settings.seed,
+        seed=settings.seed, critic="separate",
+        # A random policy's EOS rate is noise (0-2 of 8): the EOS-collapse guard would stop it after
+        # two steps. TRL has no such guard; the other guards (NaN, KL, ratio) stay on.
+        min_eos_rate=0.0,
     )
-    summary = ppo(config)
-    return {"summary": summary, "precision": precision}
+    setup_start = time.perf_counter()
+    trainer = PPOTrainer(config)
+    stamps: list[float] = []
+    scores: list[float] = []
+    step = trainer.step
+
+    def stamped_step() -> dict:
+        metrics = step()
+        stamps.append(time.perf_counter())
+        scores.append(metrics["score_mean"])
+        return metrics
+
+    trainer.step = stamped_step
+    train_start = time.perf_counter()
+    summary = trainer.train()
+    assert len(stamps) == warmup + steps, f"expected {warmup + steps} steps, alignloop ran {len(stamps)}"
+    t0 = stamps[warmup - 1] if warmup > 0 else train_start
+    timed_seconds = stamps[-1] - t0
+    final = scores[-final_steps:]
+    return {
+        "precision": summary.get("precision", precision),
+        "episodes_per_second": settings.batch_size * steps / timed_seconds,
+        "seconds_timed": timed_seconds, "steps_timed": steps, "warmup_steps_excluded": warmup,
+        "seconds_setup": train_start - setup_start,
+        "step_seconds": [b - a for a, b in zip([train_start] + stamps[:-1], stamps)],
+        "final_score_mean": sum(final) / len(final),
+        "score_per_step": scores,
+        "summary": summary,
+    }
 
 
 # ---------------------------------------------------------------- report
@@ -238,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4x256,8x512", help="comma-separated LAYERSxWIDTH")
     parser.add_argument("--steps", type=int, default=12, help="timed PPO steps per trainer")
-    parser.add_argument("--warmup-steps", type=int, default=2, help="steps run first and excluded from timing")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="steps run first and excluded from timing")
     parser.add_argument("--final-steps", type=int, default=3, help="final score = mean RM score of the last N batches")
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-alignloop", action="store_true")
@@ -290,23 +329,28 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_trl:
             precisions = ["fp32", "bf16"] if args.trl_precision == "both" else [args.trl_precision]
             for p in precisions:
-                t0 = time.time()
+                t0, load0 = time.time(), os.getloadavg()[0]
                 r = run_trl(models, prompt_ids, settings, args.steps, args.warmup_steps, p == "bf16", work,
                             args.final_steps)
                 rows.append({"trainer": f"TRL {r['trl_version']}", "precision": p, **{
                     k: r[k] for k in ("episodes_per_second", "final_score_mean", "final_penalised_score_mean",
-                                      "seconds_timed", "steps_timed", "warmup_steps_excluded")}, "detail": r})
+                                      "seconds_timed", "steps_timed", "warmup_steps_excluded")},
+                             "load_average_1min": [load0, os.getloadavg()[0]], "detail": r})
                 print(f"[{size}] TRL {p}: {r['episodes_per_second']:.2f} episodes/s, final score "
                       f"{r['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
         if not args.skip_alignloop:
+            load0 = os.getloadavg()[0]
+            t0 = time.time()
             a = run_alignloop(models, prompts_file, settings, args.steps, args.warmup_steps,
                               args.alignloop_precision, work, args.final_steps)
             s = a["summary"]
-            rows.append({"trainer": "alignloop", "precision": s.get("precision", args.alignloop_precision),
-                         "episodes_per_second": s["episodes_per_second"],
-                         "final_score_mean": s["final_score_mean"], "detail": s})
-            print(f"[{size}] alignloop: {s['episodes_per_second']:.2f} episodes/s, final score "
-                  f"{s['final_score_mean']:+.3f}", flush=True)
+            rows.append({"trainer": "alignloop", **{k: a[k] for k in (
+                "precision", "episodes_per_second", "final_score_mean", "seconds_timed", "steps_timed",
+                "warmup_steps_excluded")}, "load_average_1min": [load0, os.getloadavg()[0]],
+                "time_split_seconds": {k: s.get(f"seconds_{k}") for k in ("generation", "scoring", "update")},
+                "detail": a})
+            print(f"[{size}] alignloop {a['precision']}: {a['episodes_per_second']:.2f} episodes/s, final score "
+                  f"{a['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
         for row in rows:
             row["share_of_ceiling"] = row["episodes_per_second"] * flops["total"] / best_ceiling
         trl_rows = [r for r in rows if r["trainer"].startswith("TRL")]
