@@ -84,6 +84,10 @@ class RewardModel:
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, normalize: bool = True) -> list[float]:
         """Scores of text pairs, batched by length so padding stays small."""
         seqs = [encode_prompt(self.tokenizer, p) + encode_response(self.tokenizer, r) for p, r in zip(prompts, responses)]
+        limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", None)
+        if limit:
+            # Longer than the model's context: keep the end, where the response and the EOS we score are.
+            seqs = [s[-limit:] for s in seqs]
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = [0.0] * len(seqs)
         for start in range(0, len(order), batch_size):

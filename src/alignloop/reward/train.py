@@ -163,6 +163,26 @@ def item_scores(model: PreTrainedModel, batch: RMBatch, precision: str) -> torch
     return logits[:, 0].float()[batch.index]
 
 
+def accumulate_gradients(model: PreTrainedModel, micro: list[RMBatch], precision: str) -> tuple[float, float, float]:
+    """Backward over the micro-batches of one optimiser step; returns (loss, correct, compared).
+
+    Each micro-batch's summed item losses are divided by the item count of the
+    WHOLE step, so the accumulated gradient is that of the mean over all items,
+    exactly as if they had been one batch (dividing by each micro-batch's own
+    size would over-weight items in small, e.g. last, micro-batches).
+    """
+    n_items = sum(b.size for b in micro)
+    total, correct, compared = 0.0, 0.0, 0.0
+    for b in micro:
+        scores = item_scores(model, b, precision)
+        loss = kway_ranking_loss(scores, b.ranks, b.valid, b.margin).sum() / n_items
+        loss.backward()
+        total += loss.item()
+        c, n = pairwise_accuracy(scores.detach(), b.ranks, b.valid)
+        correct, compared = correct + float(c), compared + float(n)
+    return total, correct, compared
+
+
 # -- training --------------------------------------------------------------------------------
 
 def split_by_prompt(items: list[Preference], fraction: float, seed: int) -> tuple[list[Preference], list[Preference]]:
@@ -254,19 +274,12 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     for step in range(total_steps):
         micro = [collate([train_enc[i] for i in next(batches)], tokenizer.pad_token_id, device)
                  for _ in range(config.gradient_accumulation_steps)]
-        n_items = sum(b.size for b in micro)  # the step's loss is the mean over ALL its items
-        step_loss = 0.0
+        step_loss, c, n = accumulate_gradients(model, micro, precision)
+        correct, compared = correct + c, compared + n
         for b in micro:
-            scores = item_scores(model, b, precision)
-            per_item = kway_ranking_loss(scores, b.ranks, b.valid, b.margin)  # (batch,)
-            loss = per_item.sum() / n_items
-            loss.backward()
-            step_loss += loss.item()
-            c, n = pairwise_accuracy(scores.detach(), b.ranks, b.valid)
-            correct, compared = correct + float(c), compared + float(n)
             real_tokens += int(b.attention_mask.sum())
             pad_tokens += b.attention_mask.numel() - int(b.attention_mask.sum())
-        items_seen += n_items
+        items_seen += sum(b.size for b in micro)
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
