@@ -47,6 +47,10 @@ function render() {
   });
 }
 
+function setProgress(pr) {
+  document.getElementById("progress").textContent = pr.done + " done · " + pr.left + " left";
+}
+
 function showItem(view) {
   state.view = view; state.placed = []; state.tieNext = false; state.allBad = false; state.strength = null;
   document.getElementById("reason").value = "";
@@ -67,8 +71,7 @@ function showItem(view) {
     card.onclick = () => place(p);
     box.append(card);
   });
-  const pr = view.progress;
-  document.getElementById("progress").textContent = pr.done + " done · " + pr.left + " left";
+  setProgress(view.progress);
   render();
 }
 
@@ -95,22 +98,23 @@ function submit() {
     const reason = document.getElementById("reason").value.trim();
     if (reason) body.reason = reason;
     const r = await api("POST", `/api/campaigns/${state.campaign.id}/answers`, body);
-    setStatus(`Saved answer ${r.answer}.`);
+    setProgress(r.progress);
     await loadNext();
+    setStatus(`Saved answer ${r.answer}.`);  // after the next item is on screen
   });
 }
 
 const skip = () => act(async () => {
   if (!state.view) return;
   await api("POST", `/api/campaigns/${state.campaign.id}/skip`, { item: state.view.item });
-  setStatus("Skipped.");
   await loadNext();
+  setStatus("Skipped.");
 });
 
 const undo = () => act(async () => {
   const r = await api("POST", `/api/campaigns/${state.campaign.id}/undo`);
-  setStatus(`Undid answer ${r.undone}; here is that item again.`);
   await loadNext();
+  setStatus(`Undid answer ${r.undone}; here is that item again.`);
 });
 
 function onKey(ev) {
