@@ -308,3 +308,29 @@ def test_real_fetch_of_vader_ratings(tmp_path):
     assert summary["sentences"] == {"amazon_reviews": 3708, "movie_reviews": 10605, "nyt_editorials": 5190,
                                     "tweets": 4001}
     assert summary["dropped_inconsistent"]["tweets"] == 199
+
+
+def test_smollm2_example_sections_match_stage_configs():
+    """examples/smollm2.yaml: one section per stage, every key a field of that stage's config."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    import yaml
+
+    example = yaml.safe_load((Path(__file__).parent.parent / "examples" / "smollm2.yaml").read_text())
+    assert set(example) == {"policy", "sample", "annotate", "reward", "ppo", "evaluate"}
+    for section, target in [("sample", "alignloop.sampling:SampleConfig"),
+                            ("reward", "alignloop.reward.train:RewardTrainConfig"),
+                            ("ppo", "alignloop.ppo.config:PPOConfig"),
+                            ("evaluate", "alignloop.evaluate:EvaluateConfig"),
+                            ("annotate", "alignloop.annotate.simulate:run_simulated_annotation")]:
+        module, name = target.split(":")
+        try:
+            obj = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue  # that stage has not landed in this checkout
+        known = ({f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj)
+                 else set(inspect.signature(obj).parameters))
+        assert set(example[section]) <= known, (section, set(example[section]) - known)
+    assert example["ppo"]["steps"] >= 20 and example["ppo"]["lora_r"] > 0
