@@ -154,6 +154,20 @@ from .annotate.cli import app as annotate_app  # noqa: E402
 app.add_typer(annotate_app, name="annotate")
 
 
+@app.command()
+def ppo(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+        policy: Optional[Path] = typer.Option(None, help="SFT model: the policy starts here, the reference stays here."),
+        reward_model: Optional[Path] = typer.Option(None, help="Reward model directory (alignloop reward train)."),
+        prompts: Optional[Path] = typer.Option(None, help='JSONL with {"prompt": ...}.'),
+        out_dir: Optional[Path] = typer.Option(None, help="Where the policy directory goes."),
+        steps: Optional[int] = typer.Option(None, help="PPO steps.")):
+    """PPO against the reward model with a per-token KL penalty to the SFT model."""
+    from .ppo import PPOConfig, ppo as run
+
+    run_stage(PPOConfig, run, config, set_, policy=policy, reward_model=reward_model, prompts=prompts,
+              out_dir=out_dir, steps=steps)
+
+
 def main() -> None:
     try:
         app()

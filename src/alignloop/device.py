@@ -30,7 +30,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def set_cpu_threads() -> None:
-    """Use every core for intra-op parallelism (torch's default can be fewer in containers)."""
+    """Use every core for intra-op parallelism (torch's default can be fewer in containers).
+
+    An explicit OMP_NUM_THREADS wins: on a shared machine, several processes each
+    spinning one thread per core slow each other down many times over.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

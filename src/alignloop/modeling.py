@@ -94,6 +94,18 @@ def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
     return out_dir
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability to 0, so train mode (needed by gradient checkpointing) stays deterministic.
+
+    RL fine-tuning compares log-probs of the same tokens at rollout and update time;
+    dropout would make them differ by noise alone.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.eval()
+
+
 def count_matmul_params(model: PreTrainedModel) -> int:
     """Parameters that take part in matmuls per token (all 2-D weights but the input embedding)."""
     emb = model.get_input_embeddings().weight

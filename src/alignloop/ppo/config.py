@@ -1,0 +1,124 @@
+"""PPOConfig: every PPO-RLHF knob in one flat dataclass, checked before any model loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import StageConfig
+from ..errors import InputError
+from ..modeling import check_model_dir
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    # -- inputs and outputs ---------------------------------------------------
+    policy: Path = Path("runs/demo/sft")  # the SFT model: the policy starts here and the reference stays here
+    reward_model: Path = Path("runs/demo/reward_model")
+    value_model: Path | None = None  # critic init; None: the reward model (critic="separate")
+    prompts: Path = Path("runs/demo/sft/train_prompts.jsonl")
+    out_dir: Path = Path("runs/demo/policy")
+
+    # -- rollout ----------------------------------------------------------------
+    steps: int = 100  # PPO steps; each samples `batch_size` episodes
+    batch_size: int = 32  # episodes (prompt + response) per step
+    max_new_tokens: int = 48
+    temperature: float = 1.0  # sampling temperature; log-probs use the same one
+    top_p: float = 1.0
+
+    # -- reward -------------------------------------------------------------------
+    kl_coef: float = 0.05  # beta: reward = score - beta * KL(policy || reference) per token
+    kl_estimator: str = "k1"  # 'k1' (log ratio) or 'k3' (always >= 0, lower variance)
+    target_kl: float | None = None  # set for the adaptive controller (nats per sequence); None: fixed beta
+    kl_horizon: int = 10000  # episodes over which the adaptive beta moves about e-fold
+    missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response cut at max_new_tokens
+    mask_truncated: bool = False  # instead: drop responses without EOS from the update
+    whiten_rewards: bool = False  # scale scores to unit variance over the batch (mean kept)
+    reward_clip: float | None = 10.0  # clip scores to [-c, c] before the KL term
+
+    # -- advantages and losses ---------------------------------------------------------
+    gamma: float = 1.0  # no discount: the score arrives once, at the end
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+
+    # -- optimisation -------------------------------------------------------------------
+    ppo_epochs: int = 4
+    mini_batch_size: int = 32  # episodes per optimiser step
+    gradient_accumulation_steps: int = 1  # micro-batches per mini-batch (memory only: same result)
+    lr: float = 3e-6
+    critic_lr: float | None = None  # None: the same as lr
+    anneal_lr: bool = True  # linear decay to 0 over the run (CleanRL): late updates smaller
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+
+    # -- critic ------------------------------------------------------------------------------
+    critic: str = "separate"  # 'separate' (own model, init from the RM) or 'value_head' (on the policy trunk)
+    critic_warmup_steps: int = 0  # first steps train the critic only, so early advantages are not noise
+
+    # -- memory ----------------------------------------------------------------------------
+    lora_r: int = 0  # > 0: train LoRA adapters; the reference is the same model with adapters off
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+    # -- guards, logging, checkpoints -------------------------------------------------------
+    on_collapse: str = "stop"  # 'stop' or 'rollback' (to the last good checkpoint) on NaN, KL/ratio blow-up, EOS collapse
+    kl_stop_factor: float = 10.0  # collapse when mean KL > factor * target (or factor * 1 nat with fixed beta)
+    ratio_stop: float = 50.0  # collapse when a token's policy ratio exceeds this
+    min_eos_rate: float = 0.05  # collapse when fewer responses than this end with EOS (after a good start)
+    log_every: int = 1
+    sample_every: int = 10  # steps between sample-completion tables
+    checkpoint_every: int = 25  # steps; 0: only at the end
+    resume: bool = True  # continue from out_dir/checkpoint if it exists
+    tensorboard: bool = True
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+    def validate(self) -> None:
+        check_model_dir(self.policy)
+        check_model_dir(self.reward_model)
+        if self.value_model is not None:
+            check_model_dir(self.value_model)
+        if not Path(self.prompts).exists():
+            raise InputError(self.prompts, "no such prompts file")
+        r = self.require
+        r(self.steps >= 1 and self.batch_size >= 1 and self.max_new_tokens >= 1,
+          "steps, batch_size and max_new_tokens must be >= 1")
+        # Batch-size algebra: a step's episodes split into whole mini-batches, each into whole micro-batches.
+        r(self.mini_batch_size >= 1 and self.batch_size % self.mini_batch_size == 0,
+          f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+        r(self.gradient_accumulation_steps >= 1 and self.mini_batch_size % self.gradient_accumulation_steps == 0,
+          f"mini_batch_size ({self.mini_batch_size}) must be a multiple of gradient_accumulation_steps "
+          f"({self.gradient_accumulation_steps})")
+        r(self.temperature > 0, "temperature must be > 0")
+        r(0 < self.top_p <= 1, "top_p must be in (0, 1]")
+        r(self.kl_coef >= 0, "kl_coef must be >= 0")
+        r(self.kl_estimator in ("k1", "k3"), f"kl_estimator must be 'k1' or 'k3', got '{self.kl_estimator}'")
+        r(self.target_kl is None or self.target_kl > 0, "target_kl must be > 0 (or null for a fixed kl_coef)")
+        r(self.kl_horizon >= 1, "kl_horizon must be >= 1")
+        r(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
+        r(self.cliprange > 0 and self.cliprange_value > 0, "cliprange and cliprange_value must be > 0")
+        r(self.ppo_epochs >= 1, "ppo_epochs must be >= 1")
+        r(self.lr > 0 and (self.critic_lr is None or self.critic_lr > 0), "lr and critic_lr must be > 0")
+        r(self.critic in ("separate", "value_head"), f"critic must be 'separate' or 'value_head', got '{self.critic}'")
+        r(self.critic_warmup_steps >= 0 and self.critic_warmup_steps < self.steps,
+          "critic_warmup_steps must be in [0, steps)")
+        r(self.lora_r >= 0, "lora_r must be >= 0 (0 trains all weights)")
+        r(self.on_collapse in ("stop", "rollback"), "on_collapse must be 'stop' or 'rollback'")
+        r(self.reward_clip is None or self.reward_clip > 0, "reward_clip must be > 0 (or null)")
+        r(not (self.mask_truncated and self.missing_eos_penalty),
+          "choose one of missing_eos_penalty and mask_truncated (set missing_eos_penalty: null to mask)")
+        r(self.checkpoint_every >= 0 and self.sample_every >= 1 and self.log_every >= 1,
+          "checkpoint_every must be >= 0; sample_every and log_every >= 1")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.mini_batch_size // self.gradient_accumulation_steps
+
+    @property
+    def num_mini_batches(self) -> int:
+        return self.batch_size // self.mini_batch_size

@@ -1,0 +1,138 @@
+"""The PPO-RLHF math as small pure functions over tensors.
+
+Shapes: every per-token tensor is (batch, response_len); `mask` is 1.0 on real
+response tokens (the EOS included) and 0.0 on the padding after it. All of it
+runs in fp32 whatever dtype the matmuls used: callers pass `.float()` tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance over the masked entries (as Bessel-corrected torch.var would give)."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1.0)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise to unit variance over the masked entries; padding is left at 0.
+
+    With shift_mean=False the mean is kept (used for rewards: whitening must not
+    turn an all-good batch into half penalties).
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) on tokens sampled from the policy.
+
+    k1 = log pi - log pi_ref: unbiased, can be negative per token.
+    k3 = (r - 1) - log r with r = pi_ref / pi: unbiased and always >= 0, lower variance
+    (Schulman, "Approximating KL divergence"). The log-ratio is clamped before exp so a
+    token the reference finds near-impossible cannot overflow to inf.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        log_r = (-log_ratio).clamp(-20.0, 20.0)
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"unknown KL estimator '{estimator}' (use 'k1' or 'k3')")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:
+    """The per-token reward: -beta * KL at every token, plus the sequence's score at its last token.
+
+    scores (batch,), kl (batch, T). The score goes on the last real token (the EOS,
+    or the last generated token of a truncated response): only then has the RM
+    seen the whole response.
+    """
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(dim=1).long() - 1).clamp(min=0)  # (batch,)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over one response each.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t ;  A_t = delta_t + gamma * lam * A_{t+1}
+    The value after the last real token is 0 (the episode ends there), and the
+    padding contributes nothing. Returns (advantages, returns = A + V), both 0 on padding.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        # On padding (mask 0) carry nothing backwards: the response ended before t.
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, summed over the masked tokens (the caller divides).
+
+    Summing rather than averaging here lets gradient accumulation weight every
+    token of a mini-batch equally however the micro-batches split it.
+    Returns (loss_sum, stats) with stats summed the same way: clipped-token count and
+    approx-KL sum (k3 between old and new policy, Schulman's estimator).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss_sum = masked_sum(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipped_tokens": masked_sum((clipped > unclipped).float(), mask),
+            "approx_kl_sum": masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_max": (ratio * mask).max(),
+        }
+    return loss_sum, stats
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                       cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.5 * max((V - R)^2, (V_clipped - R)^2) summed over masked tokens, and the clipped-token count.
+
+    Clipping the value change around the rollout's values keeps the critic from
+    jumping on a single batch, as the policy clip does for the policy.
+    """
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped - returns) ** 2
+    loss_sum = 0.5 * masked_sum(torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        clipped_count = masked_sum((loss_clipped > loss_unclipped).float(), mask)
+    return loss_sum, clipped_count
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of softmax(logits): logsumexp(l) - sum p * l. (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)

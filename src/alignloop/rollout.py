@@ -1,0 +1,192 @@
+"""Sampling and scoring on one token layout, shared by `generate`, `sample`, `evaluate` and PPO.
+
+Layout of a batch of episodes (prompt + response):
+
+    [pad pad p0 p1 p2 | r0 r1 EOS pad pad]      prompt left-padded to width P,
+    [p0 p1 p2 p3 p4   | r0 r1 r2  r3  r4 ]      response right-padded to width R
+
+Every response starts at column P, so "the logits that predict the response"
+are always `logits[:, P-1 : P-1+R]` and no per-row gather is needed. Position
+ids come from the attention mask (count of real tokens before), so a left-padded
+row sees exactly the positions it would see alone: the policy, the reference,
+the critic and the reward model all score the tokens the sampler produced.
+
+The sampler is a plain loop over the model's forward with its KV cache: one
+forward per new token, the logits of the last position only, and the loop ends as
+soon as every row has emitted EOS. That is all `model.generate` does for us, at a
+fraction of its per-step overhead, which matters for small models on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from .device import autocast
+
+
+@dataclass
+class TokenBatch:
+    """Prompt + response ids in the layout above. All tensors on one device."""
+
+    input_ids: torch.Tensor  # (batch, P + R)
+    attention_mask: torch.Tensor  # (batch, P + R), 0 on left padding and after the response
+    position_ids: torch.Tensor  # (batch, P + R)
+    prompt_width: int  # P
+    response_mask: torch.Tensor  # (batch, R) float, 1.0 on response tokens (EOS included)
+
+    @property
+    def responses(self) -> torch.Tensor:  # (batch, R)
+        return self.input_ids[:, self.prompt_width:]
+
+    def select(self, rows: torch.Tensor | list[int]) -> "TokenBatch":
+        return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
+                          self.prompt_width, self.response_mask[rows])
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token among the real tokens of its row (0 for padding on the left)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def make_batch(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
+               response_mask: torch.Tensor) -> TokenBatch:
+    """Join left-padded prompts (B, P) and right-padded responses (B, R) into one TokenBatch."""
+    attention_mask = torch.cat([prompt_mask, response_mask.long()], dim=1)
+    return TokenBatch(torch.cat([prompt_ids, responses], dim=1), attention_mask,
+                      position_ids_from_mask(attention_mask), prompt_ids.shape[1], response_mask.float())
+
+
+def batch_from_lists(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                     device: torch.device) -> TokenBatch:
+    """The same layout from token lists (e.g. stored samples to score again)."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    width = max(1, max(len(r) for r in responses))
+    resp = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((len(responses), width))
+    for row, r in enumerate(responses):
+        resp[row, :len(r)] = torch.tensor(r, dtype=torch.long)
+        resp_mask[row, :len(r)] = 1.0
+    return make_batch(prompt_ids, prompt_mask, resp.to(device), resp_mask.to(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(model_class: type) -> str:
+    # transformers 5 names the KV cache argument `cache`; 4.x called it `past_key_values`.
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p (nucleus sampling); -inf elsewhere."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    # Drop a token when the tokens before it already reach top_p (the first token always stays).
+    drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@torch.no_grad()
+def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                     max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
+                     greedy: bool = False, generator: torch.Generator | None = None,
+                     precision: str = "fp32") -> TokenBatch:
+    """Sample one response per left-padded prompt; stop a row at EOS, the batch when all rows stopped."""
+    device = prompt_ids.device
+    batch = prompt_ids.shape[0]
+    # A peft wrapper forwards **kwargs: ask the wrapped model which name its cache argument has.
+    cache_arg = _cache_kwarg(type(model.get_base_model() if hasattr(model, "get_base_model") else model))
+    mask = prompt_mask
+    positions = position_ids_from_mask(mask)
+    with autocast(device, precision):
+        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+    next_position = positions[:, -1:] + 1
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            probs = torch.softmax(top_p_filter(logits / temperature, top_p), dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        done = done | (token == eos_id)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        with autocast(device, precision):
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+                        use_cache=True, **{cache_arg: cache})
+        next_position = next_position + 1
+    responses = torch.stack(tokens, dim=1)  # (batch, R), pad after EOS
+    # A token is part of the response up to and including the first EOS.
+    is_eos = responses == eos_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    response_mask = (~after_eos).float()
+    return make_batch(prompt_ids, prompt_mask, responses, response_mask)
+
+
+def finished_rows(batch: TokenBatch, eos_id: int) -> torch.Tensor:
+    """(batch,) bool: the response ends with EOS (the model chose to stop)."""
+    last = (batch.response_mask.sum(1).long() - 1).clamp(min=0)
+    return batch.responses[torch.arange(len(last)), last] == eos_id
+
+
+def response_logits(model: PreTrainedModel, batch: TokenBatch, precision: str) -> torch.Tensor:
+    """Logits that predict each response token: (batch, R, vocab), in the matmul dtype."""
+    P, R = batch.prompt_width, batch.responses.shape[1]
+    with autocast(batch.input_ids.device, precision):
+        # Only positions P-1 .. P+R-2 predict response tokens; skip the LM head elsewhere.
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False).logits
+    return logits[:, :R]
+
+
+def scalar_head_outputs(model: PreTrainedModel, batch: TokenBatch, precision: str) -> torch.Tensor:
+    """A sequence-classification model's scalar head along the response: (batch, R + 1) fp32.
+
+    Entry t is the head at the state that has read the prompt and the first t
+    response tokens (position P-1+t). So entries 0..R-1 are the critic's V(s_t),
+    the value before choosing response token t, and entry L (the response length)
+    is the reward model's score of the whole response, read at its last token
+    exactly as the RM was trained. The reward model and the critic are both
+    `AutoModelForSequenceClassification` models (backbone + `score` head); HF pools
+    their output at one token, so we run backbone and head ourselves.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    P = batch.prompt_width
+    with autocast(batch.input_ids.device, precision):
+        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        outputs = model.score(hidden[:, P - 1:]).squeeze(-1)
+    return outputs.float()
+
+
+def response_lengths(batch: TokenBatch) -> torch.Tensor:
+    return batch.response_mask.sum(1).long()
+
+
+def sequence_scores(head_outputs: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+    """The entry of `scalar_head_outputs` after each row's last response token: (batch,)."""
+    return head_outputs[torch.arange(head_outputs.shape[0]), response_lengths(batch)]

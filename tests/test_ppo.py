@@ -1,0 +1,184 @@
+"""PPO end to end on a tiny random GPT-2: token layout, resume, LoRA, critic options, guards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file
+
+from alignloop.errors import ConfigError
+from alignloop.modeling import load_causal_lm, load_tokenizer
+from alignloop.ppo import PPOConfig, PPOTrainer, ppo
+from alignloop.prompts import encode_prompt, encode_response
+from alignloop.reward.model import RewardModel, init_reward_model
+from alignloop.rollout import (
+    batch_from_lists,
+    left_pad,
+    sample_responses,
+    scalar_head_outputs,
+    sequence_scores,
+)
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory, tiny_lm_dir):
+    out = tmp_path_factory.mktemp("rm")
+    torch.manual_seed(0)
+    RewardModel(init_reward_model(tiny_lm_dir), load_tokenizer(tiny_lm_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory, fortunes):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": " ".join(d.split()[:4])}) + "\n" for d in fortunes[:40]))
+    return path
+
+
+def small_config(tiny_lm_dir, rm_dir, prompts_file, out_dir, **overrides) -> PPOConfig:
+    values = dict(policy=tiny_lm_dir, reward_model=rm_dir, prompts=prompts_file, out_dir=out_dir, steps=3,
+                  batch_size=4, mini_batch_size=2, gradient_accumulation_steps=2, ppo_epochs=2, max_new_tokens=8,
+                  lr=1e-3, precision="fp32", tensorboard=False, checkpoint_every=0)
+    values.update(overrides)
+    return PPOConfig(**values)
+
+
+def weights(model_dir):
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_sampler_matches_hf_generate_greedy_with_left_padding(tiny_lm_dir):
+    tok = load_tokenizer(tiny_lm_dir)
+    model = load_causal_lm(tiny_lm_dir, "cpu", tok)
+    prompts = [encode_prompt(tok, "Love is"), encode_prompt(tok, "A much longer prompt than the other one")]
+    ids, mask = left_pad(prompts, tok.pad_token_id, torch.device("cpu"))
+    ours = sample_responses(model, ids, mask, 10, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    for row, p in enumerate(prompts):  # each prompt alone, no padding at all
+        ref = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)[0, len(p):]
+        n = int(ours.response_mask[row].sum())
+        assert ours.responses[row, :n].tolist() == ref[:n].tolist()
+
+
+def test_reward_in_the_rollout_layout_equals_scoring_the_text(tiny_lm_dir, rm_dir):
+    """The RM sees left-padded prompts in PPO and right-padded text in `score`: same number either way."""
+    rm = RewardModel.from_pretrained(rm_dir)
+    tok = rm.tokenizer
+    prompts, responses = ["Short", "A much longer prompt than the other"], [" one two three", " four"]
+    batch = batch_from_lists([encode_prompt(tok, p) for p in prompts],
+                             [encode_response(tok, r) for r in responses], tok.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        in_layout = sequence_scores(scalar_head_outputs(rm.model, batch, "fp32"), batch)
+    assert in_layout.tolist() == pytest.approx(rm.score(prompts, responses, normalize=False), abs=1e-5)
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_lm_dir, rm_dir, prompts_file, tmp_path, monkeypatch):
+    whole = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "whole", steps=4))
+
+    killed_dir = tmp_path / "killed"
+    real_step = PPOTrainer.step
+
+    def dies_on_step_3(self):
+        if self.step_index == 2:
+            raise KeyboardInterrupt("killed")
+        return real_step(self)
+
+    monkeypatch.setattr(PPOTrainer, "step", dies_on_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, killed_dir, steps=4, checkpoint_every=2))
+    monkeypatch.setattr(PPOTrainer, "step", real_step)
+    resumed = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, killed_dir, steps=4, checkpoint_every=2))
+
+    assert resumed["resumed_from_step"] == 2
+    a, b = weights(tmp_path / "whole"), weights(killed_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["final_score_mean"] == pytest.approx(whole["final_score_mean"], abs=1e-6)
+    steps_logged = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == [1, 2, 3, 4]  # no step twice after the resume
+
+
+def test_policy_moves_and_writes_a_plain_hf_directory(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    out = tmp_path / "policy"
+    summary = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, out))
+    assert summary["steps"] == 3 and summary["stopped"] is None
+    before, after = weights(tiny_lm_dir), weights(out)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    AutoModelForCausalLM.from_pretrained(out)  # no alignloop code needed
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("kl_mean", "score_mean", "non_score_reward", "entropy_mean", "clipfrac", "approx_kl", "vf_loss",
+                "response_length_mean", "eos_rate", "seconds_rollout", "seconds_update"):
+        assert key in rows[-1]
+    assert rows[0]["kl_mean"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the first rollout
+    assert (out / "samples.jsonl").is_file() and (out / "critic" / "config.json").is_file()
+
+
+def test_lora_trains_adapters_only_and_the_reference_is_the_adapter_free_model(tiny_lm_dir, rm_dir, prompts_file,
+                                                                               tmp_path):
+    cfg = small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "lora", lora_r=4, lr=5e-3)
+    trainer = PPOTrainer(cfg)
+    assert trainer.reference is None
+    trainable = [n for n, p in trainer.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    summary = trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[-1]["kl_mean"] != 0.0  # the adapters moved the policy away from the reference
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")  # merged: a plain model
+    assert merged is not None and (tmp_path / "lora" / "adapter").is_dir()
+    assert summary["steps"] == 3
+
+
+def test_critic_warmup_leaves_the_policy_alone_and_value_head_critic_runs(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    out = tmp_path / "warm"
+    ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, out, steps=2, critic_warmup_steps=1, critic="value_head"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["kl_mean"] == pytest.approx(0.0, abs=1e-5)  # step 2 samples from the unchanged policy
+    assert not (out / "critic").exists()  # the value head lives on the policy trunk
+
+
+def first_update_gradients(config: PPOConfig) -> dict[str, torch.Tensor]:
+    trainer = PPOTrainer(config)
+    rollout = trainer.rollout(0)
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(*args, **kwargs):  # instead of the optimiser step: record what it would apply
+        if not captured:
+            captured.update({n: p.grad.clone() for n, p in trainer.policy.named_parameters() if p.grad is not None})
+
+    trainer.optimizer.step = capture
+    trainer.update(rollout, train_policy=True)
+    return captured
+
+
+def test_gradient_accumulation_gives_the_same_gradient_as_one_big_micro_batch(tiny_lm_dir, rm_dir, prompts_file,
+                                                                                tmp_path):
+    """Token-mean over the mini-batch: splitting it into micro-batches changes memory, not the update."""
+    whole = first_update_gradients(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "a",
+                                                mini_batch_size=4, gradient_accumulation_steps=1, ppo_epochs=1))
+    split = first_update_gradients(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "b",
+                                                mini_batch_size=4, gradient_accumulation_steps=4, ppo_epochs=1))
+    assert whole.keys() == split.keys() and whole
+    assert any(g.abs().sum() > 0 for g in whole.values())
+    for name in whole:
+        assert torch.allclose(whole[name], split[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_collapse_guard_stops_and_keeps_the_last_good_policy(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    out = tmp_path / "guard"
+    # A ratio limit below 1 + epsilon trips on the first update that moves the policy at all.
+    summary = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, out, ratio_stop=1.0 + 1e-9, lr=1e-2))
+    assert summary["stopped"] and "policy ratio" in summary["stopped"]
+    before, after = weights(tiny_lm_dir), weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the step-0 state, untouched
+
+
+def test_config_checks_the_batch_algebra_up_front(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    with pytest.raises(ConfigError, match="multiple of mini_batch_size"):
+        small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path, batch_size=6, mini_batch_size=4)
+    with pytest.raises(ConfigError, match="multiple of gradient_accumulation_steps"):
+        small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path, mini_batch_size=2, gradient_accumulation_steps=3)
+    with pytest.raises(ConfigError, match="kl_estimator"):
+        small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path, kl_estimator="k2")
