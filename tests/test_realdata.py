@@ -228,6 +228,15 @@ def test_human_sentiment_writes_pairs_splits_and_agreement(tmp_path):
     assert (out / "alignloop_humansentimentconfig.yaml").is_file()
 
 
+def test_held_out_pairs_do_not_depend_on_the_training_label_mode(tmp_path):
+    archive = write_archive(tmp_path)
+    for label in ("majority", "sampled-vote"):
+        human_sentiment(HumanSentimentConfig(out_dir=tmp_path / label, archive=archive, label=label, scorers=[],
+                                             held_out_fraction=0.3))
+    assert (tmp_path / "majority" / "held_out_pairs.jsonl").read_text() == \
+        (tmp_path / "sampled-vote" / "held_out_pairs.jsonl").read_text()
+
+
 def test_cli_human_sentiment_and_agreement(tmp_path):
     from typer.testing import CliRunner
 
@@ -334,3 +343,15 @@ def test_smollm2_example_sections_match_stage_configs():
                  else set(inspect.signature(obj).parameters))
         assert set(example[section]) <= known, (section, set(example[section]) - known)
     assert example["ppo"]["steps"] >= 20 and example["ppo"]["lora_r"] > 0
+
+
+def test_subsample_pairs_caps_each_domain(tmp_path):
+    from alignloop.jsonl import write_jsonl
+    from alignloop.realdata import subsample_pairs
+
+    rows = [{"prompt": "", "chosen": f"{d}{i}", "rejected": "x", "domain": d} for d, n in [("a", 10), ("b", 3)]
+            for i in range(n)]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    assert subsample_pairs(tmp_path / "p.jsonl", tmp_path / "s.jsonl", 4) == {"a": 4, "b": 3}
+    kept = read_jsonl(tmp_path / "s.jsonl")
+    assert len({r["chosen"] for r in kept}) == 7

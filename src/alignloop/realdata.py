@@ -350,6 +350,19 @@ def format_agreement_table(table: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def subsample_pairs(pairs_path: str | Path, out_path: str | Path, per_domain: int, seed: int = 0) -> dict[str, int]:
+    """At most `per_domain` pairs of each domain, drawn at random: for backbones too slow for all of them."""
+    pairs = read_jsonl(pairs_path)
+    rng = random.Random(seed)
+    kept = []
+    for domain in sorted({p.get("domain", "") for p in pairs}):
+        group = [p for p in pairs if p.get("domain", "") == domain]
+        kept += rng.sample(group, min(per_domain, len(group)))
+    rng.shuffle(kept)
+    write_jsonl(out_path, kept)
+    return {d: sum(p.get("domain", "") == d for p in kept) for d in sorted({p.get("domain", "") for p in kept})}
+
+
 # -- the stage -----------------------------------------------------------------
 @dataclasses.dataclass
 class HumanSentimentConfig(StageConfig):
@@ -384,14 +397,19 @@ def human_sentiment(config: HumanSentimentConfig) -> dict:
     archive = config.archive or fetch_vader_sdist(config.cache_dir or out / "cache")
     sentences, dropped = read_human_ratings(archive)
     train, held = split_by_sentence(sentences, config.held_out_fraction, config.seed)
-    rng = random.Random(config.seed)
-    train_pairs = make_pairs(train, rng, config.pairs_per_sentence, config.min_mean_gap, config.label)
-    held_pairs = make_pairs(held, rng, config.held_out_pairs_per_sentence, config.min_mean_gap, "majority")
+    # Separate generators: the held-out pairs are the same whatever the training label mode.
+    train_pairs = make_pairs(train, random.Random(f"{config.seed}:train"), config.pairs_per_sentence,
+                             config.min_mean_gap, config.label)
+    held_pairs = make_pairs(held, random.Random(f"{config.seed}:held_out"), config.held_out_pairs_per_sentence,
+                            config.min_mean_gap, "majority")
     write_jsonl(out / "train_pairs.jsonl", train_pairs)
     write_jsonl(out / "held_out_pairs.jsonl", held_pairs)
     domains = sorted({s.domain for s in sentences})
     for d in domains:
         write_jsonl(out / f"held_out_pairs.{d}.jsonl", (p for p in held_pairs if p["domain"] == d))
+    if not train_pairs or not held_pairs:
+        raise AlignloopError(f"{len(train_pairs)} training and {len(held_pairs)} held-out pairs: too few sentences "
+                             f"for held_out_fraction={config.held_out_fraction} and min_mean_gap={config.min_mean_gap}")
     held_ids = {(s.domain, s.id) for s in held}
     write_jsonl(out / "sentences.jsonl", ({"domain": s.domain, "id": s.id, "text": s.text, "mean": round(s.mean, 4),
                                           "split": "held_out" if (s.domain, s.id) in held_ids else "train",
