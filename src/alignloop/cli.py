@@ -168,6 +168,44 @@ def ppo(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
               out_dir=out_dir, steps=steps)
 
 
+@app.command()
+def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+             policy: Optional[Path] = typer.Option(None, help="The trained policy directory."),
+             reference: Optional[Path] = typer.Option(None, help="The SFT (reference) model directory."),
+             reward_model: Optional[Path] = typer.Option(None, help="Reward model directory."),
+             prompts: Optional[Path] = typer.Option(None, help='Held-out JSONL with {"prompt": ...}.'),
+             out_dir: Optional[Path] = typer.Option(None, help="Where samples.jsonl and the summary go."),
+             judge: Optional[str] = typer.Option(None, help="Label function judging both sides (default vader).")):
+    """Policy vs SFT on held-out prompts: RM and judge win rates, KL, length, EOS rate, perplexity."""
+    from .evaluate import EvaluateConfig, evaluate as run
+
+    run_stage(EvaluateConfig, run, config, set_, policy=policy, reference=reference, reward_model=reward_model,
+              prompts=prompts, out_dir=out_dir, judge=judge)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Where everything goes (a rerun resumes)."),
+         rounds: int = typer.Option(1, help="Rounds of sample -> annotate -> reward -> PPO -> evaluate."),
+         human: bool = typer.Option(False, help="People rank in the annotation app instead of simulated ones."),
+         set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="Override: --set ppo.steps=50.")):
+    """The whole loop on the embedded default model, no downloads: pretrain ... evaluate, then report.html."""
+    from .demo import demo as run
+
+    print_summary(run(out, rounds, human, set_)["headline"])
+
+
+@app.command()
+def pipeline(config: Path = typer.Option(..., "--config", "-c", help="YAML with one section per stage."),
+             out: Optional[Path] = typer.Option(None, "--out", help="Default: the file's out: key, else runs/<name>."),
+             rounds: Optional[int] = typer.Option(None, help="Default: the file's rounds: key, else 1."),
+             human: bool = typer.Option(False, help="People rank in the annotation app instead of simulated ones."),
+             set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="Override: --set ppo.steps=50.")):
+    """The whole loop on your own models and data, each stage's config a section of one YAML file."""
+    from .pipeline import load_pipeline_file, run_pipeline
+
+    print_summary(run_pipeline(load_pipeline_file(config, out, rounds, human, set_))["headline"])
+
+
 def main() -> None:
     try:
         app()

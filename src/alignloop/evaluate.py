@@ -58,6 +58,17 @@ def win_rate(a: list[float], b: list[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
 
 
+def win_rate_stderr(a: list[float], b: list[float]) -> float:
+    """Standard error of `win_rate(a, b)`: the std of the per-item outcomes (1, 1/2, 0) over sqrt(n).
+
+    A win rate is "above 1/2" only when it is a couple of these away from it.
+    """
+    outcomes = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    if len(outcomes) < 2:
+        return 0.0
+    return statistics.stdev(outcomes) / len(outcomes) ** 0.5
+
+
 def _side(completions: list[Completion], rm_scores: list[float], judge_scores: list[float]) -> dict:
     return {
         "rm_score_mean": statistics.fmean(rm_scores),
@@ -106,6 +117,8 @@ def evaluate(config: EvaluateConfig) -> dict:
         "sft": _side(ref_out, ref_rm, ref_judge),
         "policy": _side(pol_out, pol_rm, pol_judge),
         "win_rate_policy_over_sft": {"by_rm": win_rate(pol_rm, ref_rm), "by_judge": win_rate(pol_judge, ref_judge)},
+        "win_rate_stderr": {"by_rm": win_rate_stderr(pol_rm, ref_rm),
+                            "by_judge": win_rate_stderr(pol_judge, ref_judge)},
         "kl_to_reference_mean": statistics.fmean(kl),
         "policy_perplexity_under_reference": ppl_ref,
         "judge": config.judge,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,41 +42,123 @@ def plot_series(path: Path, title: str, series: dict[str, tuple[list[float], lis
 
 def plot_ppo_metrics(metrics_file: Path, out_dir: Path, prefix: str = "") -> list[Path]:
     """Reward, KL, entropy and length over PPO steps, and the reward-vs-KL frontier."""
-    rows = read_jsonl(metrics_file)
-    if not rows:
+    return plot_ppo_rounds([Path(metrics_file)], out_dir, prefix)
+
+
+PPO_CURVES = [
+    ("Mean RM score", ("score_mean", "objective/scores"), "ppo_score.png"),
+    ("KL(policy || reference) per sequence", ("kl_mean", "objective/kl"), "ppo_kl.png"),
+    ("Entropy per token", ("entropy_mean", "objective/entropy"), "ppo_entropy.png"),
+    ("Response length (tokens)", ("response_length_mean", "response_length"), "ppo_length.png"),
+]
+
+
+def _column(rows: list[dict], *names: str) -> list[float] | None:
+    for name in names:
+        if rows and all(name in r for r in rows):
+            return [float(r[name]) for r in rows]
+    return None
+
+
+def plot_ppo_rounds(metrics_files: list[Path], out_dir: Path, prefix: str = "") -> list[Path]:
+    """PPO curves of one or more rounds on one x axis (steps counted across rounds), one line per round.
+
+    Rows that record a collapse (the step was undone) are left out: they are not the policy kept.
+    """
+    runs = []
+    offset = 0
+    for path in metrics_files:
+        rows = [r for r in read_jsonl(path) if "collapse" not in r] if Path(path).is_file() else []
+        steps = [offset + r.get("step", i + 1) for i, r in enumerate(rows)]
+        runs.append((rows, steps))
+        offset = steps[-1] if steps else offset
+    runs = [(rows, steps) for rows, steps in runs if rows]
+    if not runs:
         return []
-    steps = [r.get("step", i) for i, r in enumerate(rows)]
-
-    def col(*names: str) -> list[float] | None:
-        for name in names:
-            if all(name in r for r in rows):
-                return [float(r[name]) for r in rows]
-        return None
-
+    name = (lambda i: f"round {i + 1}") if len(metrics_files) > 1 else (lambda i: "PPO")
     plots = []
-    for title, names, fname in [
-        ("Mean RM score", ("score_mean", "objective/scores"), "ppo_score.png"),
-        ("KL(policy || reference) per sequence", ("kl_mean", "objective/kl"), "ppo_kl.png"),
-        ("Entropy per token", ("entropy_mean", "objective/entropy"), "ppo_entropy.png"),
-        ("Response length (tokens)", ("response_length_mean", "response_length"), "ppo_length.png"),
-    ]:
-        y = col(*names)
-        if y is not None:
-            plots.append(plot_series(out_dir / f"{prefix}{fname}", title, {title: (steps, y)}, "PPO step"))
-    kl, score = col("kl_mean", "objective/kl"), col("score_mean", "objective/scores")
-    if kl is not None and score is not None:
+    for title, names, fname in PPO_CURVES:
+        series = {name(i): (steps, y) for i, (rows, steps) in enumerate(runs)
+                  if (y := _column(rows, *names)) is not None}
+        if series:
+            plots.append(plot_series(out_dir / f"{prefix}{fname}", title, series,
+                                     "PPO step" + (" (all rounds)" if len(runs) > 1 else "")))
+    points = [(k, s, steps) for rows, steps in runs
+              if (k := _column(rows, "kl_mean", "objective/kl")) and (s := _column(rows, "score_mean", "objective/scores"))]
+    if points:
         fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
-        sc = ax.scatter(kl, score, c=steps, cmap="viridis", s=14)
+        all_steps = [x for _, _, st in points for x in st]
+        markers = "o^sDv<>"
+        for i, (kl, score, steps) in enumerate(points):
+            sc = ax.scatter(kl, score, c=steps, cmap="viridis", s=14, marker=markers[i % len(markers)],
+                            vmin=min(all_steps), vmax=max(all_steps), label=name(i) if len(points) > 1 else None)
         fig.colorbar(sc, ax=ax, label="PPO step")
         ax.set_xlabel("KL to reference (nats / sequence)")
         ax.set_ylabel("mean RM score")
         ax.set_title("Reward vs KL frontier")
         ax.grid(alpha=0.3)
+        if len(points) > 1:
+            ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out_dir / f"{prefix}ppo_frontier.png")
+        path = out_dir / f"{prefix}ppo_frontier.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
         plt.close(fig)
-        plots.append(out_dir / f"{prefix}ppo_frontier.png")
+        plots.append(path)
     return plots
+
+
+def plot_bars(path: Path, title: str, groups: list[str], bars: dict[str, list[float | None]],
+              errors: dict[str, list[float | None]] | None = None, ylabel: str = "", ylim: tuple | None = None,
+              hline: float | None = None) -> Path:
+    """Grouped bars: one group per x label (a round), one bar per named series; optional error bars."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+    width = 0.8 / max(len(bars), 1)
+    for j, (name, values) in enumerate(bars.items()):
+        xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(groups))]
+        ys = [v if v is not None else 0.0 for v in values]
+        err = [e if e is not None else 0.0 for e in (errors or {}).get(name, [None] * len(values))]
+        ax.bar(xs, ys, width, label=name, yerr=err if errors and name in errors else None, capsize=3)
+        for x, v in zip(xs, values):
+            if v is not None:
+                ax.annotate(f"{v:.2f}", (x, v), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+                            textcoords="offset points")
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_eval_frontier(path: Path, sft_point: tuple[float, float], policy_points: list[tuple[float, float]],
+                       ylabel: str) -> Path:
+    """Held-out evaluation: each round's policy at (KL to the SFT model, mean judge score); SFT at KL 0."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+    ax.scatter([sft_point[0]], [sft_point[1]], marker="s", color="grey", s=40, label="SFT model", zorder=3)
+    xs, ys = [p[0] for p in policy_points], [p[1] for p in policy_points]
+    ax.plot([sft_point[0]] + xs, [sft_point[1]] + ys, "-", color="tab:blue", alpha=0.5)
+    ax.scatter(xs, ys, color="tab:blue", s=30, label="policy after round n", zorder=3)
+    for i, (x, y) in enumerate(policy_points):
+        ax.annotate(f"round {i + 1}", (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("KL(policy || SFT), nats / response (held-out prompts)")
+    ax.set_ylabel(ylabel)
+    ax.set_title("Held-out evaluation: judge score vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -107,11 +190,25 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _rounds_tables(rounds: list[dict[str, Any]]) -> str:
+    """One table per stage, figures down and rounds across, so rounds compare at a glance."""
+    stages = list(dict.fromkeys(k for r in rounds for k, v in r.items() if isinstance(v, dict)))
+    parts = []
+    for stage in stages:
+        flat = [_flat(r.get(stage) or {}) for r in rounds]
+        keys = list(dict.fromkeys(k for f in flat for k in f))
+        head = "<th>figure</th>" + "".join(f"<th>round {html.escape(str(r['round']))}</th>" for r in rounds)
+        body = "".join("<tr><td>" + html.escape(k) + "</td>" +
+                       "".join(f"<td>{html.escape(_fmt(f.get(k, '')))}</td>" for f in flat) + "</tr>" for k in keys)
+        parts.append(f"<h3>{html.escape(stage)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    return "".join(parts)
+
+
 STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f3f3f3} img{max-width:48%;margin:.3em;border:1px solid #eee}
+th{background:#f3f3f3} img{max-width:48%;margin:.3em;border:1px solid #eee;vertical-align:top}
 .examples td{max-width:340px;white-space:pre-wrap}
 """
 
@@ -123,26 +220,146 @@ def write_report(out_dir: Path, report: dict[str, Any], images: list[Path], exam
     json_path.write_text(json.dumps(report, indent=2, default=str))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>alignloop report</title><style>{STYLE}</style></head><body>",
              "<h1>alignloop report</h1>"]
+    plots_html = ""
+    if images:
+        plots_html = "<h2>Plots</h2>" + "".join(
+            f"<img src='{html.escape(str(Path(img).resolve().relative_to(out_dir.resolve())))}' "
+            f"alt='{html.escape(Path(img).stem)}'>" for img in images)
     for section, value in report.items():
         if section in ("configs",):
             continue
+        if section == "rounds" and plots_html:  # the pictures before the per-round tables they summarise
+            parts.append(plots_html)
+            plots_html = ""
         parts.append(f"<h2>{html.escape(section)}</h2>")
-        if isinstance(value, list) and value and isinstance(value[0], dict):
+        if isinstance(value, list) and value and all(isinstance(v, dict) and "round" in v for v in value):
+            parts.append(_rounds_tables(value))
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
             parts.append(_table([_flat(v) for v in value]))
         elif isinstance(value, dict):
             parts.append(_table([{"figure": k, "value": v} for k, v in _flat(value).items()]))
         else:
             parts.append(f"<p>{html.escape(_fmt(value))}</p>")
-    if images:
-        parts.append("<h2>Plots</h2>")
-        for img in images:
-            rel = Path(img).resolve().relative_to(out_dir.resolve())
-            parts.append(f"<img src='{html.escape(str(rel))}' alt='{html.escape(Path(img).stem)}'>")
+    parts.append(plots_html)
     if examples:
         parts.append("<h2>Examples (held-out prompts)</h2><div class='examples'>" + _table(examples) + "</div>")
     if "configs" in report:
-        parts.append("<h2>Configs</h2><pre>" + html.escape(json.dumps(report["configs"], indent=2, default=str)) + "</pre>")
+        parts.append("<h2>Configs</h2><details><summary>every stage's config, as run</summary><pre>"
+                     + html.escape(json.dumps(report["configs"], indent=2, default=str)) + "</pre></details>")
     parts.append("</body></html>")
     html_path = out_dir / "report.html"
     html_path.write_text("\n".join(parts), encoding="utf-8")
     return json_path, html_path
+
+
+# -- the pipeline's report ----------------------------------------------------------------------------
+
+def _pick(d: dict | None, keys: tuple[str, ...]) -> dict:
+    return {k: d[k] for k in keys if d and k in d}
+
+
+def round_figures(record: dict) -> dict:
+    """The figures of one round the report tables show (the stage summaries hold everything)."""
+    rm = record.get("reward") or {}
+    held = rm.get("held_out_eval") or {}
+    ev = dict(record.get("evaluate") or {})
+    ev.pop("stage", None)
+    return {
+        "round": record["round"],
+        "sample": _pick(record.get("sample"), ("items", "responses", "dropped_prompts", "eos_rate", "seconds")),
+        "annotate": _pick(record.get("annotate"), ("people", "items", "answers", "pairs", "all_rankings", "all_pairs",
+                                                   "agreement", "seconds")),
+        "reward": {**_pick(rm.get("data"), ("train_items", "held_out_items")),
+                   **_pick(rm, ("steps", "final_train_loss", "train_accuracy", "held_out_accuracy", "held_out_loss",
+                                "held_out_mean_margin", "normalization", "seconds")),
+                   "held_out_ece": (held.get("calibration") or {}).get("ece")},
+        "ppo": _pick(record.get("ppo"), ("steps", "episodes", "stopped", "first_score_mean", "final_score_mean",
+                                         "final_kl_mean", "final_eos_rate", "kl_coef", "episodes_per_second",
+                                         "seconds")),
+        "evaluate": ev,
+    }
+
+
+def rounds_examples(eval_dirs: list[Path], n: int) -> list[dict[str, Any]]:
+    """Side by side on the first n held-out prompts: the SFT model, then each round's policy (judge score)."""
+    per_round = [read_jsonl(Path(d) / "samples.jsonl")[:n] for d in eval_dirs if (Path(d) / "samples.jsonl").is_file()]
+    if not per_round:
+        return []
+    rows = []
+    for i, first in enumerate(per_round[0]):
+        row = {"prompt": first["prompt"], "SFT": f"{first['sft']}  [judge {first['sft_judge']:.2f}]"}
+        for r, samples in enumerate(per_round):
+            if i < len(samples):
+                s = samples[i]
+                row[f"policy, round {r + 1}"] = f"{s['policy']}  [judge {s['policy_judge']:.2f}, KL {s['kl']:.1f}]"
+        rows.append(row)
+    return rows
+
+
+def pipeline_report(out: Path, summaries: dict, rounds: list[dict], configs: dict, timings, seconds: float,
+                    spec) -> dict:
+    """Plots, report.json and report.html for a pipeline run (called after every round, so a stopped run has one)."""
+    import os
+    import shutil
+
+    out = Path(out)
+    plots = out / "plots"
+    images: list[Path] = []
+    images += plot_ppo_rounds([Path(r["ppo_metrics"]) for r in rounds], plots)
+    figures = [round_figures(r) for r in rounds]
+    labels = [f"round {r['round']}" for r in rounds]
+
+    rm = [r.get("reward") or {} for r in rounds]
+    images.append(plot_bars(plots / "rm_accuracy.png", "Reward model accuracy (pairwise)", labels,
+                            {"train": [x.get("train_accuracy") for x in rm],
+                             "held-out prompts": [x.get("held_out_accuracy") for x in rm]},
+                            ylabel="accuracy", ylim=(0, 1.05), hline=0.5))
+    for r, x in zip(rounds, rm):
+        png = (x.get("held_out_eval") or {}).get("calibration_png")
+        if png and Path(png).is_file():  # the reward eval drew it; the report keeps its own copy
+            images.append(Path(shutil.copyfile(png, plots / f"round{r['round']}_rm_calibration.png")))
+
+    ev = [r.get("evaluate") or {} for r in rounds]
+    if all("win_rate_policy_over_sft" in e for e in ev) and ev:
+        se = [e.get("win_rate_stderr") or {} for e in ev]
+        images.append(plot_bars(plots / "eval_win_rate.png", "Win rate of policy over SFT (held-out prompts)",
+                                labels, {"by judge": [e["win_rate_policy_over_sft"]["by_judge"] for e in ev],
+                                         "by RM": [e["win_rate_policy_over_sft"]["by_rm"] for e in ev]},
+                                errors={"by judge": [s.get("by_judge") for s in se],
+                                        "by RM": [s.get("by_rm") for s in se]},
+                                ylabel="win rate (ties half)", ylim=(0, 1.05), hline=0.5))
+        images.append(plot_eval_frontier(plots / "eval_frontier.png", (0.0, ev[0]["sft"]["judge_score_mean"]),
+                                         [(e["kl_to_reference_mean"], e["policy"]["judge_score_mean"]) for e in ev],
+                                         f"mean judge score ({ev[0].get('judge', 'judge')})"))
+
+    last = figures[-1] if figures else {}
+    last_eval = last.get("evaluate") or {}
+    headline = {
+        "rounds": len(rounds),
+        "win_rate_policy_over_sft_by_judge": (last_eval.get("win_rate_policy_over_sft") or {}).get("by_judge"),
+        "win_rate_policy_over_sft_by_rm": (last_eval.get("win_rate_policy_over_sft") or {}).get("by_rm"),
+        "win_rate_by_judge_stderr": (last_eval.get("win_rate_stderr") or {}).get("by_judge"),
+        "kl_to_sft_mean": last_eval.get("kl_to_reference_mean"),
+        "judge_score_sft": (last_eval.get("sft") or {}).get("judge_score_mean"),
+        "judge_score_policy": (last_eval.get("policy") or {}).get("judge_score_mean"),
+        "ppo_target_kl": ((configs.get(f"round{len(rounds)}") or {}).get("ppo") or {}).get("target_kl"),
+        "judge": last_eval.get("judge"),
+        "held_out_prompts": last_eval.get("prompts"),
+    }
+    stage_seconds = [e.get("seconds") or 0.0 for e in timings.this_run]
+    report = {
+        "headline": headline,
+        "run": {"out": str(out), "rounds": spec.rounds, "human_annotators": spec.human, "config_source": spec.source,
+                "seconds_this_invocation": round(seconds, 1),
+                "seconds_all_stages": round(sum(stage_seconds), 1),
+                "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "written": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "stage_times": timings.this_run,
+        "base_and_sft": {k: _pick(v, ("documents", "pairs", "steps", "parameters", "held_out_perplexity",
+                                      "held_out_response_perplexity", "precision", "seconds"))
+                         for k, v in summaries.items()},
+        "rounds": figures,
+        "configs": configs,
+    }
+    write_report(out, report, images, rounds_examples([Path(r["eval_dir"]) for r in rounds], 12))
+    return report
