@@ -13,6 +13,7 @@ Times are Unix seconds (floats): portable across databases, no time zones.
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,22 @@ def get_engine(db: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
+        # One writer at a time in this process, queued on a lock: SQLite's own busy handler makes
+        # waiters sleep and poll (up to 100 ms a try), which was most of the tail latency under load.
+        # The timeout only guards against a caller nesting two sessions in one thread; then SQLite's
+        # busy timeout decides as before.
+        writer = threading.Lock()
+
         @event.listens_for(engine, "begin")
         def _begin(conn):
+            conn.info["writer"] = writer.acquire(timeout=30)
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        @event.listens_for(engine, "commit")
+        @event.listens_for(engine, "rollback")
+        def _end(conn):
+            if conn.info.pop("writer", False):
+                writer.release()
     else:
         engine = create_engine(url, pool_pre_ping=True)
     Base.metadata.create_all(engine)

@@ -261,7 +261,8 @@ def submit_answer(s: Session, annotator: Annotator, campaign_id: int, item_pk: i
     except IntegrityError:  # a concurrent duplicate: the unique constraint keeps exactly one
         s.rollback()
         raise Refused(409, "you answered this item already") from None
-    return {"answer": answer.id, "ranking": stored, "progress": progress(s, annotator, campaign_id)}
+    done = s.scalar(select(func.count()).where(Answer.campaign_id == campaign_id, Answer.annotator_id == annotator.id))
+    return {"answer": answer.id, "ranking": stored, "done": done}
 
 
 def skip_item(s: Session, annotator: Annotator, campaign_id: int, item_pk: int) -> None:

@@ -98,7 +98,7 @@ function submit() {
     const reason = document.getElementById("reason").value.trim();
     if (reason) body.reason = reason;
     const r = await api("POST", `/api/campaigns/${state.campaign.id}/answers`, body);
-    setProgress(r.progress);
+    setProgress({ done: r.done, left: 0 });  // shown when nothing is left; the next item brings the real count
     await loadNext();
     setStatus(`Saved answer ${r.answer}.`);  // after the next item is on screen
   });
