@@ -19,8 +19,12 @@ Workarounds needed to run TRL 0.23 here, kept minimal:
   default right padding would put pad tokens between prompt and response);
 - the reward model's `reward_normalization.json` (gain, bias), if any, is folded into its `score`
   head (a Linear with a bias), so TRL optimises the same normalised reward as alignloop;
-- `trl.trainer.ppo_trainer.get_reward` is wrapped to record the reward model's raw scores (TRL
-  logs only the scores after its missing-EOS penalty); the wrapper only copies a (batch,) tensor.
+
+Instrumentation, a few perf_counter calls per step:
+- `batch_generation`, `forward` and `get_reward` (as imported by trl.trainer.ppo_trainer) are
+  wrapped to split the step time into generation / no-grad scoring / the rest (PPO epochs);
+- `get_reward` also records the reward model's raw scores (TRL logs only the scores after its
+  missing-EOS penalty); it only copies a (batch,) tensor.
 """
 
 from __future__ import annotations
@@ -40,15 +44,34 @@ import trl.trainer.ppo_trainer as trl_ppo
 from trl import PPOConfig, PPOTrainer
 
 
+# Seconds spent in TRL's generation and in its no-grad scoring forwards (reference, value, reward),
+# accumulated by thin wrappers around the functions ppo_trainer.py calls; the rest of a step is the
+# PPO epochs plus TRL's bookkeeping.
+PHASES = {"generation": 0.0, "scoring": 0.0}
+
+
+def timed(fn, phase_of):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        phase = phase_of()
+        if phase is not None:
+            PHASES[phase] += time.perf_counter() - start
+        return out
+    return wrapper
+
+
 class Clock(TrainerCallback):
-    """perf_counter at the end of every PPO update, and every logged metrics dict."""
+    """perf_counter at the end of every PPO update, the phase totals then, and every logged metrics dict."""
 
     def __init__(self) -> None:
         self.stamps: list[float] = []
+        self.phases: list[dict] = []
         self.logs: list[dict] = []
 
     def on_step_end(self, args, state, control, **kwargs):
         self.stamps.append(time.perf_counter())
+        self.phases.append(dict(PHASES))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "objective/scores" in logs:
@@ -95,7 +118,10 @@ def main(spec_path: str, result_path: str) -> None:
             raw_scores.append(out[1].detach().float().tolist())
         return out
 
-    trl_ppo.get_reward = recording_get_reward
+    no_grad_scoring = lambda: None if torch.is_grad_enabled() else "scoring"  # noqa: E731
+    trl_ppo.get_reward = timed(recording_get_reward, no_grad_scoring)
+    trl_ppo.forward = timed(trl_ppo.forward, no_grad_scoring)  # also the update's forward: not counted there
+    trl_ppo.batch_generation = timed(trl_ppo.batch_generation, lambda: "generation")
 
     batch = spec["batch_size"]
     total_steps = spec["warmup_steps"] + spec["steps"]
@@ -147,6 +173,9 @@ def main(spec_path: str, result_path: str) -> None:
     t0 = stamps[warm - 1] if warm > 0 else train_start
     timed_seconds = stamps[-1] - t0
     step_seconds = [b - a for a, b in zip([train_start] + stamps[:-1], stamps)]
+    p0 = clock.phases[warm - 1] if warm > 0 else {"generation": 0.0, "scoring": 0.0}
+    split = {k: clock.phases[-1][k] - p0[k] for k in ("generation", "scoring")}
+    split["update"] = timed_seconds - split["generation"] - split["scoring"]  # PPO epochs + bookkeeping
     last = spec["final_score_steps"]
     final_raw = [s for step in raw_scores[-last:] for s in step]
     final_logged = [log["objective/scores"] for log in clock.logs[-last:]]
@@ -155,11 +184,13 @@ def main(spec_path: str, result_path: str) -> None:
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "bf16": spec["bf16"],
+        "accelerate_mixed_precision": trainer.accelerator.mixed_precision,  # what bf16=True turned into
         "steps_timed": spec["steps"],
         "warmup_steps_excluded": warm,
         "episodes_timed": batch * spec["steps"],
         "seconds_timed": timed_seconds,
         "episodes_per_second": batch * spec["steps"] / timed_seconds,
+        "time_split_seconds": split,  # over the timed steps
         "seconds_setup": train_start - setup_start,
         "seconds_train_total": train_end - train_start,
         "step_seconds": step_seconds,

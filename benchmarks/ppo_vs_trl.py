@@ -213,12 +213,14 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
     trainer = PPOTrainer(config)
     stamps: list[float] = []
     scores: list[float] = []
+    phases: list[dict] = []  # trainer.timing (cumulative generation / scoring / update seconds) after each step
     step = trainer.step
 
     def stamped_step() -> dict:
         metrics = step()
         stamps.append(time.perf_counter())
         scores.append(metrics["score_mean"])
+        phases.append(dict(trainer.timing))
         return metrics
 
     trainer.step = stamped_step
@@ -228,7 +230,11 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
     t0 = stamps[warmup - 1] if warmup > 0 else train_start
     timed_seconds = stamps[-1] - t0
     final = scores[-final_steps:]
+    p0 = phases[warmup - 1] if warmup > 0 else {k: 0.0 for k in phases[-1]}
+    split = {k: phases[-1][k] - p0[k] for k in ("generation", "scoring", "update")}
+    split["other"] = timed_seconds - sum(split.values())  # logging, TensorBoard, between-step work
     return {
+        "time_split_seconds": split,  # over the timed steps
         "precision": summary.get("precision", precision),
         "episodes_per_second": settings.batch_size * steps / timed_seconds,
         "seconds_timed": timed_seconds, "steps_timed": steps, "warmup_steps_excluded": warmup,
@@ -242,16 +248,28 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
 
 # ---------------------------------------------------------------- report
 
+def fmt_split(split: dict | None) -> str:
+    if not split:
+        return "-"
+    total = sum(split.values())
+    parts = [f"{100 * split[k] / total:.0f}" for k in ("generation", "scoring", "update")]
+    text = " / ".join(parts) + " %"
+    if "other" in split:
+        text += f" (+{100 * split['other'] / total:.0f} %)"
+    return text
+
+
 def fmt_table(results: list[dict]) -> str:
-    lines = ["| size | trainer | precision | episodes/s | vs best TRL | final RM score | share of ceiling | ceiling ep/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| size | trainer | precision | episodes/s | vs best TRL | final RM score | share of ceiling | ceiling ep/s "
+             "| time: generation / scoring / update (+other) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in results:
         best = r.get("trl_best_eps")
         for row in r["rows"]:
             ratio = f"{row['episodes_per_second'] / best:.2f}x" if best else "-"
             lines.append(f"| {r['size']} | {row['trainer']} | {row['precision']} | {row['episodes_per_second']:.2f} | "
                          f"{ratio} | {row['final_score_mean']:+.3f} | {100 * row['share_of_ceiling']:.0f} % | "
-                         f"{r['ceiling_episodes_per_second']:.1f} |")
+                         f"{r['ceiling_episodes_per_second']:.1f} | {fmt_split(row.get('time_split_seconds'))} |")
     return "\n".join(lines)
 
 
@@ -334,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.final_steps)
                 rows.append({"trainer": f"TRL {r['trl_version']}", "precision": p, **{
                     k: r[k] for k in ("episodes_per_second", "final_score_mean", "final_penalised_score_mean",
-                                      "seconds_timed", "steps_timed", "warmup_steps_excluded")},
+                                      "seconds_timed", "steps_timed", "warmup_steps_excluded",
+                                      "time_split_seconds")},
                              "load_average_1min": [load0, os.getloadavg()[0]], "detail": r})
                 print(f"[{size}] TRL {p}: {r['episodes_per_second']:.2f} episodes/s, final score "
                       f"{r['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
@@ -347,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"trainer": "alignloop", **{k: a[k] for k in (
                 "precision", "episodes_per_second", "final_score_mean", "seconds_timed", "steps_timed",
                 "warmup_steps_excluded")}, "load_average_1min": [load0, os.getloadavg()[0]],
-                "time_split_seconds": {k: s.get(f"seconds_{k}") for k in ("generation", "scoring", "update")},
+                "time_split_seconds": a["time_split_seconds"],
                 "detail": a})
             print(f"[{size}] alignloop {a['precision']}: {a['episodes_per_second']:.2f} episodes/s, final score "
                   f"{a['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
