@@ -15,7 +15,8 @@ from alignloop.reward.data import Preference, ranks_from_ranking, read_preferenc
 from alignloop.reward.evaluate import annotator_agreement, calibration_table
 from alignloop.reward.losses import bradley_terry_loss, kway_ranking_loss, pairwise_accuracy
 from alignloop.reward.train import (
-    EncodedItem, accumulate_gradients, collate, fit_normalization, length_buckets,
+    EncodedItem, accumulate_gradients, collate, fit_normalization, item_scores, length_buckets, pack_rows,
+    packing_works,
 )
 
 
@@ -150,6 +151,15 @@ def test_collate_scores_each_response_once_and_indexes_it():
     assert b.margin.tolist() == [0.0, 1.5]
 
 
+def test_pack_rows_first_fit_decreasing_with_restarting_positions():
+    ids, pos, ends = pack_rows([[1, 2], [3, 4, 5, 6], [7, 8, 9], [10]], width=5, pad_id=0)
+    assert ids == [[3, 4, 5, 6, 10], [7, 8, 9, 1, 2]]
+    assert pos == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert ends == [(1, 4), (0, 3), (1, 2), (0, 4)]
+    ids, pos, _ = pack_rows([[1, 2, 3]], width=5, pad_id=0)
+    assert ids == [[1, 2, 3, 0, 0]] and pos == [[0, 1, 2, 0, 0]]  # filler: one-token sequences of its own
+
+
 def test_length_buckets_cover_every_item_once_with_less_padding():
     rng = random.Random(0)
     items = [EncodedItem([[1] * rng.randint(5, 100), [1] * rng.randint(5, 100)], [0, 1], None) for _ in range(512)]
@@ -205,12 +215,12 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_lm_dir):
     seq = lambda n: [rng.randrange(3, 400) for _ in range(n)]
     items = [EncodedItem([seq(rng.randint(3, 12)) for _ in range(k)], list(range(k)), None) for k in (2, 2, 2, 4, 3)]
 
-    def grads(micro_sizes):
-        torch.manual_seed(0)  # the same fresh head both times
+    def grads(micro_sizes, pack_width=0):
+        torch.manual_seed(0)  # the same fresh head every time
         model = init_reward_model(tiny_lm_dir, tok)
         micro, start = [], 0
         for n in micro_sizes:
-            micro.append(collate(items[start:start + n], tok.pad_token_id, torch.device("cpu")))
+            micro.append(collate(items[start:start + n], tok.pad_token_id, torch.device("cpu"), pack_width))
             start += n
         loss, _, _ = accumulate_gradients(model, micro, "fp32")
         return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -219,6 +229,27 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_lm_dir):
     loss_acc, g_acc = grads([3, 2])  # unequal micro-batches: a per-micro-batch mean would get this wrong
     assert loss_acc == pytest.approx(loss_one, rel=1e-5)
     assert torch.allclose(g_one, g_acc, atol=1e-6)
+    loss_packed, g_packed = grads([5], pack_width=16)  # packing changes where tokens sit, not the math
+    assert loss_packed == pytest.approx(loss_one, rel=1e-5)
+    assert torch.allclose(g_one, g_packed, atol=1e-5)
+
+
+def test_packed_sequences_score_exactly_as_padded_ones(tiny_lm_dir):
+    from alignloop.modeling import load_tokenizer
+    from alignloop.reward.model import init_reward_model
+
+    tok = load_tokenizer(tiny_lm_dir)
+    torch.manual_seed(0)
+    model = init_reward_model(tiny_lm_dir, tok)
+    assert packing_works(model, tok.pad_token_id, torch.device("cpu"))
+    rng = random.Random(1)
+    items = [EncodedItem([[rng.randrange(3, 400) for _ in range(rng.randint(2, 30))] for _ in range(k)],
+                         list(range(k)), None) for k in (2, 3, 2, 4)]
+    padded = collate(items, tok.pad_token_id, torch.device("cpu"))
+    packed = collate(items, tok.pad_token_id, torch.device("cpu"), pack_width=40)
+    assert packed.input_ids.numel() < padded.input_ids.numel()
+    with torch.no_grad():
+        assert torch.allclose(item_scores(model, packed, "fp32"), item_scores(model, padded, "fp32"), atol=1e-5)
 
 
 def test_score_reads_the_last_non_pad_token(tiny_lm_dir):

@@ -57,6 +57,7 @@ class RewardTrainConfig(StageConfig):
     warmup: float = 0.05  # fraction of the optimiser steps with a linear warm-up; cosine decay after
     grad_clip: float = 1.0
     max_length: int = 192  # tokens of prompt + response + EOS; longer items are dropped and counted
+    pack_width: int = 128  # pack a batch's sequences into rows this wide (0: pad each to the batch's longest)
     save_every: int = 0  # optimiser steps between checkpoints in out_dir/checkpoint (0: only the final save)
     normalize_prompts: Path | None = None  # prompts to sample reference responses from; None: the data's responses
     normalize_samples: int = 256
@@ -79,6 +80,7 @@ class RewardTrainConfig(StageConfig):
         self.require(0 <= self.warmup < 1, "warmup is a fraction of the optimiser steps, in [0, 1)")
         self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
         self.require(self.max_length >= 8, "max_length must be >= 8 tokens")
+        self.require(self.pack_width >= 0, "pack_width must be >= 0 (0 turns packing off)")
         self.require(self.normalize_samples >= 2, "normalize_samples must be >= 2 (a std needs two scores)")
 
 
@@ -109,19 +111,54 @@ def encode_items(tokenizer: PreTrainedTokenizerBase, items: list[Preference], ma
 
 @dataclass
 class RMBatch:
-    input_ids: torch.Tensor  # (n_seqs, seq), right-padded; every response of every item once
-    attention_mask: torch.Tensor  # (n_seqs, seq)
-    index: torch.Tensor  # (batch, K_max): row of input_ids holding item b's response k (0 on padding slots)
+    input_ids: torch.Tensor  # (rows, width): padded sequences, or packed rows of several sequences
+    attention_mask: torch.Tensor | None  # (rows, width), 0 on padding; None when packed
+    position_ids: torch.Tensor | None  # (rows, width) restarting at 0 for each packed sequence; None when padded
+    ends: torch.Tensor  # (n_seqs, 2): (row, column) of each sequence's last token, its EOS, where it is scored
+    index: torch.Tensor  # (batch, K_max): sequence number of item b's response k (0 on padding slots)
     valid: torch.Tensor  # (batch, K_max): False on padding slots (items with fewer responses)
     ranks: torch.Tensor  # (batch, K_max)
     margin: torch.Tensor | None  # (batch,), None when no item has one
+    real_tokens: int
 
     @property
     def size(self) -> int:
         return self.index.shape[0]
 
 
-def collate(items: list[EncodedItem], pad_id: int, device: torch.device) -> RMBatch:
+def pack_rows(seqs: list[list[int]], width: int, pad_id: int) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
+    """First-fit-decreasing packing of sequences into rows of `width` tokens.
+
+    Returns (ids, position_ids, ends). Positions restart at 0 for every sequence: Hugging Face
+    models read that (with no attention mask and no cache) as packed sequences and attend only
+    within each one, so a packed sequence is scored exactly as if alone, with (almost) no
+    pad tokens computed. A row's leftover tail is filler at position 0 (each filler token its
+    own one-token sequence), seen by nobody.
+    """
+    rows: list[list[int]] = []  # sequence numbers per row
+    room: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        for r in range(len(rows)):
+            if room[r] >= len(seqs[i]):
+                rows[r].append(i)
+                room[r] -= len(seqs[i])
+                break
+        else:
+            rows.append([i])
+            room.append(width - len(seqs[i]))
+    ids, pos, ends = [], [], [(0, 0)] * len(seqs)
+    for r, members in enumerate(rows):
+        row, prow = [], []
+        for i in members:
+            row += seqs[i]
+            prow += range(len(seqs[i]))
+            ends[i] = (r, len(row) - 1)
+        ids.append(row + [pad_id] * room[r])
+        pos.append(prow + [0] * room[r])
+    return ids, pos, ends
+
+
+def collate(items: list[EncodedItem], pad_id: int, device: torch.device, pack_width: int = 0) -> RMBatch:
     k_max = max(len(it.seqs) for it in items)
     seqs, index, valid, ranks = [], [], [], []
     for it in items:
@@ -130,12 +167,18 @@ def collate(items: list[EncodedItem], pad_id: int, device: torch.device) -> RMBa
         valid.append([True] * k + [False] * (k_max - k))
         ranks.append(it.ranks + [0] * (k_max - k))
         seqs += it.seqs
-    ids, mask = pad_right(seqs, pad_id)
+    t = lambda x, **kw: torch.tensor(x, device=device, **kw)
+    if pack_width:
+        ids, pos, ends = pack_rows(seqs, max(pack_width, max(len(s) for s in seqs)), pad_id)
+        mask, pos = None, t(pos)
+    else:
+        ids, mask = pad_right(seqs, pad_id)
+        mask, pos, ends = t(mask), None, [(i, len(s) - 1) for i, s in enumerate(seqs)]
     margin = None
     if any(it.margin is not None for it in items):
-        margin = torch.tensor([it.margin or 0.0 for it in items], device=device)
-    t = lambda x, **kw: torch.tensor(x, device=device, **kw)
-    return RMBatch(t(ids), t(mask), t(index), t(valid, dtype=torch.bool), t(ranks), margin)
+        margin = t([it.margin or 0.0 for it in items])
+    return RMBatch(t(ids), mask, pos, t(ends), t(index), t(valid, dtype=torch.bool), t(ranks), margin,
+                   sum(len(s) for s in seqs))
 
 
 def length_buckets(items: list[EncodedItem], batch_size: int, rng: random.Random, mega: int = 32) -> list[list[int]]:
@@ -157,10 +200,29 @@ def length_buckets(items: list[EncodedItem], batch_size: int, rng: random.Random
 
 
 def item_scores(model: PreTrainedModel, batch: RMBatch, precision: str) -> torch.Tensor:
-    """(batch, K_max) fp32 scores, each response scored once, read at its last non-pad token (the EOS)."""
+    """(batch, K_max) fp32 scores, each response scored once, read at its last token (the EOS)."""
     with autocast(batch.input_ids.device, precision):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (n_seqs, 1)
-    return logits[:, 0].float()[batch.index]
+        if batch.position_ids is None:  # padded: the HF head finds the last non-pad token itself
+            seq_scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
+        else:  # packed: run the backbone, apply the head at each sequence's end
+            hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                                      use_cache=False).last_hidden_state  # (rows, width, hidden)
+            seq_scores = model.score(hidden[batch.ends[:, 0], batch.ends[:, 1]])[:, 0]
+    return seq_scores.float()[batch.index]
+
+
+@torch.no_grad()
+def packing_works(model: PreTrainedModel, pad_id: int, device: torch.device) -> bool:
+    """Does this architecture score packed sequences exactly as padded ones? Checked, not assumed."""
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear) or model.base_model is model:
+        return False
+    items = [EncodedItem([[5, 6, 7, 8, 9], [10, 11, 12]], [0, 1], None), EncodedItem([[13, 14], [15, 16, 17, 18]], [1, 0], None)]
+    try:
+        packed = item_scores(model, collate(items, pad_id, device, pack_width=16), "fp32")
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    padded = item_scores(model, collate(items, pad_id, device), "fp32")
+    return torch.allclose(packed, padded, atol=1e-4, rtol=1e-4)
 
 
 def accumulate_gradients(model: PreTrainedModel, micro: list[RMBatch], precision: str) -> tuple[float, float, float]:
@@ -264,6 +326,7 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
         while True:  # epochs, each reshuffled
             yield from length_buckets(train_enc, config.batch_size, rng)
 
+    pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
     out = Path(config.out_dir)
     model.eval()  # dropout off (init_reward_model also zeroes it in the config); grads still flow
     batches = micro_batches()
@@ -272,13 +335,13 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     train_start = time.time()
     items_seen = 0
     for step in range(total_steps):
-        micro = [collate([train_enc[i] for i in next(batches)], tokenizer.pad_token_id, device)
+        micro = [collate([train_enc[i] for i in next(batches)], tokenizer.pad_token_id, device, pack_width)
                  for _ in range(config.gradient_accumulation_steps)]
         step_loss, c, n = accumulate_gradients(model, micro, precision)
         correct, compared = correct + c, compared + n
         for b in micro:
-            real_tokens += int(b.attention_mask.sum())
-            pad_tokens += b.attention_mask.numel() - int(b.attention_mask.sum())
+            real_tokens += b.real_tokens
+            pad_tokens += b.input_ids.numel() - b.real_tokens
         items_seen += sum(b.size for b in micro)
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -317,6 +380,7 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
         "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
         "train_accuracy": correct / max(compared, 1),
         "padding_fraction": pad_tokens / max(pad_tokens + real_tokens, 1),
+        "packed": bool(pack_width),
         "held_out_accuracy": held_metrics["accuracy"] if held_metrics else None,
         "held_out_loss": held_metrics["loss"] if held_metrics else None,
         "held_out_mean_margin": held_metrics["mean_margin"] if held_metrics else None,

@@ -1,0 +1,101 @@
+"""Preference pairs with a known preference, for the reward-model benchmarks.
+
+The SFT model samples two responses per prompt (`alignloop.generation.generate`,
+T = 1, 64 new tokens): the RM is trained and tested on the kind of text PPO will
+show it. A simulated annotator labels each pair by VADER's compound sentiment of
+the response (`alignloop.labelers.vader_sentiment`) with label noise
+(`noisy_preference`: with probability `noise` the person answers by coin flip),
+pairs whose sentiments differ by at most `tie_threshold` are ties and dropped
+(counted). Training pairs come from the SFT training prompts, held-out pairs from
+the SFT held-out prompts (never seen by the SFT model or the RM).
+
+    .venv/bin/python benchmarks/reward_data.py [--model runs/demo/sft] [--train-prompts 3000] [--out runs/reward/data]
+
+Writes train.jsonl and held_out.jsonl ({"prompt", "chosen", "rejected", "vader_chosen",
+"vader_rejected"}: the extra keys are ignored by the reader, and let scripts compute
+accuracy against the noise-free preference) and summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+from alignloop.device import choose_precision, resolve_device, set_cpu_threads
+from alignloop.generation import SamplingSettings, generate
+from alignloop.jsonl import write_jsonl
+from alignloop.labelers import noisy_preference, vader_sentiment
+from alignloop.modeling import load_causal_lm, load_tokenizer
+from alignloop.sampling import read_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def label_pairs(prompts: list[str], first: list[str], second: list[str], rng: random.Random, noise: float,
+                tie_threshold: float) -> tuple[list[dict], dict]:
+    """Simulated annotator: the response with the higher VADER sentiment wins, with label noise."""
+    sa, sb = vader_sentiment(prompts, first), vader_sentiment(prompts, second)
+    rows, counts = [], {"pairs": 0, "ties_dropped": 0, "identical_dropped": 0, "flipped_by_noise": 0}
+    for p, a, b, x, y in zip(prompts, first, second, sa, sb):
+        if a == b or not a.strip() or not b.strip():
+            counts["identical_dropped"] += 1
+            continue
+        if abs(x - y) <= tie_threshold:
+            counts["ties_dropped"] += 1  # an annotator cannot tell them apart: no preference to learn
+            continue
+        verdict = noisy_preference(x, y, rng, noise)
+        chosen, rejected, vc, vr = (a, b, x, y) if verdict == 0 else (b, a, y, x)
+        counts["flipped_by_noise"] += vc < vr
+        rows.append({"prompt": p, "chosen": chosen, "rejected": rejected, "vader_chosen": vc, "vader_rejected": vr})
+    counts["pairs"] = len(rows)
+    return rows, counts
+
+
+def sample_pairs(model, tokenizer, prompts: list[str], seed: int, precision: str) -> tuple[list[str], list[str]]:
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=64, seed=seed)
+    out = generate(model, tokenizer, prompts + prompts, settings, precision)  # two independent samples each
+    n = len(prompts)
+    return [c.completion for c in out[:n]], [c.completion for c in out[n:]]
+
+
+def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train: int, n_held: int, out: Path,
+              noise: float = 0.1, tie_threshold: float = 0.05, seed: int = 0) -> dict:
+    start = time.time()
+    set_cpu_threads()
+    device = resolve_device("auto")
+    precision = choose_precision(device, "auto")
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, device, tokenizer)
+    rng = random.Random(seed)
+    summary = {"model": str(model_dir), "noise": noise, "tie_threshold": tie_threshold, "seed": seed}
+    for split, path, n in (("held_out", held_prompts, n_held), ("train", train_prompts, n_train)):
+        prompts = read_prompts(path, n)
+        a, b = sample_pairs(model, tokenizer, prompts, seed + (split == "train"), precision)
+        rows, counts = label_pairs(prompts, a, b, rng, noise, tie_threshold)
+        write_jsonl(out / f"{split}.jsonl", rows)
+        summary[split] = {"prompts": len(prompts), **counts}
+    summary["seconds"] = time.time() - start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=ROOT / "runs/demo/sft")
+    parser.add_argument("--train-prompts", type=int, default=3000)
+    parser.add_argument("--held-out-prompts", type=int, default=800)
+    parser.add_argument("--noise", type=float, default=0.1)
+    parser.add_argument("--tie-threshold", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/reward/data")
+    args = parser.parse_args()
+    summary = make_data(args.model, args.model / "train_prompts.jsonl", args.model / "held_out_pairs.jsonl",
+                        args.train_prompts, args.held_out_prompts, args.out, args.noise, args.tie_threshold, args.seed)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
