@@ -132,7 +132,12 @@ def get_engine(db: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _begin(conn):
             conn.info["writer"] = writer.acquire(timeout=30)
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            except Exception:  # e.g. another process held the file past the busy timeout
+                if conn.info.pop("writer", False):
+                    writer.release()
+                raise
 
         @event.listens_for(engine, "commit")
         @event.listens_for(engine, "rollback")
