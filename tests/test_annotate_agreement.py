@@ -50,6 +50,15 @@ def test_agreement_summary_per_annotator():
     assert s["tau_b"] == pytest.approx((1 - 1 - 1) / 3)
 
 
+def test_leave_one_out_consensus():
+    # ann, bob, cat say 0 > 1; dan says 1 > 0. For ann the others sum to +1 (agree); for dan to +3 (disagree).
+    # On i2, eve alone: no others, not counted. With two people the consensus is the other person.
+    answers = [("i1", w, [0, 1]) for w in ("ann", "bob", "cat")] + [("i1", "dan", [1, 0]), ("i2", "eve", [0, 1]),
+                                                                     ("i3", "ann", [[0, 1]]), ("i3", "dan", [1, 0])]
+    s = agreement_summary(answers)["per_annotator_consensus"]
+    assert s == {"ann": 0.5, "bob": 1.0, "cat": 1.0, "dan": 0.0}
+
+
 def test_first_position_bias():
     # answer 1: position 0 shows response 2, ranked best; answer 2: shows 0, ranked last. Chance: 1/2 each.
     r = first_position_bias([([2, [0, 1]], [2, 0, 1]), ([1, 0], [0, 1])])

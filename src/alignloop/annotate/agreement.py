@@ -81,7 +81,9 @@ def agreement_summary(answers: Sequence[tuple[Hashable, Hashable, Ranking]]) -> 
     pairwise: share of (item, pair) verdicts on which two annotators agree, over all annotator pairs
       (comparable to InstructGPT's 72.6-77.3 %); tau_b: mean Kendall tau-b over annotator pairs per item;
     alpha: Krippendorff's ordinal alpha with one unit per (item, response pair), values -1/0/+1;
-    per_annotator: each person's pairwise agreement with everyone else on shared items.
+    per_annotator: each person's pairwise agreement with everyone else on shared items;
+    per_annotator_consensus: each person's agreement with the leave-one-out consensus (the sign of
+      the others' summed verdicts on each pair; a tie when they cancel).
     """
     by_item: dict[Hashable, list[tuple[Hashable, Ranking]]] = defaultdict(list)
     for item, who, ranking in answers:
@@ -89,8 +91,18 @@ def agreement_summary(answers: Sequence[tuple[Hashable, Hashable, Ranking]]) -> 
     agree = total = 0
     taus: list[float] = []
     per: dict[Hashable, list[int]] = defaultdict(lambda: [0, 0])
+    loo: dict[Hashable, list[int]] = defaultdict(lambda: [0, 0])
     units: dict[tuple, list[int]] = defaultdict(list)
     for item, rows in by_item.items():
+        prefs = [(who, pair_preferences(ranking)) for who, ranking in rows]
+        for n, (who, mine) in enumerate(prefs):
+            # Leave-one-out consensus: the sign of everyone else's summed verdicts on each pair.
+            for pair, verdict in mine.items():
+                votes = [p[pair] for m, (_, p) in enumerate(prefs) if m != n and pair in p]
+                if votes:
+                    total_vote = sum(votes)
+                    loo[who][0] += verdict == (total_vote > 0) - (total_vote < 0)
+                    loo[who][1] += 1
         for _who, ranking in rows:
             for pair, verdict in pair_preferences(ranking).items():
                 units[item, pair].append(verdict)
@@ -109,6 +121,7 @@ def agreement_summary(answers: Sequence[tuple[Hashable, Hashable, Ranking]]) -> 
         "tau_b": sum(taus) / len(taus) if taus else None,
         "alpha": krippendorff_alpha_ordinal(list(units.values())),
         "per_annotator": {w: (g / t if t else None) for w, (g, t) in per.items()},
+        "per_annotator_consensus": {w: (g / t if t else None) for w, (g, t) in loo.items()},
     }
 
 

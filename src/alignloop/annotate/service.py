@@ -330,6 +330,7 @@ def campaign_stats(s: Session, campaign_id: int) -> dict:
             "median_seconds": statistics.median(a.seconds for a in mine) if mine else None,
             "too_fast": sum(a.seconds * TOO_FAST_CHARS_PER_S < chars(a) for a in mine),
             "agreement_with_others": agreement["per_annotator"].get(who),
+            "agreement_with_consensus": agreement["per_annotator_consensus"].get(who),
             "gold_agreement": sum(g for g, _ in gold) / sum(t for _, t in gold) if gold and sum(t for _, t in gold) else None,
         }
     return {
@@ -337,7 +338,7 @@ def campaign_stats(s: Session, campaign_id: int) -> dict:
         "items": len(items), "answers": len(answers),
         "items_complete": sum(counts.get(i, 0) >= campaign.overlap for i in items),
         "all_bad": sum(a.all_bad for a in answers),
-        "agreement": {k: v for k, v in agreement.items() if k != "per_annotator"},
+        "agreement": {k: v for k, v in agreement.items() if not k.startswith("per_annotator")},
         "position_bias": first_position_bias([(a.ranking, a.shown_order) for a in answers]),
         "annotators": people,
     }

@@ -46,7 +46,7 @@ async function showStats(id) {
   people.replaceChildren();
   Object.entries(s.annotators).forEach(([name, p]) => people.append(row([
     name, String(p.answers), String(p.skips), num(p.median_seconds, 1), String(p.too_fast),
-    pct(p.agreement_with_others), pct(p.gold_agreement)])));
+    pct(p.agreement_with_others), pct(p.agreement_with_consensus), pct(p.gold_agreement)])));
   show("stats", true);
 }
 
