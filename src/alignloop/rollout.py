@@ -113,10 +113,13 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
     batch = prompt_ids.shape[0]
     # A peft wrapper forwards **kwargs: ask the wrapped model which name its cache argument has.
     cache_arg = _cache_kwarg(type(model.get_base_model() if hasattr(model, "get_base_model") else model))
-    mask = prompt_mask
-    positions = position_ids_from_mask(mask)
+    # The whole attention mask allocated once; step t attends to the first P + t + 1 columns.
+    P = prompt_ids.shape[1]
+    full_mask = torch.cat([prompt_mask, torch.ones((batch, max_new_tokens), dtype=prompt_mask.dtype,
+                                                   device=device)], dim=1)
+    positions = position_ids_from_mask(prompt_mask)
     with autocast(device, precision):
-        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
     next_position = positions[:, -1:] + 1
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -127,16 +130,19 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
             token = logits.argmax(-1)
         else:
             probs = torch.softmax(top_p_filter(logits / temperature, top_p), dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) picks i with probability p_i.
+            # Same distribution as torch.multinomial, several times faster on CPU for one draw per row.
+            race = torch.empty_like(probs).exponential_(generator=generator)
+            token = (probs / race).argmax(-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         tokens.append(token)
         done = done | (token == eos_id)
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
         cache = out.cache if hasattr(out, "cache") else out.past_key_values
         with autocast(device, precision):
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position,
+            out = model(input_ids=token[:, None], attention_mask=full_mask[:, :P + step + 1],
+                        position_ids=next_position,
                         use_cache=True, **{cache_arg: cache})
         next_position = next_position + 1
     responses = torch.stack(tokens, dim=1)  # (batch, R), pad after EOS
