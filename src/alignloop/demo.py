@@ -18,10 +18,12 @@ from .pipeline import PipelineSpec, apply_sets, check_sections, run_pipeline
 DEMO_SECTIONS: dict[str, dict] = {
     "pretrain": {},  # 4 x 256 GPT-2 on fortunes, 3 epochs
     "sft": {},  # 1 epoch of quotation continuations
-    "sample": {"k": 4, "num_prompts": 512},  # per round: 512 new training prompts x 4 responses
+    "sample": {"k": 4, "num_prompts": 256},  # per round: 256 new training prompts x 4 responses
     "annotate": {"label_function": "vader", "annotators": 3, "overlap": 1, "noise": 0.1, "mode": "rank"},
-    "reward": {"epochs": 3.0, "held_out_fraction": 0.1},
-    "ppo": {},  # PPOConfig's defaults
+    "reward": {"epochs": 2.0, "held_out_fraction": 0.1},
+    # Smaller than PPOConfig's defaults so a round fits a few minutes on 2 cores: 40 steps of
+    # 16 episodes, 2 PPO epochs each, with a larger step size to move in that budget.
+    "ppo": {"steps": 40, "batch_size": 16, "mini_batch_size": 16, "ppo_epochs": 2, "lr": 1.0e-5},
     "evaluate": {"num_prompts": 200, "judge": "vader"},
 }
 
