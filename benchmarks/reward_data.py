@@ -1,15 +1,21 @@
 """Preference pairs with a known preference, for the reward-model benchmarks.
 
-The SFT model samples two responses per prompt (`alignloop.generation.generate`,
-T = 1, 64 new tokens): the RM is trained and tested on the kind of text PPO will
-show it. A simulated annotator labels each pair by VADER's compound sentiment of
+Two sources of response pairs (`--source`):
+- `sft`: the SFT model samples two responses per prompt (`alignloop.generation.generate`,
+  T = 1, 64 new tokens): the kind of text PPO will show the RM. Training pairs come from
+  the SFT training prompts, held-out pairs from the SFT held-out prompts.
+- `corpus`: real quotations (Debian's fortunes, split exactly as pretraining and SFT split
+  them, so held-out texts were never trained on): the prompt is the first 2-6 words of one
+  quotation, the two responses are its own continuation and the continuation of the next
+  quotation. Needs no sampling, and VADER's sentiment of real English is meaningful.
+A simulated annotator labels each pair by VADER's compound sentiment of
 the response (`alignloop.labelers.vader_sentiment`) with label noise
 (`noisy_preference`: with probability `noise` the person answers by coin flip),
 pairs whose sentiments differ by at most `tie_threshold` are ties and dropped
-(counted). Training pairs come from the SFT training prompts, held-out pairs from
-the SFT held-out prompts (never seen by the SFT model or the RM).
+(counted).
 
-    .venv/bin/python benchmarks/reward_data.py [--model runs/demo/sft] [--train-prompts 3000] [--out runs/reward/data]
+    .venv/bin/python benchmarks/reward_data.py [--source corpus|sft] [--model runs/demo/sft] \
+        [--train-prompts 3000] [--out runs/reward/data]
 
 Writes train.jsonl and held_out.jsonl ({"prompt", "chosen", "rejected", "vader_chosen",
 "vader_rejected"}: the extra keys are ignored by the reader, and let scripts compute
@@ -61,6 +67,33 @@ def sample_pairs(model, tokenizer, prompts: list[str], seed: int, precision: str
     return [c.completion for c in out[:n]], [c.completion for c in out[n:]]
 
 
+def corpus_responses(docs: list[str], n: int, rng: random.Random) -> tuple[list[str], list[str], list[str]]:
+    """Prompt = the start of quotation i; responses = its continuation and quotation i+1's (texts reused once)."""
+    from alignloop.sft import corpus_pairs
+
+    pairs = corpus_pairs([d for d in docs if len(d) <= 280], rng, 2, 6)[:n + 1]
+    firsts, seconds = pairs[:-1], pairs[1:]  # every quotation gives a prompt; its neighbour the other response
+    return [p["prompt"] for p in firsts], [p["response"] for p in firsts], [p["response"] for p in seconds]
+
+
+def make_corpus_data(n_train: int, n_held: int, out: Path, noise: float = 0.1, tie_threshold: float = 0.05,
+                     seed: int = 0) -> dict:
+    from alignloop.corpus import load_corpus, split_corpus
+
+    start = time.time()
+    train_docs, held_docs = split_corpus(load_corpus(), 0.05, 0)  # pretraining's and SFT's split
+    rng = random.Random(seed)
+    summary = {"source": "corpus", "noise": noise, "tie_threshold": tie_threshold, "seed": seed}
+    for split, docs, n in (("held_out", held_docs, n_held), ("train", train_docs, n_train)):
+        prompts, a, b = corpus_responses(docs, n, rng)
+        rows, counts = label_pairs(prompts, a, b, rng, noise, tie_threshold)
+        write_jsonl(out / f"{split}.jsonl", rows)
+        summary[split] = {"prompts": len(prompts), **counts}
+    summary["seconds"] = time.time() - start
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train: int, n_held: int, out: Path,
               noise: float = 0.1, tie_threshold: float = 0.05, seed: int = 0) -> dict:
     start = time.time()
@@ -70,7 +103,7 @@ def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train:
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, device, tokenizer)
     rng = random.Random(seed)
-    summary = {"model": str(model_dir), "noise": noise, "tie_threshold": tie_threshold, "seed": seed}
+    summary = {"source": "sft", "model": str(model_dir), "noise": noise, "tie_threshold": tie_threshold, "seed": seed}
     for split, path, n in (("held_out", held_prompts, n_held), ("train", train_prompts, n_train)):
         prompts = read_prompts(path, n)
         a, b = sample_pairs(model, tokenizer, prompts, seed + (split == "train"), precision)
@@ -84,6 +117,7 @@ def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", choices=("sft", "corpus"), default="sft")
     parser.add_argument("--model", type=Path, default=ROOT / "runs/demo/sft")
     parser.add_argument("--train-prompts", type=int, default=3000)
     parser.add_argument("--held-out-prompts", type=int, default=800)
@@ -92,6 +126,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/reward/data")
     args = parser.parse_args()
+    if args.source == "corpus":
+        print(json.dumps(make_corpus_data(args.train_prompts, args.held_out_prompts, args.out, args.noise,
+                                          args.tie_threshold, args.seed), indent=2))
+        return
     summary = make_data(args.model, args.model / "train_prompts.jsonl", args.model / "held_out_pairs.jsonl",
                         args.train_prompts, args.held_out_prompts, args.out, args.noise, args.tie_threshold, args.seed)
     print(json.dumps(summary, indent=2))
