@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .device import autocast
 from .errors import ConfigError
 from .progress import progress
-from .prompts import encode_prompt, pad_left
+from .prompts import encode_prompt
+from .rollout import finished_rows, left_pad, sample_responses
 
 
 @dataclass
@@ -46,33 +46,21 @@ class Completion:
 @torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
              settings: SamplingSettings, precision: str = "fp32", show_progress: bool = True) -> list[Completion]:
+    """One completion per prompt, with the same KV-cache sampler that PPO's rollouts use."""
     device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(settings.seed)
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     # Sorting by prompt length keeps left padding (and wasted compute) small; order restored below.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: dict[int, Completion] = {}
     eos = tokenizer.eos_token_id
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     for batch in progress(batches, desc="generate", disable=not show_progress):
-        ids, mask = pad_left([encode_prompt(tokenizer, prompts[i]) for i in batch], tokenizer.pad_token_id)
-        input_ids = torch.tensor(ids, device=device)
-        with autocast(device, precision):
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.tensor(mask, device=device),
-                do_sample=not settings.greedy,
-                temperature=settings.temperature if not settings.greedy else None,
-                top_p=settings.top_p if not settings.greedy else None,
-                top_k=0 if not settings.greedy else None,  # no hidden top-k: only what the user set
-                max_new_tokens=settings.max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        for row, i in zip(out[:, input_ids.shape[1]:].tolist(), batch):
-            finished = eos in row
-            tokens = row[: row.index(eos) + 1] if finished else row
+        ids, mask = left_pad([encode_prompt(tokenizer, prompts[i]) for i in batch], tokenizer.pad_token_id, device)
+        out = sample_responses(model, ids, mask, settings.max_new_tokens, eos, tokenizer.pad_token_id,
+                               settings.temperature, settings.top_p, settings.greedy, generator, precision)
+        finished = finished_rows(out, eos).tolist()
+        for row, i in enumerate(batch):
+            tokens = out.responses[row][out.response_mask[row] == 1].tolist()
             text = tokenizer.decode(tokens, skip_special_tokens=True)
-            results[i] = Completion(prompts[i], text, finished, tokens)
-    torch.random.set_rng_state(generator_state)
+            results[i] = Completion(prompts[i], text, finished[row], tokens)
     return [results[i] for i in range(len(prompts))]

@@ -29,14 +29,6 @@ def encode_response(tokenizer: PreTrainedTokenizerBase, response: str, add_eos: 
     return ids + [tokenizer.eos_token_id] if add_eos else ids
 
 
-def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Left padding for generation: every prompt ends at the same column."""
-    width = max(len(s) for s in sequences)
-    ids = [[pad_id] * (width - len(s)) + s for s in sequences]
-    mask = [[0] * (width - len(s)) + [1] * len(s) for s in sequences]
-    return ids, mask
-
-
 def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
     """Right padding for training and scoring."""
     width = max(len(s) for s in sequences)
