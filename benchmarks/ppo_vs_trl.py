@@ -261,15 +261,16 @@ def fmt_split(split: dict | None) -> str:
 
 def fmt_table(results: list[dict]) -> str:
     lines = ["| size | trainer | precision | episodes/s | vs best TRL | final RM score | share of ceiling | ceiling ep/s "
-             "| time: generation / scoring / update (+other) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---|"]
+             "| time: generation / scoring / update (+other) | load avg |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
         best = r.get("trl_best_eps")
         for row in r["rows"]:
             ratio = f"{row['episodes_per_second'] / best:.2f}x" if best else "-"
             lines.append(f"| {r['size']} | {row['trainer']} | {row['precision']} | {row['episodes_per_second']:.2f} | "
                          f"{ratio} | {row['final_score_mean']:+.3f} | {100 * row['share_of_ceiling']:.0f} % | "
-                         f"{r['ceiling_episodes_per_second']:.1f} | {fmt_split(row.get('time_split_seconds'))} |")
+                         f"{r['ceiling_episodes_per_second']:.1f} | {fmt_split(row.get('time_split_seconds'))} | "
+                         + "→".join(f"{x:.1f}" for x in row.get("load_average_1min", [])) + " |")
     return "\n".join(lines)
 
 
