@@ -6,7 +6,8 @@ For each model size (layers x width) it
 1. builds or locates the policy (SFT), a reward model and the value model (a separate critic
    initialised from the reward model: the same directory, loaded twice) and ~15-token prompts;
 2. measures the machine's ceiling: the matmul FLOP/s of a plain forward+backward of the policy
-   at the PPO batch shape (8 x (prompt + response) tokens), in fp32 and in bf16 autocast;
+   at the PPO batch shape (8 x (prompt + response) tokens), in fp32 and in bf16 autocast, before
+   and after the trainers (the better measurement counts);
 3. runs TRL's PPOTrainer in its own virtualenv (`_trl_ppo_worker.py`) with bf16=False and with
    bf16=True, and alignloop's `ppo`, with the same settings: 8 episodes per step, 48 response
    tokens, 4 PPO epochs, 1 mini-batch, separate critic, kl_coef 0.05, temperature 1.0,
@@ -337,12 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         seq_len = round(mean_prompt) + settings.max_new_tokens
         print(f"[{size}] policy: {models['source']}; {len(prompts)} prompts, mean {mean_prompt:.1f} tokens; "
               f"{flops['total'] / 1e9:.2f} GFLOP per episode", flush=True)
-        ceilings = measure_ceilings(models["policy"], settings.batch_size, seq_len, args.ceiling_seconds)
-        best_ceiling = max(c["flops_per_second"] for c in ceilings.values())
-        ceiling_eps = best_ceiling / flops["total"]
-        print(f"[{size}] ceiling: " + ", ".join(f"{p} {c['flops_per_second'] / 1e9:.1f} GFLOP/s"
-                                                for p, c in ceilings.items())
-              + f" -> {ceiling_eps:.1f} episodes/s", flush=True)
+        ceilings_before = measure_ceilings(models["policy"], settings.batch_size, seq_len, args.ceiling_seconds)
+        print(f"[{size}] ceiling before: " + ", ".join(f"{p} {c['flops_per_second'] / 1e9:.1f} GFLOP/s"
+                                                       for p, c in ceilings_before.items()), flush=True)
 
         rows = []
         if not args.skip_trl:
@@ -371,13 +369,24 @@ def main(argv: list[str] | None = None) -> int:
                 "detail": a})
             print(f"[{size}] alignloop {a['precision']}: {a['episodes_per_second']:.2f} episodes/s, final score "
                   f"{a['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
+        # Measured again after the trainers; the better of the two measurements counts, so a load
+        # spike during one of them cannot make the ceiling look low (and every share look high).
+        ceilings_after = measure_ceilings(models["policy"], settings.batch_size, seq_len, args.ceiling_seconds)
+        ceilings = {p: max(ceilings_before[p], ceilings_after[p], key=lambda c: c["flops_per_second"])
+                    for p in ceilings_before}
+        best_ceiling = max(c["flops_per_second"] for c in ceilings.values())
+        ceiling_eps = best_ceiling / flops["total"]
+        print(f"[{size}] ceiling after: " + ", ".join(f"{p} {c['flops_per_second'] / 1e9:.1f} GFLOP/s"
+                                                      for p, c in ceilings_after.items())
+              + f"; best {best_ceiling / 1e9:.1f} GFLOP/s -> {ceiling_eps:.1f} episodes/s", flush=True)
         for row in rows:
             row["share_of_ceiling"] = row["episodes_per_second"] * flops["total"] / best_ceiling
         trl_rows = [r for r in rows if r["trainer"].startswith("TRL")]
         entry = {
             "size": size, "models": models, "prompts": len(prompts), "mean_prompt_tokens": mean_prompt,
             "matmul_params": {"policy": n_pol, "reward_model": n_rm, "value_model": n_rm},
-            "flops_per_episode": flops, "ceiling": ceilings, "ceiling_flops_per_second": best_ceiling,
+            "flops_per_episode": flops, "ceiling": ceilings, "ceiling_before": ceilings_before,
+            "ceiling_after": ceilings_after, "ceiling_flops_per_second": best_ceiling,
             "ceiling_episodes_per_second": ceiling_eps, "rows": rows,
             "trl_best_eps": max((r["episodes_per_second"] for r in trl_rows), default=None),
         }

@@ -29,3 +29,14 @@ def test_ceiling_measures_positive_rate_and_restores_the_model(tiny_lm_dir):
         lm_matmul_flops(out["matmul_params"], 32, backward=True) / out["seconds_per_pass"])
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_ppo_flops_per_episode_hand_computed():
+    from ppo_vs_trl import ppo_flops_per_episode
+
+    # policy N=10, reward model and critic N=4 each; 2 prompt + 3 response tokens (T=5); 4 PPO epochs.
+    flops = ppo_flops_per_episode(10, 4, 4, prompt_tokens=2, response_tokens=3, ppo_epochs=4)
+    assert flops["generation"] == 2 * 10 * 5  # one forward per token with a KV cache
+    assert flops["scoring"] == 2 * (10 + 10 + 4 + 4) * 5  # reference, policy log-probs, RM, critic
+    assert flops["update"] == 4 * 6 * (10 + 4) * 5  # forward+backward of policy and critic per epoch
+    assert flops["total"] == 100 + 280 + 1680
