@@ -343,6 +343,12 @@ def test_smollm2_example_sections_match_stage_configs():
                  else set(inspect.signature(obj).parameters))
         assert set(example[section]) <= known, (section, set(example[section]) - known)
     assert example["ppo"]["steps"] >= 20 and example["ppo"]["lora_r"] > 0
+    measured = yaml.safe_load((Path(__file__).parent.parent / "examples" / "smollm2_ppo_measured.yaml").read_text())
+    try:
+        from alignloop.ppo.config import PPOConfig
+    except ImportError:
+        return
+    assert set(measured) <= {f.name for f in dataclasses.fields(PPOConfig)}
 
 
 def test_subsample_pairs_caps_each_domain(tmp_path):
