@@ -20,17 +20,17 @@ class PPOConfig(StageConfig):
     out_dir: Path = Path("runs/demo/policy")
 
     # -- rollout ----------------------------------------------------------------
-    steps: int = 100  # PPO steps; each samples `batch_size` episodes
+    steps: int = 30  # PPO steps; each samples `batch_size` episodes
     batch_size: int = 32  # episodes (prompt + response) per step
     max_new_tokens: int = 48
     temperature: float = 1.0  # sampling temperature; log-probs use the same one
     top_p: float = 1.0
 
     # -- reward -------------------------------------------------------------------
-    kl_coef: float = 0.05  # beta: reward = score - beta * KL(policy || reference) per token
+    kl_coef: float = 0.1  # beta: reward = score - beta * KL(policy || reference) per token
     kl_estimator: str = "k1"  # 'k1' (log ratio) or 'k3' (always >= 0, lower variance)
-    target_kl: float | None = None  # set for the adaptive controller (nats per sequence); None: fixed beta
-    kl_horizon: int = 10000  # episodes over which the adaptive beta moves about e-fold
+    target_kl: float | None = 6.0  # adaptive beta steers the KL to this (nats per sequence); None: fixed beta
+    kl_horizon: int = 256  # episodes over which beta can move by 20 % (Ziegler et al. used 10000 in far longer runs)
     missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response cut at max_new_tokens
     mask_truncated: bool = False  # instead: drop responses without EOS from the update
     whiten_rewards: bool = False  # scale scores to unit variance over the batch (mean kept)
@@ -46,9 +46,9 @@ class PPOConfig(StageConfig):
 
     # -- optimisation -------------------------------------------------------------------
     ppo_epochs: int = 4
-    mini_batch_size: int = 32  # episodes per optimiser step
+    mini_batch_size: int = 16  # episodes per optimiser step
     gradient_accumulation_steps: int = 1  # micro-batches per mini-batch (memory only: same result)
-    lr: float = 3e-6
+    lr: float = 1e-4  # right for the embedded 3.7 M-parameter model; ~1e-6..1e-5 for 100 M+ (or LoRA at ~1e-4)
     critic_lr: float | None = None  # None: the same as lr
     anneal_lr: bool = True  # linear decay to 0 over the run (CleanRL): late updates smaller
     max_grad_norm: float = 1.0
@@ -66,12 +66,12 @@ class PPOConfig(StageConfig):
 
     # -- guards, logging, checkpoints -------------------------------------------------------
     on_collapse: str = "stop"  # 'stop' or 'rollback' (to the last good checkpoint) on NaN, KL/ratio blow-up, EOS collapse
-    kl_stop_factor: float = 10.0  # collapse when mean KL > factor * target (or factor * 1 nat with fixed beta)
+    kl_stop_factor: float = 5.0  # collapse when mean KL > factor * target_kl (adaptive beta only)
     ratio_stop: float = 50.0  # collapse when a token's policy ratio exceeds this
     min_eos_rate: float = 0.05  # collapse when fewer responses than this end with EOS (after a good start)
     log_every: int = 1
     sample_every: int = 10  # steps between sample-completion tables
-    checkpoint_every: int = 25  # steps; 0: only at the end
+    checkpoint_every: int = 5  # steps; the last good state a collapse falls back to (0: only at the start and end)
     resume: bool = True  # continue from out_dir/checkpoint if it exists
     tensorboard: bool = True
     seed: int = 0

@@ -352,9 +352,9 @@ class PPOTrainer:
         if any(isinstance(v, float) and not math.isfinite(v) for v in metrics.values()):
             bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
             return f"non-finite values ({', '.join(bad)})"
-        kl_limit = c.kl_stop_factor * (c.target_kl or 1.0)
-        if metrics["kl_mean"] > kl_limit:
-            return f"KL to the reference {metrics['kl_mean']:.2f} nats is past {kl_limit:.2f} (kl_stop_factor x target)"
+        if c.target_kl is not None and metrics["kl_mean"] > c.kl_stop_factor * c.target_kl:
+            return (f"KL to the reference {metrics['kl_mean']:.2f} nats is past "
+                    f"{c.kl_stop_factor * c.target_kl:.2f} (kl_stop_factor x target_kl)")
         if metrics["ratio_max"] > c.ratio_stop:
             return f"policy ratio reached {metrics['ratio_max']:.1f} (> ratio_stop={c.ratio_stop})"
         if (self.first_eos_rate is not None and self.first_eos_rate >= 2 * c.min_eos_rate
@@ -394,6 +394,12 @@ class PPOTrainer:
         self.first_eos_rate = state["first_eos_rate"]
         self.timing = dict(state["timing"])
 
+    def restore_last_good(self) -> None:
+        """Back to the last checkpoint; the time already spent stays counted."""
+        timing = dict(self.timing)
+        self.load_state_dict(load_checkpoint(self.checkpoint_dir, self.device))
+        self.timing = timing
+
     def save_checkpoint(self) -> None:
         save_checkpoint(self.checkpoint_dir, self.state_dict())
 
@@ -421,7 +427,7 @@ class PPOTrainer:
                 logger.log(self.step_index, {**metrics, "collapse": reason})
                 if c.on_collapse == "rollback" and self.rollbacks < 3:
                     self.rollbacks += 1
-                    self.load_state_dict(load_checkpoint(self.checkpoint_dir, self.device))
+                    self.restore_last_good()
                     # Retry more gently, on other samples.
                     for group in self.optimizer.param_groups:
                         group["lr"] *= 0.5
@@ -429,8 +435,9 @@ class PPOTrainer:
                     self.generator.manual_seed(c.seed + 7919 * self.rollbacks)
                     bar.write(f"ppo: {reason}; rolled back to step {self.step_index} with half the learning rate")
                     continue
-                self.load_state_dict(load_checkpoint(self.checkpoint_dir, self.device))
-                stopped = f"stopped at step {self.step_index + 1}: {reason}; kept the policy of step {self.step_index}"
+                collapsed_at = self.step_index
+                self.restore_last_good()
+                stopped = f"stopped at step {collapsed_at}: {reason}; kept the policy of step {self.step_index}"
                 bar.write(f"ppo: {stopped}")
                 break
             history.append(metrics)
