@@ -36,7 +36,7 @@ def clean_accuracy(rm: RewardModel, rows: list[dict]) -> float:
     return sum(agree) / len(agree)
 
 
-def plot_curve(points: list[dict], path: Path, label_agreement: float) -> None:
+def plot_curve(points: list[dict], path: Path, label_agreement: float, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,10 +49,12 @@ def plot_curve(points: list[dict], path: Path, label_agreement: float) -> None:
     ax.axhline(label_agreement, color="grey", ls=":", label=f"held-out labels vs VADER ({label_agreement:.2f})")
     ax.axhline(0.5, color="lightgrey", lw=0.8)
     ax.set_xscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
     ax.set_xlabel("training pairs (1 epoch)")
     ax.set_ylabel("held-out pairwise accuracy")
     ax.set_ylim(0.45, 1.0)
-    ax.set_title("reward model on runs/demo/sft: accuracy vs data", fontsize=9)
+    ax.set_title(f"reward model on {model}: held-out accuracy vs data", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -102,7 +104,7 @@ def main() -> None:
               "held_out_label_agreement_with_vader": label_agreement, "overrides": overrides,
               "epochs": args.epochs, "points": points}
     (args.out / "reward_curve.json").write_text(json.dumps(result, indent=2))
-    plot_curve(points, args.out / "reward_curve.png", label_agreement)
+    plot_curve(points, args.out / "reward_curve.png", label_agreement, f"{args.model.parent.name}/{args.model.name}")
     print("\n| training pairs | steps | held-out accuracy | vs noise-free VADER | held-out loss |")
     print("|---|---|---|---|---|")
     for p in points:
