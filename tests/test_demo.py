@@ -192,9 +192,9 @@ def test_report_renders_in_chromium_with_every_image(tiny_run):
         assert all(width > 0 for _, width in images), [src for src, w in images if w == 0]
         assert page.locator("h2", has_text="rounds").count() == 1
         assert page.locator("th", has_text="round 2").count() >= 5
-        # The screenshot for the docs comes from the demo's own report when it exists, else this one.
+        # The screenshot for the docs: the demo's report (make demo, or $ALIGNLOOP_REPORT_DIR) when it exists, else this one.
         shot = ROOT / "docs" / "img" / "report.png"
-        demo = Path(os.environ.get("ALIGNLOOP_REPORT_DIR", ROOT / "runs" / "demo2")) / "report.html"
+        demo = Path(os.environ.get("ALIGNLOOP_REPORT_DIR", ROOT / "runs" / "demo")) / "report.html"
         if demo.is_file():
             page.goto(demo.resolve().as_uri())
             page.wait_for_load_state("load")

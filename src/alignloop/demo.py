@@ -18,7 +18,10 @@ from .pipeline import PipelineSpec, apply_sets, check_sections, run_pipeline
 DEMO_SECTIONS: dict[str, dict] = {
     "pretrain": {},  # 4 x 256 GPT-2 on fortunes, 3 epochs
     "sft": {},  # 1 epoch of quotation continuations
-    "sample": {"k": 4, "num_prompts": 256},  # per round: 256 new training prompts x 4 responses
+    # Per round: 1024 new training prompts x 4 responses (~6,000 comparisons). The reward model
+    # needs thousands: on 256 prompts (~1,000 pairs) its held-out accuracy was at chance
+    # (docs/demo.md; the same at 1,000 pairs in benchmarks' reward learning curve).
+    "sample": {"k": 4, "num_prompts": 1024},
     "annotate": {"label_function": "vader", "annotators": 3, "overlap": 1, "noise": 0.1, "mode": "rank"},
     "reward": {"epochs": 2.0, "held_out_fraction": 0.1},
     # Smaller than PPOConfig's defaults so a round fits a few minutes on 2 cores: 40 steps of
