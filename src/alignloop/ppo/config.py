@@ -27,10 +27,10 @@ class PPOConfig(StageConfig):
     top_p: float = 1.0
 
     # -- reward -------------------------------------------------------------------
-    kl_coef: float = 0.1  # beta: reward = score - beta * KL(policy || reference) per token
+    kl_coef: float = 0.2  # beta (initial, when target_kl is set): reward = score - beta * KL(policy || reference) per token
     kl_estimator: str = "k1"  # 'k1' (log ratio) or 'k3' (always >= 0, lower variance)
     target_kl: float | None = 6.0  # adaptive beta steers the KL to this (nats per sequence); None: fixed beta
-    kl_horizon: int = 256  # episodes over which beta can move by 20 % (Ziegler et al. used 10000 in far longer runs)
+    kl_horizon: int = 128  # episodes over which beta can move by 20 % (Ziegler et al. used 10000 in far longer runs)
     missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response cut at max_new_tokens
     mask_truncated: bool = False  # instead: drop responses without EOS from the update
     whiten_rewards: bool = False  # scale scores to unit variance over the batch (mean kept)
