@@ -202,6 +202,8 @@ def main(spec_path: str, result_path: str) -> None:
         "score_per_step": [sum(s) / len(s) for s in raw_scores],
         "kl_per_step": [log["objective/kl"] for log in clock.logs],
         "eos_tokens_per_step": [log["val/num_eos_tokens"] for log in clock.logs],
+        "clipfrac_per_step": [log["policy/clipfrac_avg"] for log in clock.logs],
+        "approxkl_per_step": [log["policy/approxkl_avg"] for log in clock.logs],
     }
     Path(result_path).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}))

@@ -214,6 +214,7 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
     trainer = PPOTrainer(config)
     stamps: list[float] = []
     scores: list[float] = []
+    clipfracs: list[float] = []
     phases: list[dict] = []  # trainer.timing (cumulative generation / scoring / update seconds) after each step
     step = trainer.step
 
@@ -221,6 +222,7 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
         metrics = step()
         stamps.append(time.perf_counter())
         scores.append(metrics["score_mean"])
+        clipfracs.append(metrics.get("clipfrac"))
         phases.append(dict(trainer.timing))
         return metrics
 
@@ -243,6 +245,7 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
         "step_seconds": [b - a for a, b in zip([train_start] + stamps[:-1], stamps)],
         "final_score_mean": sum(final) / len(final),
         "score_per_step": scores,
+        "clipfrac_per_step": clipfracs,
         "summary": summary,
     }
 
