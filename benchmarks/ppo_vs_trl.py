@@ -203,7 +203,7 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
         prompts=prompts_file, out_dir=out_dir, steps=warmup + steps,
         batch_size=settings.batch_size, mini_batch_size=settings.mini_batch_size,
         ppo_epochs=settings.ppo_epochs, max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature, kl_coef=settings.kl_coef,
+        temperature=settings.temperature, kl_coef=settings.kl_coef, target_kl=None,  # fixed beta, as TRL's
         missing_eos_penalty=settings.missing_eos_penalty, lr=settings.lr, precision=precision,
         seed=settings.seed, critic="separate",
         # A random policy's EOS rate is noise (0-2 of 8): the EOS-collapse guard would stop it after
