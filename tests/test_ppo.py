@@ -155,7 +155,9 @@ def first_update_gradients(config: PPOConfig) -> dict[str, torch.Tensor]:
 
 def test_gradient_accumulation_gives_the_same_gradient_as_one_big_micro_batch(tiny_lm_dir, rm_dir, prompts_file,
                                                                                 tmp_path):
-    """Token-mean over the mini-batch: splitting it into micro-batches changes memory, not the update."""
+    """Token-mean over the mini-batch: splitting it into micro-batches changes memory, not the update.
+
+    The unsplit side also takes the path that reuses the rollout's forwards for the first update."""
     whole = first_update_gradients(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "a",
                                                 mini_batch_size=4, gradient_accumulation_steps=1, ppo_epochs=1))
     split = first_update_gradients(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "b",
