@@ -21,6 +21,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .jsonl import read_jsonl  # noqa: E402
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write and close a figure (closing frees it: a long run makes many)."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_series(path: Path, title: str, series: dict[str, tuple[list[float], list[float]]], xlabel: str,
                 ylabel: str = "") -> Path:
     """One line per named (x, y) series."""
@@ -33,11 +42,7 @@ def plot_series(path: Path, title: str, series: dict[str, tuple[list[float], lis
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_ppo_metrics(metrics_file: Path, out_dir: Path, prefix: str = "") -> list[Path]:
@@ -99,12 +104,7 @@ def plot_ppo_rounds(metrics_files: list[Path], out_dir: Path, prefix: str = "") 
         ax.grid(alpha=0.3)
         if len(points) > 1:
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{prefix}ppo_frontier.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        plots.append(path)
+        plots.append(save_figure(fig, out_dir / f"{prefix}ppo_frontier.png"))
     return plots
 
 
@@ -132,11 +132,7 @@ def plot_bars(path: Path, title: str, groups: list[str], bars: dict[str, list[fl
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_eval_frontier(path: Path, sft_point: tuple[float, float], policy_points: list[tuple[float, float]],
@@ -154,11 +150,7 @@ def plot_eval_frontier(path: Path, sft_point: tuple[float, float], policy_points
     ax.set_title("Held-out evaluation: judge score vs KL")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
