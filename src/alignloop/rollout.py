@@ -155,13 +155,13 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
 
 def finished_rows(batch: TokenBatch, eos_id: int) -> torch.Tensor:
     """(batch,) bool: the response ends with EOS (the model chose to stop)."""
-    last = (batch.response_mask.sum(1).long() - 1).clamp(min=0)
+    last = (response_lengths(batch) - 1).clamp(min=0)
     return batch.responses[torch.arange(len(last)), last] == eos_id
 
 
 def response_logits(model: PreTrainedModel, batch: TokenBatch, precision: str) -> torch.Tensor:
     """Logits that predict each response token: (batch, R, vocab), in the matmul dtype."""
-    P, R = batch.prompt_width, batch.responses.shape[1]
+    R = batch.responses.shape[1]
     with autocast(batch.input_ids.device, precision):
         # Only positions P-1 .. P+R-2 predict response tokens; skip the LM head elsewhere.
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

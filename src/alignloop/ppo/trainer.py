@@ -109,6 +109,7 @@ class PPOTrainer:
 
         self._build_models()
         self.optimizer = self._build_optimizer()
+        self.trained_params = [p for g in self.optimizer.param_groups for p in g["params"]]  # policy + critic
         total_updates = c.steps * c.ppo_epochs * c.num_mini_batches
         # Linear annealing to 0 (CleanRL): the last updates, on a policy far from the SFT model, are the smallest.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -247,8 +248,8 @@ class PPOTrainer:
             live = (logprobs, logits, values)
             logprobs, values = logprobs.detach(), values.detach()
         ref_logprobs = self.reference_logprobs(batch)
-        raw_scores = sequence_scores(scalar_head_outputs(self.reward.model, batch, self.precision), batch)
-        raw_scores = self.reward.gain * raw_scores + self.reward.bias
+        raw_scores = self.reward.normalize(
+            sequence_scores(scalar_head_outputs(self.reward.model, batch, self.precision), batch))
         finished = finished_rows(batch, tok.eos_token_id)
         t2 = time.perf_counter()
         self.timing["generation"] += t1 - t0
@@ -316,8 +317,7 @@ class PPOTrainer:
                         sums["approx_kl"] += float(pg_stats["approx_kl_sum"])
                         sums["tokens"] += float(mask.sum())
                         ratio_max = max(ratio_max, float(pg_stats["ratio_max"]))
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_params, c.max_grad_norm)
                 if not train_policy:  # critic warm-up: the policy's (zero) grads must not move it either
                     for p in self.policy.parameters():
                         p.grad = None

@@ -78,7 +78,11 @@ class RewardModel:
         with autocast(self.device, self.precision):
             raw = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
         raw = raw.float()
-        return self.gain * raw + self.bias if normalize else raw
+        return self.normalize(raw) if normalize else raw
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs -> rewards with mean 0, std 1 on the reference policy's samples."""
+        return self.gain * raw + self.bias
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, normalize: bool = True) -> list[float]:
