@@ -18,7 +18,7 @@ from alignloop.ppo.losses import (
     token_rewards,
     whiten,
 )
-from alignloop.rollout import top_p_filter
+from alignloop.rollout import draw_tokens, top_p_filter
 
 
 def t(*rows):
@@ -119,3 +119,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     kept = torch.isfinite(top_p_filter(logits, 0.6))[0].tolist()
     assert kept == [False, True, True]  # .5 alone is short of .6; .5 + .3 reaches it
     assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+def test_draw_tokens_follows_the_probabilities_and_never_draws_a_cut_token():
+    # Two rows: one with a zero-probability token (as after top-p), one nearly one-hot.
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]])
+    rows = probs.repeat(20000, 1)  # 20,000 draws per distribution
+    tokens = draw_tokens(rows, torch.Generator().manual_seed(0)).view(20000, 2)
+    first = torch.bincount(tokens[:, 0], minlength=4).float() / 20000
+    assert first[1] == 0  # probability 0: never drawn
+    assert torch.allclose(first, probs[0], atol=0.015)  # ~4 standard errors at n = 20,000
+    assert (tokens[:, 1] == 3).all()
+    # Rows that sum to a little less than 1 (rounding) still draw a valid token.
+    assert draw_tokens(torch.tensor([[0.2, 0.3, 0.499]]), torch.Generator().manual_seed(1)).item() in (0, 1, 2)
