@@ -4,8 +4,10 @@
         [--model runs/demo/sft] [--data runs/reward/data] [--sizes 125,250,500,1000,2000,4000]
 
 For each size N, trains a fresh reward model (`alignloop.reward.train_reward_model`, the
-default config but for the overrides printed) on the first N pairs of DATA/train.jsonl
-(`benchmarks/reward_data.py`: SFT samples labelled by VADER sentiment with label noise)
+default config but for the overrides printed) on the first N items of DATA/train.jsonl
+(`benchmarks/reward_data.py`: SFT samples labelled by VADER sentiment with label noise;
+an item is a pair, or with `--k 4` data a ranking of 4 responses, and the curve's x axis
+counts the comparisons the items hold: 1 per pair, C(K,2) less ties per ranking)
 and evaluates it on DATA/held_out.jsonl: accuracy against the (noisy) held-out labels, as
 `alignloop reward eval` reports it, and against the noise-free VADER order. Writes
 OUT/reward_curve.json, OUT/reward_curve.png and, for the largest size, the calibration plot.
@@ -43,7 +45,7 @@ def plot_curve(points: list[dict], path: Path, label_agreement: float, model: st
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    xs = [p["pairs"] for p in points]
+    xs = [p["comparisons"] for p in points]
     ax.plot(xs, [p["held_out_accuracy"] for p in points], "o-", label="vs held-out labels (10 % noise)")
     ax.plot(xs, [p["clean_accuracy"] for p in points], "s--", label="vs noise-free VADER order")
     ax.axhline(label_agreement, color="grey", ls=":", label=f"held-out labels vs VADER ({label_agreement:.2f})")
@@ -51,7 +53,7 @@ def plot_curve(points: list[dict], path: Path, label_agreement: float, model: st
     ax.set_xscale("log")
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.minorticks_off()
-    ax.set_xlabel("training pairs (1 epoch)")
+    ax.set_xlabel("training comparisons")
     ax.set_ylabel("held-out pairwise accuracy")
     ax.set_ylim(0.45, 1.0)
     ax.set_title(f"reward model on {model}: held-out accuracy vs data", fontsize=9)
@@ -90,7 +92,8 @@ def main() -> None:
         summary = train_reward_model(RewardTrainConfig(model=args.model, data=subset, held_out_data=held_file,
                                                        out_dir=out_dir, epochs=args.epochs, **overrides))
         rm = RewardModel.from_pretrained(out_dir, precision=summary["precision"])
-        point = {"pairs": n, "steps": summary["steps"], "held_out_accuracy": summary["held_out_accuracy"],
+        comparisons = sum(len(item.comparisons()) for item in read_preferences(subset).items)
+        point = {"items": n, "comparisons": comparisons, "steps": summary["steps"], "held_out_accuracy": summary["held_out_accuracy"],
                  "held_out_loss": summary["held_out_loss"], "clean_accuracy": clean_accuracy(rm, held_rows),
                  "items_per_second": summary["items_per_second"], "seconds": time.time() - start}
         points.append(point)
@@ -98,17 +101,17 @@ def main() -> None:
         if n == sizes[-1]:
             metrics = preference_metrics(rm, read_preferences(held_file).items)
             plot_calibration(metrics["calibration"], args.out / "reward_calibration.png",
-                             f"RM trained on {n} pairs, held-out pairs")
+                             f"RM trained on {n} items, held-out pairs")
             (args.out / "calibration.json").write_text(json.dumps(metrics["calibration"], indent=2))
     result = {"model": str(args.model), "data": str(args.data), "held_out_pairs": len(held_rows),
               "held_out_label_agreement_with_vader": label_agreement, "overrides": overrides,
               "epochs": args.epochs, "points": points}
     (args.out / "reward_curve.json").write_text(json.dumps(result, indent=2))
     plot_curve(points, args.out / "reward_curve.png", label_agreement, f"{args.model.parent.name}/{args.model.name}")
-    print("\n| training pairs | steps | held-out accuracy | vs noise-free VADER | held-out loss |")
-    print("|---|---|---|---|---|")
+    print("\n| training items | comparisons | steps | held-out accuracy | vs noise-free VADER | held-out loss |")
+    print("|---|---|---|---|---|---|")
     for p in points:
-        print(f"| {p['pairs']} | {p['steps']} | {p['held_out_accuracy']:.3f} | {p['clean_accuracy']:.3f} | "
+        print(f"| {p['items']} | {p['comparisons']} | {p['steps']} | {p['held_out_accuracy']:.3f} | {p['clean_accuracy']:.3f} | "
               f"{p['held_out_loss']:.3f} |")
     print(f"\nheld-out labels agree with VADER on {label_agreement:.3f} of pairs (label noise); "
           f"figures from the shared 2-core CPU.")

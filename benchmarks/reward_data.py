@@ -14,8 +14,15 @@ the response (`alignloop.labelers.vader_sentiment`) with label noise
 pairs whose sentiments differ by at most `tie_threshold` are ties and dropped
 (counted).
 
+With `--k K` (K > 2, `sft` source only) the SFT model samples K responses per prompt.
+Training rows are then rankings, labelled by the annotation app's own simulated person
+(`alignloop.annotate.simulate.label_answerer`: VADER order with Gumbel noise, equal
+sentiments tied), so the K-way loss scores each response once for its C(K,2) comparisons;
+held-out rows stay pairs (responses 0-1, 2-3, ... of each held-out prompt) so accuracy
+means the same thing at every K.
+
     .venv/bin/python benchmarks/reward_data.py [--source corpus|sft] [--model runs/demo/sft] \
-        [--train-prompts 3000] [--out runs/reward/data]
+        [--train-prompts 3000] [--k 2] [--out runs/reward/data]
 
 Writes train.jsonl and held_out.jsonl ({"prompt", "chosen", "rejected", "vader_chosen",
 "vader_rejected"}: the extra keys are ignored by the reader, and let scripts compute
@@ -60,11 +67,36 @@ def label_pairs(prompts: list[str], first: list[str], second: list[str], rng: ra
     return rows, counts
 
 
-def sample_pairs(model, tokenizer, prompts: list[str], seed: int, precision: str) -> tuple[list[str], list[str]]:
+def sample_k(model, tokenizer, prompts: list[str], k: int, seed: int, precision: str) -> list[list[str]]:
+    """k independent samples per prompt (T = 1, 64 new tokens): samples[j][i] is prompt i's j-th."""
     settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=64, seed=seed)
-    out = generate(model, tokenizer, prompts + prompts, settings, precision)  # two independent samples each
+    out = generate(model, tokenizer, prompts * k, settings, precision)
     n = len(prompts)
-    return [c.completion for c in out[:n]], [c.completion for c in out[n:]]
+    return [[c.completion for c in out[j * n:(j + 1) * n]] for j in range(k)]
+
+
+def label_rankings(prompts: list[str], samples: list[list[str]], rng: random.Random,
+                   noise: float) -> tuple[list[dict], dict]:
+    """Rank-K rows from the annotation app's simulated person; duplicate texts kept once."""
+    from alignloop.annotate.simulate import label_answerer
+
+    answer = label_answerer("vader", noise, "rank")
+    rows, counts = [], {"rankings": 0, "comparisons": 0, "dropped_fewer_than_two_distinct": 0,
+                        "dropped_all_tied": 0}
+    for i, prompt in enumerate(prompts):
+        responses = list(dict.fromkeys(s[i] for s in samples if s[i].strip()))
+        if len(responses) < 2:
+            counts["dropped_fewer_than_two_distinct"] += 1
+            continue
+        ranking = answer(prompt, responses, rng)
+        if len(ranking) < 2:
+            counts["dropped_all_tied"] += 1
+            continue
+        sizes = [len(g) if isinstance(g, list) else 1 for g in ranking]
+        counts["comparisons"] += (sum(sizes) ** 2 - sum(n * n for n in sizes)) // 2
+        rows.append({"prompt": prompt, "responses": responses, "ranking": ranking})
+    counts["rankings"] = len(rows)
+    return rows, counts
 
 
 def corpus_responses(docs: list[str], n: int, rng: random.Random) -> tuple[list[str], list[str], list[str]]:
@@ -95,7 +127,7 @@ def make_corpus_data(n_train: int, n_held: int, out: Path, noise: float = 0.1, t
 
 
 def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train: int, n_held: int, out: Path,
-              noise: float = 0.1, tie_threshold: float = 0.05, seed: int = 0) -> dict:
+              noise: float = 0.1, tie_threshold: float = 0.05, seed: int = 0, k: int = 2) -> dict:
     start = time.time()
     set_cpu_threads()
     device = resolve_device("auto")
@@ -103,11 +135,19 @@ def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train:
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, device, tokenizer)
     rng = random.Random(seed)
-    summary = {"source": "sft", "model": str(model_dir), "noise": noise, "tie_threshold": tie_threshold, "seed": seed}
+    summary = {"source": "sft", "model": str(model_dir), "noise": noise, "tie_threshold": tie_threshold,
+               "seed": seed, "k": k}
     for split, path, n in (("held_out", held_prompts, n_held), ("train", train_prompts, n_train)):
         prompts = read_prompts(path, n)
-        a, b = sample_pairs(model, tokenizer, prompts, seed + (split == "train"), precision)
-        rows, counts = label_pairs(prompts, a, b, rng, noise, tie_threshold)
+        samples = sample_k(model, tokenizer, prompts, k, seed + (split == "train"), precision)
+        if split == "train" and k > 2:
+            rows, counts = label_rankings(prompts, samples, rng, noise)
+        else:  # pairs: samples 0-1, 2-3, ... of each prompt
+            rows, counts = [], {}
+            for j in range(0, k - 1, 2):
+                pair_rows, pair_counts = label_pairs(prompts, samples[j], samples[j + 1], rng, noise, tie_threshold)
+                rows += pair_rows
+                counts = {key: counts.get(key, 0) + v for key, v in pair_counts.items()}
         write_jsonl(out / f"{split}.jsonl", rows)
         summary[split] = {"prompts": len(prompts), **counts}
     summary["seconds"] = time.time() - start
@@ -121,17 +161,21 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "runs/demo/sft")
     parser.add_argument("--train-prompts", type=int, default=3000)
     parser.add_argument("--held-out-prompts", type=int, default=800)
+    parser.add_argument("--k", type=int, default=2, help="responses per prompt (sft source); K > 2: rankings")
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--tie-threshold", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/reward/data")
     args = parser.parse_args()
+    if args.k < 2 or (args.k > 2 and args.source != "sft"):
+        parser.error("--k must be >= 2, and K > 2 needs --source sft")
     if args.source == "corpus":
         print(json.dumps(make_corpus_data(args.train_prompts, args.held_out_prompts, args.out, args.noise,
                                           args.tie_threshold, args.seed), indent=2))
         return
     summary = make_data(args.model, args.model / "train_prompts.jsonl", args.model / "held_out_pairs.jsonl",
-                        args.train_prompts, args.held_out_prompts, args.out, args.noise, args.tie_threshold, args.seed)
+                        args.train_prompts, args.held_out_prompts, args.out, args.noise, args.tie_threshold, args.seed,
+                        args.k)
     print(json.dumps(summary, indent=2))
 
 
