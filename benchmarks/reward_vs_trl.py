@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--trl-settings", default="bf16=0:gbl=0,bf16=1:gbl=0,bf16=0:gbl=1,bf16=1:gbl=1",
                         help="comma-separated TRL settings to try; the fastest is TRL's figure")
+    parser.add_argument("--pack-width", type=int, default=None, help="alignloop's pack_width (default: its config's)")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/reward/bench")
     args = parser.parse_args()
@@ -113,7 +114,8 @@ def main() -> None:
     # -- alignloop
     config = RewardTrainConfig(model=args.model, data=train_file, held_out_data=held_file, out_dir=args.out / "alignloop_rm",
                                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                               normalize_samples=64)
+                               normalize_samples=64,
+                               **({"pack_width": args.pack_width} if args.pack_width is not None else {}))
     summary = train_reward_model(config)
     ours = {"trainer": "alignloop", "precision": summary["precision"], "pairs": len(train_ids) * args.epochs,
             "train_seconds": summary["train_seconds"], "held_out_accuracy": summary["held_out_accuracy"],
@@ -123,9 +125,12 @@ def main() -> None:
           f"held-out accuracy {ours['held_out_accuracy']:.3f}", flush=True)
 
     # -- TRL, each setting
+    trl_settings = [x for x in args.trl_settings.split(",") if x]  # --trl-settings "": alignloop only
+    if not trl_settings:
+        return
     subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_trl_env.sh"), str(TRL_VENV)], check=True)
     trl_runs = []
-    for setting in args.trl_settings.split(","):
+    for setting in trl_settings:
         opts = dict(kv.split("=") for kv in setting.split(":"))
         spec = {"model": str(args.model), "data": str(args.out / "pairs_ids.json"), "bf16": opts["bf16"] == "1",
                 "group_by_length": opts["gbl"] == "1", "batch_size": args.batch_size, "epochs": args.epochs,
