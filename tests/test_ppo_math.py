@@ -105,6 +105,8 @@ def test_masked_mean():
 
 def test_adaptive_kl_controller_moves_beta_by_the_clipped_error():
     ctl = KLController(0.1, target=6.0, horizon=100)
+    ctl.update(measured_kl=0.5, n_episodes=10)  # below target before ever reaching it: beta held
+    assert ctl.value == 0.1
     ctl.update(measured_kl=12.0, n_episodes=10)  # error clipped to +0.2
     assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
     ctl.update(measured_kl=3.0, n_episodes=10)  # error -0.5 clipped to -0.2
