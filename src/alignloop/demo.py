@@ -23,10 +23,9 @@ DEMO_SECTIONS: dict[str, dict] = {
     "sample": {"k": 4, "num_prompts": 1024},
     "annotate": {"label_function": "vader", "annotators": 3, "overlap": 1, "noise": 0.1, "mode": "rank"},
     "reward": {"epochs": 2.0, "held_out_fraction": 0.1},
-    # PPOConfig's defaults (30 steps x 32 episodes, lr 1e-4, beta adaptive toward 6 nats), starting
-    # from a larger beta: from 0.2 the KL overshot to 8-11 nats in 30 steps; from 0.5 it ended at
-    # 4.2 with the policy still ahead of SFT (docs/demo.md).
-    "ppo": {"kl_coef": 0.5},
+    # PPOConfig's defaults: 30 steps x 32 episodes, lr 1e-4, beta 0.2 held until the KL reaches
+    # 6 nats, then adaptive toward it (docs/demo.md).
+    "ppo": {},
     "evaluate": {"num_prompts": 200, "judge": "vader"},
 }
 
