@@ -15,7 +15,7 @@ from alignloop.reward.data import Preference, ranks_from_ranking, read_preferenc
 from alignloop.reward.evaluate import annotator_agreement, calibration_table
 from alignloop.reward.losses import bradley_terry_loss, kway_ranking_loss, pairwise_accuracy
 from alignloop.reward.train import (
-    EncodedItem, accumulate_gradients, collate, fit_normalization, item_scores, length_buckets, pack_rows,
+    EncodedItem, accumulate_gradients, collate, fit_normalization, item_scores, length_buckets, pack_rows, shared_prefix_mask,
     packing_works,
 )
 
@@ -151,13 +151,32 @@ def test_collate_scores_each_response_once_and_indexes_it():
     assert b.margin.tolist() == [0.0, 1.5]
 
 
-def test_pack_rows_first_fit_decreasing_with_restarting_positions():
-    ids, pos, ends = pack_rows([[1, 2], [3, 4, 5, 6], [7, 8, 9], [10]], width=5, pad_id=0)
-    assert ids == [[3, 4, 5, 6, 10], [7, 8, 9, 1, 2]]
-    assert pos == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
-    assert ends == [(1, 4), (0, 3), (1, 2), (0, 4)]
-    ids, pos, _ = pack_rows([[1, 2, 3]], width=5, pad_id=0)
-    assert ids == [[1, 2, 3, 0, 0]] and pos == [[0, 1, 2, 0, 0]]  # filler: one-token sequences of its own
+def test_pack_rows_first_fit_decreasing_with_the_prompt_once_per_item():
+    # Units (prompt, responses): sizes 2+1+1 = 4, 0+4 = 4 (no shared prompt), 1+1+1 = 3 in rows of 5.
+    units = [([1, 2], [[3], [4]]), ([], [[5, 6, 7, 8]]), ([9], [[10], [11]])]
+    ids, pos, ends, unit, branch = pack_rows(units, width=5, pad_id=0)
+    # No row reaches column 5, so the rows are cut to 4; the short row's tail is filler.
+    assert ids == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 0]]
+    # Each response continues the prompt's positions, as prompt + response alone would.
+    assert pos == [[0, 1, 2, 2], [0, 1, 2, 3], [0, 1, 1, 0]]
+    assert ends == [(0, 2), (0, 3), (1, 3), (2, 1), (2, 2)]  # per response, in item order
+    assert branch == [[0, 0, 1, 2], [1, 1, 1, 1], [0, 1, 2, 0]]
+    assert unit[2][3] not in unit[2][:3] + unit[0] + unit[1]  # a filler token is a unit of its own
+
+
+def test_shared_prefix_mask_lets_each_response_see_the_prompt_and_itself_only():
+    _, _, _, unit, branch = pack_rows([([1, 2], [[3, 4], [5]]), ([6], [[7]])], width=6, pad_id=0)
+    mask = shared_prefix_mask(torch.tensor(unit), torch.tensor(branch))[:, 0].int().tolist()
+    assert mask[0] == [[1, 0, 0, 0, 0],   # prompt token 0
+                       [1, 1, 0, 0, 0],   # prompt token 1
+                       [1, 1, 1, 0, 0],   # response 1, token 0
+                       [1, 1, 1, 1, 0],   # response 1, token 1
+                       [1, 1, 0, 0, 1]]   # response 2: the prompt and itself, not response 1
+    assert mask[1] == [[1, 0, 0, 0, 0],   # the second item's prompt
+                       [1, 1, 0, 0, 0],   # its response
+                       [0, 0, 1, 0, 0],   # filler: itself only
+                       [0, 0, 0, 1, 0],
+                       [0, 0, 0, 0, 1]]
 
 
 def test_length_buckets_cover_every_item_once_with_less_padding():
@@ -243,8 +262,11 @@ def test_packed_sequences_score_exactly_as_padded_ones(tiny_lm_dir):
     model = init_reward_model(tiny_lm_dir, tok)
     assert packing_works(model, tok.pad_token_id, torch.device("cpu"))
     rng = random.Random(1)
-    items = [EncodedItem([[rng.randrange(3, 400) for _ in range(rng.randint(2, 30))] for _ in range(k)],
-                         list(range(k)), None) for k in (2, 3, 2, 4)]
+    def item(k, prompt_len):  # K responses after one shared prompt (prompt_len 0: nothing shared)
+        prompt = [rng.randrange(3, 400) for _ in range(prompt_len)]
+        return EncodedItem([prompt + [rng.randrange(3, 400) for _ in range(rng.randint(1, 30))] for _ in range(k)],
+                           list(range(k)), None, prompt_len)
+    items = [item(2, 5), item(3, 0), item(2, 12), item(4, 3)]
     padded = collate(items, tok.pad_token_id, torch.device("cpu"))
     packed = collate(items, tok.pad_token_id, torch.device("cpu"), pack_width=40)
     assert packed.input_ids.numel() < padded.input_ids.numel()

@@ -9,6 +9,10 @@ Where the time goes on a small model, and what we do about it:
   so a batch's sequences are of similar length and few pad tokens are computed;
 - two forward passes per pair (chosen, then rejected, as TRL does): we run one
   over the concatenation, so each batch pays the Python/kernel-launch cost once;
+- the prompt computed once per response: packed rows hold each prompt ONCE with
+  its K responses after it, each response attending to the prompt and itself
+  (a shared-prefix mask), so a pair costs prompt + chosen + rejected tokens,
+  not 2 x prompt + chosen + rejected, and scores exactly as two sequences would;
 - matmul dtype: bf16 autocast where the `choose_precision` probe measured it faster.
 Dropout is off (as for the policy in PPO: scores must be deterministic).
 """
@@ -57,7 +61,7 @@ class RewardTrainConfig(StageConfig):
     warmup: float = 0.05  # fraction of the optimiser steps with a linear warm-up; cosine decay after
     grad_clip: float = 1.0
     max_length: int = 192  # tokens of prompt + response + EOS; longer items are dropped and counted
-    pack_width: int = 128  # pack a batch's sequences into rows this wide (0: pad each to the batch's longest)
+    pack_width: int = 256  # pack a batch's items (prompt once + K responses) into rows this wide (0: pad instead)
     save_every: int = 0  # optimiser steps between checkpoints in out_dir/checkpoint (0: only the final save)
     normalize_prompts: Path | None = None  # prompts to sample reference responses from; None: the data's responses
     normalize_samples: int = 256
@@ -91,6 +95,7 @@ class EncodedItem:
     seqs: list[list[int]]  # K token sequences: prompt + response + EOS
     ranks: list[int]
     margin: float | None
+    prompt_len: int = 0  # every sequence starts with the same prompt_len prompt tokens
 
 
 def encode_items(tokenizer: PreTrainedTokenizerBase, items: list[Preference], max_length: int) -> tuple[list[EncodedItem], int]:
@@ -105,15 +110,15 @@ def encode_items(tokenizer: PreTrainedTokenizerBase, items: list[Preference], ma
         if max(len(s) for s in seqs) > max_length:
             too_long += 1
             continue
-        encoded.append(EncodedItem(seqs, item.ranks, item.margin))
+        encoded.append(EncodedItem(seqs, item.ranks, item.margin, len(p)))
     return encoded, too_long
 
 
 @dataclass
 class RMBatch:
-    input_ids: torch.Tensor  # (rows, width): padded sequences, or packed rows of several sequences
-    attention_mask: torch.Tensor | None  # (rows, width), 0 on padding; None when packed
-    position_ids: torch.Tensor | None  # (rows, width) restarting at 0 for each packed sequence; None when padded
+    input_ids: torch.Tensor  # (rows, width): padded sequences, or packed rows of several items
+    attention_mask: torch.Tensor  # padded: (rows, width), 0 on padding; packed: (rows, 1, width, width) bool
+    position_ids: torch.Tensor | None  # (rows, width) as each sequence would see alone; None when padded
     ends: torch.Tensor  # (n_seqs, 2): (row, column) of each sequence's last token, its EOS, where it is scored
     index: torch.Tensor  # (batch, K_max): sequence number of item b's response k (0 on padding slots)
     valid: torch.Tensor  # (batch, K_max): False on padding slots (items with fewer responses)
@@ -126,36 +131,65 @@ class RMBatch:
         return self.index.shape[0]
 
 
-def pack_rows(seqs: list[list[int]], width: int, pad_id: int) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
-    """First-fit-decreasing packing of sequences into rows of `width` tokens.
+def pack_rows(units: list[tuple[list[int], list[list[int]]]], width: int,
+              pad_id: int) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]], list[list[int]], list[list[int]]]:
+    """First-fit-decreasing packing of items (a prompt and its K responses) into rows of `width` tokens.
 
-    Returns (ids, position_ids, ends). Positions restart at 0 for every sequence: Hugging Face
-    models read that (with no attention mask and no cache) as packed sequences and attend only
-    within each one, so a packed sequence is scored exactly as if alone, with (almost) no
-    pad tokens computed. A row's leftover tail is filler at position 0 (each filler token its
-    own one-token sequence), seen by nobody.
+    A unit is laid out as prompt, response 1, ..., response K; each response's position ids
+    continue from the prompt's, exactly as in the sequence prompt + response alone. Returns
+    (ids, position_ids, ends, unit, branch): ends[n] is the (row, column) of the n-th response
+    overall (its EOS, where it is scored); unit and branch label every token for
+    `shared_prefix_mask` (branch 0 = prompt, k = response k). A row's leftover tail is filler,
+    each token a unit of its own that attends only to itself and is read by nobody.
     """
-    rows: list[list[int]] = []  # sequence numbers per row
+    size = lambda u: len(u[0]) + sum(len(r) for r in u[1])
+    rows: list[list[int]] = []  # unit numbers per row
     room: list[int] = []
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+    for i in sorted(range(len(units)), key=lambda i: -size(units[i])):
         for r in range(len(rows)):
-            if room[r] >= len(seqs[i]):
+            if room[r] >= size(units[i]):
                 rows[r].append(i)
-                room[r] -= len(seqs[i])
+                room[r] -= size(units[i])
                 break
         else:
             rows.append([i])
-            room.append(width - len(seqs[i]))
-    ids, pos, ends = [], [], [(0, 0)] * len(seqs)
+            room.append(width - size(units[i]))
+    first_end = [0]
+    for _, responses in units:
+        first_end.append(first_end[-1] + len(responses))
+    shrink = min(room)  # drop the columns that every row leaves empty
+    room = [r - shrink for r in room]
+    ids, pos, unit, branch, ends = [], [], [], [], [(0, 0)] * first_end[-1]
+    filler_unit = len(units)
     for r, members in enumerate(rows):
-        row, prow = [], []
+        row, prow, urow, brow = [], [], [], []
         for i in members:
-            row += seqs[i]
-            prow += range(len(seqs[i]))
-            ends[i] = (r, len(row) - 1)
+            prompt, responses = units[i]
+            row += prompt
+            prow += range(len(prompt))
+            urow += [i] * len(prompt)
+            brow += [0] * len(prompt)
+            for k, resp in enumerate(responses):
+                row += resp
+                prow += range(len(prompt), len(prompt) + len(resp))
+                urow += [i] * len(resp)
+                brow += [k + 1] * len(resp)
+                ends[first_end[i] + k] = (r, len(row) - 1)
         ids.append(row + [pad_id] * room[r])
         pos.append(prow + [0] * room[r])
-    return ids, pos, ends
+        unit.append(urow + list(range(filler_unit, filler_unit + room[r])))
+        filler_unit += room[r]
+        branch.append(brow + [0] * room[r])
+    return ids, pos, ends, unit, branch
+
+
+def shared_prefix_mask(unit: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, W, W) bool: token i attends to token j when both belong to one item, j is not after i,
+    and j is in the prompt or in i's own response: each response sees exactly prompt + itself."""
+    same_unit = unit[:, :, None] == unit[:, None, :]
+    not_after = torch.ones(unit.shape[1], unit.shape[1], dtype=torch.bool, device=unit.device).tril()
+    visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    return (same_unit & not_after & visible)[:, None]
 
 
 def collate(items: list[EncodedItem], pad_id: int, device: torch.device, pack_width: int = 0) -> RMBatch:
@@ -169,16 +203,19 @@ def collate(items: list[EncodedItem], pad_id: int, device: torch.device, pack_wi
         seqs += it.seqs
     t = lambda x, **kw: torch.tensor(x, device=device, **kw)
     if pack_width:
-        ids, pos, ends = pack_rows(seqs, max(pack_width, max(len(s) for s in seqs)), pad_id)
-        mask, pos = None, t(pos)
+        units = [(it.seqs[0][:it.prompt_len], [s[it.prompt_len:] for s in it.seqs]) for it in items]
+        width = max(pack_width, max(len(u[0]) + sum(len(r) for r in u[1]) for u in units))
+        ids, pos, ends, unit, branch = pack_rows(units, width, pad_id)
+        mask, pos = shared_prefix_mask(t(unit), t(branch)), t(pos)
+        real = sum(len(u[0]) + sum(len(r) for r in u[1]) for u in units)
     else:
         ids, mask = pad_right(seqs, pad_id)
         mask, pos, ends = t(mask), None, [(i, len(s) - 1) for i, s in enumerate(seqs)]
+        real = sum(len(s) for s in seqs)
     margin = None
     if any(it.margin is not None for it in items):
         margin = t([it.margin or 0.0 for it in items])
-    return RMBatch(t(ids), mask, pos, t(ends), t(index), t(valid, dtype=torch.bool), t(ranks), margin,
-                   sum(len(s) for s in seqs))
+    return RMBatch(t(ids), mask, pos, t(ends), t(index), t(valid, dtype=torch.bool), t(ranks), margin, real)
 
 
 def length_buckets(items: list[EncodedItem], batch_size: int, rng: random.Random, mega: int = 32) -> list[list[int]]:
@@ -204,9 +241,9 @@ def item_scores(model: PreTrainedModel, batch: RMBatch, precision: str) -> torch
     with autocast(batch.input_ids.device, precision):
         if batch.position_ids is None:  # padded: the HF head finds the last non-pad token itself
             seq_scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
-        else:  # packed: run the backbone, apply the head at each sequence's end
-            hidden = model.base_model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                                      use_cache=False).last_hidden_state  # (rows, width, hidden)
+        else:  # packed: run the backbone under the shared-prefix mask, apply the head at each response's end
+            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
             seq_scores = model.score(hidden[batch.ends[:, 0], batch.ends[:, 1]])[:, 0]
     return seq_scores.float()[batch.index]
 
@@ -216,7 +253,8 @@ def packing_works(model: PreTrainedModel, pad_id: int, device: torch.device) -> 
     """Does this architecture score packed sequences exactly as padded ones? Checked, not assumed."""
     if not isinstance(getattr(model, "score", None), torch.nn.Linear) or model.base_model is model:
         return False
-    items = [EncodedItem([[5, 6, 7, 8, 9], [10, 11, 12]], [0, 1], None), EncodedItem([[13, 14], [15, 16, 17, 18]], [1, 0], None)]
+    items = [EncodedItem([[5, 6, 7, 8, 9], [5, 6, 11, 12]], [0, 1], None, prompt_len=2),
+             EncodedItem([[13, 14], [15, 16, 17, 18]], [1, 0], None)]
     try:
         packed = item_scores(model, collate(items, pad_id, device, pack_width=16), "fp32")
     except (TypeError, ValueError, RuntimeError):
