@@ -131,7 +131,15 @@ class RMBatch:
         return self.index.shape[0]
 
 
-def pack_rows(units: list[tuple[list[int], list[list[int]]]], width: int,
+Unit = tuple[list[int], list[list[int]]]  # one item to pack: (prompt ids, [response ids, ...])
+
+
+def unit_size(unit: Unit) -> int:
+    """Tokens the item takes in a packed row: its prompt once, then every response."""
+    return len(unit[0]) + sum(len(r) for r in unit[1])
+
+
+def pack_rows(units: list[Unit], width: int,
               pad_id: int) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]], list[list[int]], list[list[int]]]:
     """First-fit-decreasing packing of items (a prompt and its K responses) into rows of `width` tokens.
 
@@ -142,18 +150,18 @@ def pack_rows(units: list[tuple[list[int], list[list[int]]]], width: int,
     `shared_prefix_mask` (branch 0 = prompt, k = response k). A row's leftover tail is filler,
     each token a unit of its own that attends only to itself and is read by nobody.
     """
-    size = lambda u: len(u[0]) + sum(len(r) for r in u[1])
+    sizes = [unit_size(u) for u in units]
     rows: list[list[int]] = []  # unit numbers per row
     room: list[int] = []
-    for i in sorted(range(len(units)), key=lambda i: -size(units[i])):
+    for i in sorted(range(len(units)), key=lambda i: -sizes[i]):
         for r in range(len(rows)):
-            if room[r] >= size(units[i]):
+            if room[r] >= sizes[i]:
                 rows[r].append(i)
-                room[r] -= size(units[i])
+                room[r] -= sizes[i]
                 break
         else:
             rows.append([i])
-            room.append(width - size(units[i]))
+            room.append(width - sizes[i])
     first_end = [0]
     for _, responses in units:
         first_end.append(first_end[-1] + len(responses))
@@ -204,10 +212,10 @@ def collate(items: list[EncodedItem], pad_id: int, device: torch.device, pack_wi
     t = lambda x, **kw: torch.tensor(x, device=device, **kw)
     if pack_width:
         units = [(it.seqs[0][:it.prompt_len], [s[it.prompt_len:] for s in it.seqs]) for it in items]
-        width = max(pack_width, max(len(u[0]) + sum(len(r) for r in u[1]) for u in units))
-        ids, pos, ends, unit, branch = pack_rows(units, width, pad_id)
+        sizes = [unit_size(u) for u in units]
+        ids, pos, ends, unit, branch = pack_rows(units, max(pack_width, max(sizes)), pad_id)
         mask, pos = shared_prefix_mask(t(unit), t(branch)), t(pos)
-        real = sum(len(u[0]) + sum(len(r) for r in u[1]) for u in units)
+        real = sum(sizes)
     else:
         ids, mask = pad_right(seqs, pad_id)
         mask, pos, ends = t(mask), None, [(i, len(s) - 1) for i, s in enumerate(seqs)]
