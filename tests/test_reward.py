@@ -162,6 +162,8 @@ def test_pack_rows_first_fit_decreasing_with_the_prompt_once_per_item():
     assert ends == [(0, 2), (0, 3), (1, 3), (2, 1), (2, 2)]  # per response, in item order
     assert branch == [[0, 0, 1, 2], [1, 1, 1, 1], [0, 1, 2, 0]]
     assert unit[2][3] not in unit[2][:3] + unit[0] + unit[1]  # a filler token is a unit of its own
+    ids, _, ends, _, _ = pack_rows([([1], [[2, 3, 4, 5, 6]])], width=4, pad_id=0)
+    assert ids == [[1, 2, 3, 4, 5, 6]] and ends == [(0, 5)]  # an item longer than the width gets a row of its own
 
 
 def test_shared_prefix_mask_lets_each_response_see_the_prompt_and_itself_only():

@@ -141,7 +141,8 @@ def unit_size(unit: Unit) -> int:
 
 def pack_rows(units: list[Unit], width: int,
               pad_id: int) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]], list[list[int]], list[list[int]]]:
-    """First-fit-decreasing packing of items (a prompt and its K responses) into rows of `width` tokens.
+    """First-fit-decreasing packing of items (a prompt and its K responses) into rows of `width` tokens
+    (wider when one item is longer than that).
 
     A unit is laid out as prompt, response 1, ..., response K; each response's position ids
     continue from the prompt's, exactly as in the sequence prompt + response alone. Returns
@@ -151,6 +152,7 @@ def pack_rows(units: list[Unit], width: int,
     each token a unit of its own that attends only to itself and is read by nobody.
     """
     sizes = [unit_size(u) for u in units]
+    width = max(width, *sizes)
     rows: list[list[int]] = []  # unit numbers per row
     room: list[int] = []
     for i in sorted(range(len(units)), key=lambda i: -sizes[i]):
@@ -212,10 +214,9 @@ def collate(items: list[EncodedItem], pad_id: int, device: torch.device, pack_wi
     t = lambda x, **kw: torch.tensor(x, device=device, **kw)
     if pack_width:
         units = [(it.seqs[0][:it.prompt_len], [s[it.prompt_len:] for s in it.seqs]) for it in items]
-        sizes = [unit_size(u) for u in units]
-        ids, pos, ends, unit, branch = pack_rows(units, max(pack_width, max(sizes)), pad_id)
+        ids, pos, ends, unit, branch = pack_rows(units, pack_width, pad_id)
         mask, pos = shared_prefix_mask(t(unit), t(branch)), t(pos)
-        real = sum(sizes)
+        real = sum(unit_size(u) for u in units)
     else:
         ids, mask = pad_right(seqs, pad_id)
         mask, pos, ends = t(mask), None, [(i, len(s) - 1) for i, s in enumerate(seqs)]
