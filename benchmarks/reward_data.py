@@ -67,9 +67,10 @@ def label_pairs(prompts: list[str], first: list[str], second: list[str], rng: ra
     return rows, counts
 
 
-def sample_k(model, tokenizer, prompts: list[str], k: int, seed: int, precision: str) -> list[list[str]]:
+def sample_k(model, tokenizer, prompts: list[str], k: int, seed: int, precision: str,
+             batch_size: int = 64) -> list[list[str]]:
     """k independent samples per prompt (T = 1, 64 new tokens): samples[j][i] is prompt i's j-th."""
-    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=64, seed=seed)
+    settings = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=64, batch_size=batch_size, seed=seed)
     out = generate(model, tokenizer, prompts * k, settings, precision)
     n = len(prompts)
     return [[c.completion for c in out[j * n:(j + 1) * n]] for j in range(k)]
@@ -127,7 +128,8 @@ def make_corpus_data(n_train: int, n_held: int, out: Path, noise: float = 0.1, t
 
 
 def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train: int, n_held: int, out: Path,
-              noise: float = 0.1, tie_threshold: float = 0.05, seed: int = 0, k: int = 2) -> dict:
+              noise: float = 0.1, tie_threshold: float = 0.05, seed: int = 0, k: int = 2,
+              batch_size: int = 64) -> dict:
     start = time.time()
     set_cpu_threads()
     device = resolve_device("auto")
@@ -139,7 +141,7 @@ def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train:
                "seed": seed, "k": k}
     for split, path, n in (("held_out", held_prompts, n_held), ("train", train_prompts, n_train)):
         prompts = read_prompts(path, n)
-        samples = sample_k(model, tokenizer, prompts, k, seed + (split == "train"), precision)
+        samples = sample_k(model, tokenizer, prompts, k, seed + (split == "train"), precision, batch_size)
         if split == "train" and k > 2:
             rows, counts = label_rankings(prompts, samples, rng, noise)
         else:  # pairs: samples 0-1, 2-3, ... of each prompt
@@ -162,6 +164,8 @@ def main() -> None:
     parser.add_argument("--train-prompts", type=int, default=3000)
     parser.add_argument("--held-out-prompts", type=int, default=800)
     parser.add_argument("--k", type=int, default=2, help="responses per prompt (sft source); K > 2: rankings")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="sequences sampled at once (larger: fewer, wider decode steps, faster on CPU)")
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--tie-threshold", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
@@ -175,7 +179,7 @@ def main() -> None:
         return
     summary = make_data(args.model, args.model / "train_prompts.jsonl", args.model / "held_out_pairs.jsonl",
                         args.train_prompts, args.held_out_prompts, args.out, args.noise, args.tie_threshold, args.seed,
-                        args.k)
+                        args.k, args.batch_size)
     print(json.dumps(summary, indent=2))
 
 

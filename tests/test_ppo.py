@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file
 
 from alignloop.errors import ConfigError
-from alignloop.modeling import load_causal_lm, load_tokenizer
+from alignloop.modeling import build_causal_lm, load_causal_lm, load_tokenizer
 from alignloop.ppo import PPOConfig, PPOTrainer, ppo
 from alignloop.prompts import encode_prompt, encode_response
 from alignloop.reward.model import RewardModel, init_reward_model
@@ -61,6 +61,42 @@ def test_sampler_matches_hf_generate_greedy_with_left_padding(tiny_lm_dir):
                              pad_token_id=tok.pad_token_id)[0, len(p):]
         n = int(ours.response_mask[row].sum())
         assert ours.responses[row, :n].tolist() == ref[:n].tolist()
+
+
+def test_rows_that_end_leave_the_batch_without_changing_the_others(tiny_tokenizer):
+    """Ended rows are dropped from the KV cache mid-loop; every row must still get exactly its own tokens.
+
+    Greedy decoding with no stop token gives each prompt's full continuation; then a token that
+    those continuations reach at different steps is made the stop token, so rows end (and are
+    dropped) at different times, and each row must be its full continuation cut at that token.
+    """
+    tok = tiny_tokenizer
+    model = build_causal_lm(tok, n_layer=2, n_embd=64, n_head=2, n_positions=128, seed=0).eval()
+    with torch.no_grad():  # sharp random weights: greedy text that varies instead of one token repeated
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(16)
+    texts = ["Love is", "A much longer prompt than the other one", "Never", "The sea", "Computers are",
+             "If you", "Time flies like an arrow", "What"]
+    ids, mask = left_pad([encode_prompt(tok, t) for t in texts], tok.pad_token_id, torch.device("cpu"))
+    full = sample_responses(model, ids, mask, 16, eos_id=-1, pad_id=tok.pad_token_id, greedy=True).responses
+
+    def first_at(row, token):
+        hits = (full[row] == token).nonzero()
+        return int(hits[0]) if len(hits) else None
+
+    # The token whose first occurrences end the most rows at the most distinct steps.
+    candidates = torch.unique(full).tolist()
+    stop = max(candidates, key=lambda t: len({first_at(r, t) for r in range(len(texts))} - {None}))
+    ends = [first_at(r, stop) for r in range(len(texts))]
+    assert len(set(ends) - {None}) >= 3  # rows really do end at different steps
+
+    cut = sample_responses(model, ids, mask, 16, eos_id=stop, pad_id=tok.pad_token_id, greedy=True)
+    for row, end in enumerate(ends):
+        n = int(cut.response_mask[row].sum())
+        assert n == (end + 1 if end is not None else 16)
+        assert cut.responses[row, :n].tolist() == full[row, :n].tolist()
+    assert cut.responses.shape[1] == max(n + 1 if n is not None else 16 for n in ends)
 
 
 def test_reward_in_the_rollout_layout_equals_scoring_the_text(tiny_lm_dir, rm_dir):
