@@ -97,6 +97,9 @@ def test_rows_that_end_leave_the_batch_without_changing_the_others(tiny_tokenize
         assert n == (end + 1 if end is not None else 16)
         assert cut.responses[row, :n].tolist() == full[row, :n].tolist()
     assert cut.responses.shape[1] == max(n + 1 if n is not None else 16 for n in ends)
+    kept = sample_responses(model, ids, mask, 16, eos_id=stop, pad_id=tok.pad_token_id, greedy=True,
+                            compact_fraction=0)  # every row stays to the end
+    assert torch.equal(kept.responses, cut.responses) and torch.equal(kept.response_mask, cut.response_mask)
 
 
 def test_reward_in_the_rollout_layout_equals_scoring_the_text(tiny_lm_dir, rm_dir):

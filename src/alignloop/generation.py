@@ -45,8 +45,12 @@ class Completion:
 
 @torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-             settings: SamplingSettings, precision: str = "fp32", show_progress: bool = True) -> list[Completion]:
-    """One completion per prompt, with the same KV-cache sampler that PPO's rollouts use."""
+             settings: SamplingSettings, precision: str = "fp32", show_progress: bool = True,
+             compact_fraction: float = 0.25) -> list[Completion]:
+    """One completion per prompt, with the same KV-cache sampler that PPO's rollouts use.
+
+    `compact_fraction`: see `rollout.sample_responses` (ended rows leave the batch; 0 keeps them).
+    """
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     # Sorting by prompt length keeps left padding (and wasted compute) small; order restored below.
@@ -57,7 +61,8 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     for batch in progress(batches, desc="generate", disable=not show_progress):
         ids, mask = left_pad([encode_prompt(tokenizer, prompts[i]) for i in batch], tokenizer.pad_token_id, device)
         out = sample_responses(model, ids, mask, settings.max_new_tokens, eos, tokenizer.pad_token_id,
-                               settings.temperature, settings.top_p, settings.greedy, generator, precision)
+                               settings.temperature, settings.top_p, settings.greedy, generator, precision,
+                               compact_fraction)
         finished = finished_rows(out, eos).tolist()
         for row, i in enumerate(batch):
             tokens = out.responses[row][out.response_mask[row] == 1].tolist()

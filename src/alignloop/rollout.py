@@ -120,14 +120,14 @@ def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -
 def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
                      greedy: bool = False, generator: torch.Generator | None = None,
-                     precision: str = "fp32") -> TokenBatch:
+                     precision: str = "fp32", compact_fraction: float = 0.25) -> TokenBatch:
     """Sample one response per left-padded prompt; stop a row at EOS, the batch when all rows stopped.
 
-    Rows that have ended leave the batch (their KV cache rows dropped) once a quarter of the
-    rows still running have ended: at T = 1 response lengths spread widely (the SFT model's
-    run from 1 to 64 tokens, mean ~29), and without this a batch of 64 pays 64 rows of
-    compute until its longest response ends. Dropping rows one at a time would copy the
-    cache more often than it saves.
+    Rows that have ended leave the batch (their KV cache rows dropped) once `compact_fraction`
+    (a quarter) of the rows still running have ended; 0 keeps every row to the end. At T = 1
+    response lengths spread widely (the SFT model's run from 1 to 64 tokens, mean ~29), and
+    without this a batch of 64 pays 64 rows of compute until its longest response ends.
+    Dropping rows one at a time would copy the cache more often than it saves.
     """
     device = prompt_ids.device
     batch = prompt_ids.shape[0]
@@ -162,7 +162,7 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
             if n_ended == len(rows) or step == max_new_tokens - 1:
                 break
             cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            if 4 * n_ended >= len(rows):
+            if compact_fraction and n_ended and n_ended >= compact_fraction * len(rows):
                 keep = (~ended).nonzero().squeeze(1)
                 cache.reorder_cache(keep)  # index_select on every layer's keys and values
                 rows, token, next_position, mask = rows[keep], token[keep], next_position[keep], mask[keep]
