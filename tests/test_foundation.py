@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignloop.corpus import load_corpus, split_corpus
 from alignloop.generation import SamplingSettings, generate
 from alignloop.jsonl import read_jsonl
-from alignloop.modeling import load_causal_lm, load_tokenizer
+from alignloop.modeling import GELUTanh, load_causal_lm, load_tokenizer
 from alignloop.pretrain import PretrainConfig, pack_documents, pretrain
 from alignloop.prompts import encode_prompt, encode_response
 from alignloop.sft import SFTConfig, _batches, corpus_pairs, sft
@@ -44,6 +44,24 @@ def test_tokenizer_special_tokens_distinct_and_loadable(tiny_lm_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     assert model.generation_config.eos_token_id == tok.eos_token_id
     assert model.generation_config.pad_token_id == tok.pad_token_id
+
+
+def test_fused_gelu_is_the_same_model_and_saves_as_gelu_new(tiny_lm_dir, tmp_path):
+    """load_causal_lm swaps GPT-2's written-out GELU for one kernel: same outputs and gradients, same saved config."""
+    tok = load_tokenizer(tiny_lm_dir)
+    ours = load_causal_lm(tiny_lm_dir, "cpu", tok)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=torch.float32).eval()
+    assert all(isinstance(block.mlp.act, GELUTanh) for block in ours.transformer.h)
+    assert not any(isinstance(m, GELUTanh) for m in plain.modules())
+    ids = torch.tensor([encode_prompt(tok, "Love is a many splendoured thing")])
+    a, b = ours(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    a.logsumexp(-1).sum().backward()
+    b.logsumexp(-1).sum().backward()
+    wa, wb = ours.transformer.h[0].mlp.c_fc.weight.grad, plain.transformer.h[0].mlp.c_fc.weight.grad
+    assert torch.allclose(wa, wb, atol=1e-5 * float(wb.abs().max()))
+    ours.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["activation_function"] == "gelu_new"
 
 
 def test_pack_documents_cuts_blocks():

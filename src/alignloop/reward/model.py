@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..device import autocast
-from ..modeling import check_model_dir, load_tokenizer
+from ..modeling import check_model_dir, fuse_activations, load_tokenizer
 from ..prompts import encode_prompt, encode_response, pad_right
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -37,7 +37,7 @@ def init_reward_model(backbone_dir: str | Path, tokenizer: PreTrainedTokenizerBa
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it
-    return model.eval()
+    return fuse_activations(model).eval()
 
 
 class RewardModel:
@@ -55,7 +55,8 @@ class RewardModel:
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32") -> "RewardModel":
         path = check_model_dir(path)
         tokenizer = load_tokenizer(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device)
+        model = fuse_activations(AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32))
+        model = model.to(device)
         norm_file = path / NORMALIZATION_FILE
         norm = json.loads(norm_file.read_text()) if norm_file.is_file() else {"gain": 1.0, "bias": 0.0}
         for p in model.parameters():

@@ -34,7 +34,7 @@ from ..config import StageConfig
 from ..device import autocast, choose_precision, resolve_device, set_cpu_threads
 from ..errors import InputError
 from ..generation import SamplingSettings, generate
-from ..modeling import check_model_dir, load_causal_lm, load_tokenizer
+from ..modeling import check_model_dir, fuse_activations, load_causal_lm, load_tokenizer
 from ..progress import progress
 from ..prompts import encode_prompt, encode_response, pad_right
 from ..training import make_optimizer, warmup_cosine
@@ -304,7 +304,8 @@ def split_by_prompt(items: list[Preference], fraction: float, seed: int) -> tupl
 
 def load_backbone(config: RewardTrainConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> PreTrainedModel:
     if config.init_from is not None:
-        model = AutoModelForSequenceClassification.from_pretrained(config.init_from, num_labels=1, dtype=torch.float32)
+        model = fuse_activations(
+            AutoModelForSequenceClassification.from_pretrained(config.init_from, num_labels=1, dtype=torch.float32))
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = init_reward_model(config.model, tokenizer)
