@@ -18,6 +18,7 @@ or from the repository root with `from benchmarks.ceiling import ...`.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -30,6 +31,23 @@ from alignloop.device import autocast
 def lm_matmul_flops(matmul_params: int, tokens: int, backward: bool) -> int:
     """FLOPs of the matmuls for `tokens` tokens: 2·N·tokens forward, 6·N·tokens forward+backward."""
     return (6 if backward else 2) * matmul_params * tokens
+
+
+@functools.lru_cache(maxsize=None)
+def ceiling_precisions(device: torch.device | str = "cpu") -> list[str]:
+    """The matmul dtypes worth a ceiling measurement on this machine: fp32, and bf16 unless it is far slower.
+
+    On a CPU without bf16 units bf16 autocast runs 25-40x slower than fp32 (2-3 vs 67-86
+    GFLOP/s measured here), so its ceiling can never be the best one and measuring it takes
+    minutes per model (40 s per forward+backward at 8 x 512). `alignloop.device.bf16_speedup`'s
+    short probe decides: below 0.25x fp32, bf16 is skipped and the benchmarks say so.
+    """
+    from alignloop.device import bf16_speedup
+
+    device = torch.device(device)
+    if device.type == "cpu" and bf16_speedup("cpu") < 0.25:
+        return ["fp32"]
+    return ["fp32", "bf16"]
 
 
 def measure_fwd_bwd_flops_per_second(model: PreTrainedModel, batch_size: int, seq_len: int, precision: str,

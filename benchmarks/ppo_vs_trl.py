@@ -44,7 +44,7 @@ from alignloop.reward.model import RewardModel, init_reward_model
 from alignloop.tokenizer import train_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ceiling import lm_matmul_flops, measure_fwd_bwd_flops_per_second  # noqa: E402
+from ceiling import ceiling_precisions, lm_matmul_flops, measure_fwd_bwd_flops_per_second  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_VENV = ROOT / ".venv-trl"
@@ -157,7 +157,7 @@ def ppo_flops_per_episode(n_policy: int, n_reward: int, n_value: int, prompt_tok
 def measure_ceilings(policy_dir: str, batch_size: int, seq_len: int, seconds: float) -> dict:
     model = load_causal_lm(policy_dir)
     return {p: measure_fwd_bwd_flops_per_second(model, batch_size, seq_len, p, "cpu", seconds=seconds)
-            for p in ("fp32", "bf16")}
+            for p in ceiling_precisions()}
 
 
 # ---------------------------------------------------------------- the two trainers

@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ceiling import lm_matmul_flops, measure_fwd_bwd_flops_per_second  # noqa: E402
+from ceiling import ceiling_precisions, lm_matmul_flops, measure_fwd_bwd_flops_per_second  # noqa: E402
 
 from alignloop.device import set_cpu_threads  # noqa: E402
 from alignloop.jsonl import write_jsonl  # noqa: E402
@@ -105,7 +105,7 @@ def main() -> None:
     matmul_params = count_matmul_params(probe)
     flops_per_pair = 2 * lm_matmul_flops(matmul_params, round(tokens_per_seq), backward=True)
     ceilings = {p: measure_fwd_bwd_flops_per_second(probe, 2 * args.batch_size, round(tokens_per_seq), p,
-                                                    seconds=args.ceiling_seconds) for p in ("fp32", "bf16")}
+                                                    seconds=args.ceiling_seconds) for p in ceiling_precisions()}
     best_ceiling = max(c["flops_per_second"] for c in ceilings.values())
     del probe
     print("ceiling: " + ", ".join(f"{p} {c['flops_per_second'] / 1e9:.1f} GFLOP/s" for p, c in ceilings.items())
