@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     GenerationConfig,
     GPT2Config,
@@ -101,6 +102,12 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu",
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return fuse_activations(model).to(device).eval()
+
+
+def load_scalar_model(path: str | Path) -> PreTrainedModel:
+    """A sequence classifier with one output (a reward model or critic directory), fp32, fused activations."""
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    return fuse_activations(model)
 
 
 def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,

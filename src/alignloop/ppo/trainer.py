@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..device import autocast, choose_precision, resolve_device, set_cpu_threads
 from ..errors import ConfigError
 from ..logprobs import token_logprobs
 from ..metrics import MetricsLogger
-from ..modeling import disable_dropout, fuse_activations, load_causal_lm, load_tokenizer, save_model_dir
+from ..modeling import disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_model_dir
 from ..progress import progress
 from ..prompts import encode_prompt
 from ..reward.model import RewardModel
@@ -151,8 +151,7 @@ class PPOTrainer:
         self.critic: PreTrainedModel | None = None
         self.value_head: ValueHead | None = None
         if c.critic == "separate":
-            critic = fuse_activations(AutoModelForSequenceClassification.from_pretrained(
-                c.value_model or c.reward_model, num_labels=1, dtype=torch.float32))
+            critic = load_scalar_model(c.value_model or c.reward_model)
             critic.config.pad_token_id = tok.pad_token_id
             self.critic = disable_dropout(critic.to(dev))
         else:

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..device import autocast
-from ..modeling import check_model_dir, fuse_activations, load_tokenizer
+from ..modeling import check_model_dir, fuse_activations, load_scalar_model, load_tokenizer
 from ..prompts import encode_prompt, encode_response, pad_right
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -55,8 +55,7 @@ class RewardModel:
     def from_pretrained(cls, path: str | Path, device: torch.device | str = "cpu", precision: str = "fp32") -> "RewardModel":
         path = check_model_dir(path)
         tokenizer = load_tokenizer(path)
-        model = fuse_activations(AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32))
-        model = model.to(device)
+        model = load_scalar_model(path).to(device)
         norm_file = path / NORMALIZATION_FILE
         norm = json.loads(norm_file.read_text()) if norm_file.is_file() else {"gain": 1.0, "bias": 0.0}
         for p in model.parameters():

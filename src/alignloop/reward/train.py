@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import StageConfig
 from ..device import autocast, choose_precision, resolve_device, set_cpu_threads
 from ..errors import InputError
 from ..generation import SamplingSettings, generate
-from ..modeling import check_model_dir, fuse_activations, load_causal_lm, load_tokenizer
+from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer
 from ..progress import progress
 from ..prompts import encode_prompt, encode_response, pad_right
 from ..training import make_optimizer, warmup_cosine
@@ -304,8 +304,7 @@ def split_by_prompt(items: list[Preference], fraction: float, seed: int) -> tupl
 
 def load_backbone(config: RewardTrainConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> PreTrainedModel:
     if config.init_from is not None:
-        model = fuse_activations(
-            AutoModelForSequenceClassification.from_pretrained(config.init_from, num_labels=1, dtype=torch.float32))
+        model = load_scalar_model(config.init_from)
         model.config.pad_token_id = tokenizer.pad_token_id
     else:
         model = init_reward_model(config.model, tokenizer)
