@@ -11,8 +11,8 @@ sampler that `alignloop sample`, evaluation and PPO's rollouts use; HF runs `mod
 with `do_sample=True` on the same padded batches. Prints responses/s and generated tokens/s
 for each (the tokens each side actually produced: the samples differ, their length
 distributions do not), and the ratio. Also runs alignloop with rows kept until the whole batch
-has ended (`--no-compaction` semantics: `compact_fraction=0`) so the effect of dropping
-ended rows is measured in the same run.
+has ended (`compact_fraction=0`), so the effect of dropping ended rows is measured in the
+same run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from alignloop.device import autocast, choose_precision, set_cpu_threads
 from alignloop.generation import SamplingSettings, generate
 from alignloop.modeling import load_causal_lm, load_tokenizer
 from alignloop.prompts import encode_prompt
-from alignloop.rollout import left_pad
+from alignloop.rollout import left_pad, response_mask_up_to_eos
 from alignloop.sampling import read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +47,7 @@ def hf_generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_t
             out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
                                  top_k=0, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id)
-        responses = out[:, ids.shape[1]:]
-        is_eos = responses == eos
-        ended_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-        tokens += int((~ended_before).sum())
+        tokens += int(response_mask_up_to_eos(out[:, ids.shape[1]:], eos).sum())
     return len(prompts), tokens
 
 

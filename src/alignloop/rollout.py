@@ -171,11 +171,14 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
                         position_ids=next_position, use_cache=True, **{cache_arg: cache})
             next_position = next_position + 1
     responses = responses[:, :step + 1]  # (batch, R), pad after EOS
-    # A token is part of the response up to and including the first EOS.
+    return make_batch(prompt_ids, prompt_mask, responses, response_mask_up_to_eos(responses, eos_id))
+
+
+def response_mask_up_to_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(batch, R) float: 1.0 on each response's tokens up to and including its first EOS."""
     is_eos = responses == eos_id
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    response_mask = (~after_eos).float()
-    return make_batch(prompt_ids, prompt_mask, responses, response_mask)
+    return (~after_eos).float()
 
 
 def finished_rows(batch: TokenBatch, eos_id: int) -> torch.Tensor:
