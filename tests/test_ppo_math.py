@@ -134,3 +134,15 @@ def test_draw_tokens_follows_the_probabilities_and_never_draws_a_cut_token():
     assert (tokens[:, 1] == 3).all()
     # Rows that sum to a little less than 1 (rounding) still draw a valid token.
     assert draw_tokens(torch.tensor([[0.2, 0.3, 0.499]]), torch.Generator().manual_seed(1)).item() in (0, 1, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/cuda_check.sh runs it)")
+def test_draw_tokens_on_cuda_takes_a_cpu_generator_and_draws_what_the_cpu_draws():
+    # Our generators live on the CPU (one seed, the same draws on any device; checkpointable
+    # anywhere): probabilities on the GPU must still work, and give the CPU's tokens.
+    probs = torch.softmax(torch.randn(64, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
+    on_cpu = draw_tokens(probs, torch.Generator().manual_seed(3))
+    on_gpu = draw_tokens(probs.cuda(), torch.Generator().manual_seed(3))
+    assert on_gpu.device.type == "cuda"
+    # The cumulative sums may round differently on the GPU: a draw on an interval's edge may move.
+    assert (on_gpu.cpu() == on_cpu).float().mean() >= 0.95

@@ -1,4 +1,7 @@
-"""Progress bars for every long loop (tqdm: plain in logs, live in a terminal)."""
+"""Progress bars for every long loop (tqdm: plain in logs, live in a terminal).
+
+TQDM_DISABLE=1 in the environment turns them all off (tqdm reads it), for quiet logs.
+"""
 
 from __future__ import annotations
 
@@ -11,4 +14,6 @@ T = TypeVar("T")
 
 def progress(iterable: Iterable[T] | None = None, desc: str = "", total: int | None = None,
              disable: bool = False, **kwargs) -> tqdm:
-    return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, leave=True, **kwargs)
+    if disable:  # passed only when set, so that tqdm's own TQDM_DISABLE variable still applies
+        kwargs["disable"] = True
+    return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=True, **kwargs)

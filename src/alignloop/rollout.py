@@ -112,7 +112,11 @@ def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -
     token of probability 0 (cut by top-p) has an empty interval, so it is never drawn.
     """
     cdf = probs.cumsum(-1)  # (batch, vocab)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # The uniforms come from the generator's own device (our generators live on the CPU, so a
+    # seed gives the same draws on any device, and their state checkpoints anywhere), then move.
+    rng_device = generator.device if generator is not None else probs.device
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=rng_device, dtype=cdf.dtype).to(probs.device)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
