@@ -11,7 +11,7 @@ counts the comparisons the items hold: 1 per pair, C(K,2) less ties per ranking)
 and evaluates it on DATA/held_out.jsonl: accuracy against the (noisy) held-out labels, as
 `alignloop reward eval` reports it, and against the noise-free VADER order. Writes
 OUT/reward_curve.json, OUT/reward_curve.png and, for the largest size, the calibration plot.
-Figures come from the shared 2-core CPU (other jobs share it); accuracies do not depend on that.
+Accuracies do not depend on the machine; the seconds do.
 """
 
 from __future__ import annotations
@@ -113,8 +113,7 @@ def main() -> None:
     for p in points:
         print(f"| {p['items']} | {p['comparisons']} | {p['steps']} | {p['held_out_accuracy']:.3f} | {p['clean_accuracy']:.3f} | "
               f"{p['held_out_loss']:.3f} |")
-    print(f"\nheld-out labels agree with VADER on {label_agreement:.3f} of pairs (label noise); "
-          f"figures from the shared 2-core CPU.")
+    print(f"\nheld-out labels agree with VADER on {label_agreement:.3f} of pairs (label noise).")
 
 
 if __name__ == "__main__":

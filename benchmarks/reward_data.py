@@ -21,6 +21,13 @@ sentiments tied), so the K-way loss scores each response once for its C(K,2) com
 held-out rows stay pairs (responses 0-1, 2-3, ... of each held-out prompt) so accuracy
 means the same thing at every K.
 
+With `--all-cuts` (`sft` source) the training prompts are every cut of each SFT training
+quotation after its first 2, 3, ... 6 words (at most half its words), about 4 per quotation,
+instead of the one random cut the SFT model was trained on: more distinct prompts, hence more
+distinct responses, from the same quotations. Held-out prompts are unchanged (the SFT held-out
+quotations, which no training prompt comes from), and the order is shuffled so that the first
+N prompts spread over the quotations.
+
     .venv/bin/python benchmarks/reward_data.py [--source corpus|sft] [--model runs/demo/sft] \
         [--train-prompts 3000] [--k 2] [--out runs/reward/data]
 
@@ -127,9 +134,32 @@ def make_corpus_data(n_train: int, n_held: int, out: Path, noise: float = 0.1, t
     return summary
 
 
+def all_cut_prompts(model_dir: Path, seed: int) -> list[str]:
+    """Every 2..6-word cut of each SFT training quotation, with the SFT run's own split and limits."""
+    import yaml
+
+    from alignloop.corpus import load_corpus, split_corpus
+
+    sft = yaml.safe_load((model_dir / "alignloop_sftconfig.yaml").read_text())
+    if sft.get("data") is not None:
+        raise SystemExit(f"--all-cuts needs an SFT model trained on the corpus; {model_dir} was trained on {sft['data']}")
+    train_docs, _ = split_corpus(load_corpus(sft["corpus"]), sft["held_out_fraction"], sft["seed"])
+    low, high = sft["prompt_words_min"], sft["prompt_words_max"]
+    prompts = []
+    for doc in train_docs:
+        words = doc.split(" ")
+        if len(doc) > sft["max_response_chars"] or len(words) < 2 * low:
+            continue  # the same quotations corpus_pairs keeps
+        prompts += [" ".join(words[:k]) for k in range(low, min(high, len(words) // 2) + 1)]
+    held_out = set(read_prompts(model_dir / "held_out_pairs.jsonl"))  # short cuts ("As for the") recur
+    prompts = list(dict.fromkeys(p for p in prompts if p.strip() and p not in held_out))
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
 def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train: int, n_held: int, out: Path,
               noise: float = 0.1, tie_threshold: float = 0.05, seed: int = 0, k: int = 2,
-              batch_size: int = 64) -> dict:
+              batch_size: int = 64, all_cuts: bool = False, held_out_k: int | None = None) -> dict:
     start = time.time()
     set_cpu_threads()
     device = resolve_device("auto")
@@ -138,15 +168,16 @@ def make_data(model_dir: Path, train_prompts: Path, held_prompts: Path, n_train:
     model = load_causal_lm(model_dir, device, tokenizer)
     rng = random.Random(seed)
     summary = {"source": "sft", "model": str(model_dir), "noise": noise, "tie_threshold": tie_threshold,
-               "seed": seed, "k": k}
+               "seed": seed, "k": k, "held_out_k": held_out_k or k, "all_cuts": all_cuts}
     for split, path, n in (("held_out", held_prompts, n_held), ("train", train_prompts, n_train)):
-        prompts = read_prompts(path, n)
-        samples = sample_k(model, tokenizer, prompts, k, seed + (split == "train"), precision, batch_size)
+        prompts = all_cut_prompts(model_dir, seed)[:n] if split == "train" and all_cuts else read_prompts(path, n)
+        split_k = k if split == "train" else held_out_k or k
+        samples = sample_k(model, tokenizer, prompts, split_k, seed + (split == "train"), precision, batch_size)
         if split == "train" and k > 2:
             rows, counts = label_rankings(prompts, samples, rng, noise)
         else:  # pairs: samples 0-1, 2-3, ... of each prompt
             rows, counts = [], {}
-            for j in range(0, k - 1, 2):
+            for j in range(0, split_k - 1, 2):
                 pair_rows, pair_counts = label_pairs(prompts, samples[j], samples[j + 1], rng, noise, tie_threshold)
                 rows += pair_rows
                 counts = {key: counts.get(key, 0) + v for key, v in pair_counts.items()}
@@ -164,8 +195,12 @@ def main() -> None:
     parser.add_argument("--train-prompts", type=int, default=3000)
     parser.add_argument("--held-out-prompts", type=int, default=800)
     parser.add_argument("--k", type=int, default=2, help="responses per prompt (sft source); K > 2: rankings")
+    parser.add_argument("--held-out-k", type=int, default=None,
+                        help="responses per held-out prompt (default: --k), paired 0-1, 2-3, ...: more pairs, smaller error bars")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="sequences sampled at once (larger: fewer, wider decode steps, faster on CPU)")
+    parser.add_argument("--all-cuts", action="store_true",
+                        help="training prompts: every 2-6-word cut of each SFT training quotation (about 4x more)")
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--tie-threshold", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
@@ -173,13 +208,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.k < 2 or (args.k > 2 and args.source != "sft"):
         parser.error("--k must be >= 2, and K > 2 needs --source sft")
+    if args.held_out_k is not None and (args.held_out_k < 2 or args.source != "sft"):
+        parser.error("--held-out-k must be >= 2 and needs --source sft")
+    if args.all_cuts and args.source != "sft":
+        parser.error("--all-cuts needs --source sft")
     if args.source == "corpus":
         print(json.dumps(make_corpus_data(args.train_prompts, args.held_out_prompts, args.out, args.noise,
                                           args.tie_threshold, args.seed), indent=2))
         return
     summary = make_data(args.model, args.model / "train_prompts.jsonl", args.model / "held_out_pairs.jsonl",
                         args.train_prompts, args.held_out_prompts, args.out, args.noise, args.tie_threshold, args.seed,
-                        args.k, args.batch_size)
+                        args.k, args.batch_size, args.all_cuts, args.held_out_k)
     print(json.dumps(summary, indent=2))
 
 
