@@ -17,7 +17,8 @@
 5. prints pairs/s, the ratio, both held-out accuracies (same held-out token ids on both sides) and
    writes everything to OUT/reward_vs_trl.json.
 
-Figures come from the shared 2-core CPU this project runs on (other jobs share it): rerun to compare.
+Figures depend on the machine and on what else runs on it: compare the ratio and the shares of
+the ceiling, which are measured in the same run, rather than absolute pairs/s across runs.
 """
 
 from __future__ import annotations
@@ -163,8 +164,7 @@ def main() -> None:
         print(f"| TRL {r['trl_version']} | bf16={r['bf16']}, group_by_length={r['group_by_length']} | "
               f"{r['pairs_per_second']:.1f} | {r['held_out_accuracy']:.3f} | {100 * r['share_of_ceiling']:.0f} % |")
     print(f"\nalignloop / fastest TRL: {result['speedup_vs_best_trl']:.2f}x pairs/s; ceiling "
-          f"{best_ceiling / 1e9:.1f} GFLOP/s ({best_ceiling / flops_per_pair:.1f} pairs/s); "
-          f"figures from the shared 2-core CPU.")
+          f"{best_ceiling / 1e9:.1f} GFLOP/s ({best_ceiling / flops_per_pair:.1f} pairs/s), measured in this run.")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,15 @@ def test_pack_rows_first_fit_decreasing_with_the_prompt_once_per_item():
     assert ids == [[1, 2, 3, 4, 5, 6]] and ends == [(0, 5)]  # an item longer than the width gets a row of its own
 
 
+def test_pack_rows_keeps_the_row_count_but_narrows_the_rows_to_spread_the_leftover():
+    # Sizes 4, 4, 3, 3 in rows of 8: first-fit gives [4+4] and [3+3], 2 tokens of padding. The same
+    # two rows at width 7 hold [4+3] and [4+3] with none.
+    units = [([1], [[2, 3, 4]]), ([5], [[6, 7, 8]]), ([9], [[10, 11]]), ([12], [[13, 14]])]
+    ids, _, _, unit, _ = pack_rows(units, width=8, pad_id=0)
+    assert len(ids) == 2 and all(len(row) == 7 for row in ids) and 0 not in sum(ids, [])
+    assert sorted(sorted(set(row)) for row in unit) == [[0, 2], [1, 3]]
+
+
 def test_shared_prefix_mask_lets_each_response_see_the_prompt_and_itself_only():
     _, _, _, unit, branch = pack_rows([([1, 2], [[3, 4], [5]]), ([6], [[7]])], width=6, pad_id=0)
     mask = shared_prefix_mask(torch.tensor(unit), torch.tensor(branch))[:, 0].int().tolist()

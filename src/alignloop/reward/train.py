@@ -5,8 +5,9 @@ rank each (a pair is K=2), scored in ONE forward pass over all K·batch
 sequences, and `kway_ranking_loss` averages its pairwise Bradley–Terry terms.
 
 Where the time goes on a small model, and what we do about it:
-- padding: items are bucketed by length (sorted inside shuffled mega-batches),
-  so a batch's sequences are of similar length and few pad tokens are computed;
+- padding: packed rows (below) take shuffled batches, whose mix of lengths packs
+  tightly, and are made as narrow as the packing allows (2.5 % padding on corpus
+  pairs); padded batches (models that cannot pack) are bucketed by length instead;
 - two forward passes per pair (chosen, then rejected, as TRL does): we run one
   over the concatenation, so each batch pays the Python/kernel-launch cost once;
 - the prompt computed once per response: packed rows hold each prompt ONCE with
@@ -139,10 +140,27 @@ def unit_size(unit: Unit) -> int:
     return len(unit[0]) + sum(len(r) for r in unit[1])
 
 
+def first_fit_decreasing(sizes: list[int], width: int) -> list[list[int]]:
+    """Bin packing: indices of `sizes` per row, longest first, each into the first row with room."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        for r in range(len(rows)):
+            if room[r] >= sizes[i]:
+                rows[r].append(i)
+                room[r] -= sizes[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - sizes[i])
+    return rows
+
+
 def pack_rows(units: list[Unit], width: int,
               pad_id: int) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]], list[list[int]], list[list[int]]]:
-    """First-fit-decreasing packing of items (a prompt and its K responses) into rows of `width` tokens
-    (wider when one item is longer than that).
+    """First-fit-decreasing packing of items (a prompt and its K responses) into rows of at most
+    `width` tokens (wider when one item is longer than that), then the same number of rows made
+    as narrow as the packing allows.
 
     A unit is laid out as prompt, response 1, ..., response K; each response's position ids
     continue from the prompt's, exactly as in the sequence prompt + response alone. Returns
@@ -153,17 +171,16 @@ def pack_rows(units: list[Unit], width: int,
     """
     sizes = [unit_size(u) for u in units]
     width = max(width, *sizes)
-    rows: list[list[int]] = []  # unit numbers per row
-    room: list[int] = []
-    for i in sorted(range(len(units)), key=lambda i: -sizes[i]):
-        for r in range(len(rows)):
-            if room[r] >= sizes[i]:
-                rows[r].append(i)
-                room[r] -= sizes[i]
-                break
-        else:
-            rows.append([i])
-            room.append(width - sizes[i])
+    rows = first_fit_decreasing(sizes, width)
+    # Balance: keep that many rows but make them as narrow as first-fit still allows. A batch's
+    # leftover space then spreads over every row as a few tokens, instead of one half-empty last
+    # row (corpus pairs in shuffled batches: 7.3 % of the tokens were padding, 2.5 % balanced).
+    for narrower in range(max(max(sizes), -(-sum(sizes) // len(rows))), width):
+        candidate = first_fit_decreasing(sizes, narrower)
+        if len(candidate) == len(rows):
+            rows, width = candidate, narrower
+            break
+    room = [width - sum(sizes[i] for i in members) for members in rows]
     first_end = [0]
     for _, responses in units:
         first_end.append(first_end[-1] + len(responses))
@@ -232,7 +249,8 @@ def length_buckets(items: list[EncodedItem], batch_size: int, rng: random.Random
 
     Shuffle, cut into mega-batches of `mega` batches, sort each by length, cut
     into batches, shuffle the batches: padding nearly as small as a full sort,
-    while every epoch still sees different batch compositions.
+    while every epoch still sees different batch compositions. mega=1 is a plain
+    shuffle (what packed rows want).
     """
     order = list(range(len(items)))
     rng.shuffle(order)
@@ -369,11 +387,16 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
     scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
 
+    pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
+    # Padded batches want items of similar length together; packed rows want a mix, whose short
+    # items fill the gaps that long ones leave (corpus pairs: 13.5 % of the tokens were padding
+    # in length-sorted packed batches, 2.5 % in shuffled ones).
+    mega = 1 if pack_width else 32
+
     def micro_batches() -> Iterator[list[int]]:
         while True:  # epochs, each reshuffled
-            yield from length_buckets(train_enc, config.batch_size, rng)
+            yield from length_buckets(train_enc, config.batch_size, rng, mega)
 
-    pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
     out = Path(config.out_dir)
     model.eval()  # dropout off (init_reward_model also zeroes it in the config); grads still flow
     batches = micro_batches()
