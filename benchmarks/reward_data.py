@@ -139,18 +139,17 @@ def all_cut_prompts(model_dir: Path, seed: int) -> list[str]:
     import yaml
 
     from alignloop.corpus import load_corpus, split_corpus
+    from alignloop.sft import prompt_cuts
 
     sft = yaml.safe_load((model_dir / "alignloop_sftconfig.yaml").read_text())
     if sft.get("data") is not None:
         raise SystemExit(f"--all-cuts needs an SFT model trained on the corpus; {model_dir} was trained on {sft['data']}")
     train_docs, _ = split_corpus(load_corpus(sft["corpus"]), sft["held_out_fraction"], sft["seed"])
-    low, high = sft["prompt_words_min"], sft["prompt_words_max"]
     prompts = []
     for doc in train_docs:
-        words = doc.split(" ")
-        if len(doc) > sft["max_response_chars"] or len(words) < 2 * low:
-            continue  # the same quotations corpus_pairs keeps
-        prompts += [" ".join(words[:k]) for k in range(low, min(high, len(words) // 2) + 1)]
+        if len(doc) <= sft["max_response_chars"]:  # the quotations SFT kept
+            words = doc.split(" ")
+            prompts += [" ".join(words[:k]) for k in prompt_cuts(words, sft["prompt_words_min"], sft["prompt_words_max"])]
     held_out = set(read_prompts(model_dir / "held_out_pairs.jsonl"))  # short cuts ("As for the") recur
     prompts = list(dict.fromkeys(p for p in prompts if p.strip() and p not in held_out))
     random.Random(seed).shuffle(prompts)

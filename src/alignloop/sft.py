@@ -62,14 +62,21 @@ class SFTConfig(StageConfig):
         self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
 
 
+def prompt_cuts(words: list[str], min_words: int, max_words: int) -> range:
+    """The numbers of leading words a document may be cut after: min..max, at most half its words
+    (empty when the document is shorter than 2 * min_words)."""
+    return range(min_words, min(max_words, len(words) // 2) + 1) if len(words) >= 2 * min_words else range(0)
+
+
 def corpus_pairs(docs: list[str], rng: random.Random, min_words: int, max_words: int) -> list[dict]:
-    """Split each document after its first k words (k random in [min, max], at most half the words)."""
+    """Split each document after its first k words (k random among `prompt_cuts`)."""
     pairs = []
     for doc in docs:
         words = doc.split(" ")
-        if len(words) < 2 * min_words:
+        cuts = prompt_cuts(words, min_words, max_words)
+        if not cuts:
             continue
-        k = rng.randint(min_words, min(max_words, len(words) // 2))
+        k = rng.randint(cuts.start, cuts.stop - 1)
         pairs.append({"prompt": " ".join(words[:k]), "response": " " + " ".join(words[k:])})
     return pairs
 
