@@ -78,8 +78,9 @@ class Clock(TrainerCallback):
             self.logs.append(dict(logs))
 
 
-def load_reward_like(path: str) -> torch.nn.Module:
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+def load_reward_like(path: str, attention: str) -> torch.nn.Module:
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                               attn_implementation=attention)
     norm_file = Path(path) / "reward_normalization.json"
     if norm_file.is_file():
         norm = json.loads(norm_file.read_text())
@@ -101,11 +102,13 @@ def main(spec_path: str, result_path: str) -> None:
     tokenizer.padding_side = "left"
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
 
-    policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
-    ref_policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
-    reward_model = load_reward_like(spec["reward_model"])
+    attention = spec.get("attn_implementation", "sdpa")  # HF's default; "eager" where it is faster
+    policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32, attn_implementation=attention)
+    ref_policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32,
+                                                      attn_implementation=attention)
+    reward_model = load_reward_like(spec["reward_model"], attention)
     value_model = AutoModelForSequenceClassification.from_pretrained(spec["value_model"], num_labels=1,
-                                                                     dtype=torch.float32)
+                                                                     dtype=torch.float32, attn_implementation=attention)
     for m in (policy, ref_policy, reward_model, value_model):
         m.config.pad_token_id = tokenizer.pad_token_id
 

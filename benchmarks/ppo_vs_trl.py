@@ -163,9 +163,9 @@ def measure_ceilings(policy_dir: str, batch_size: int, seq_len: int, seconds: fl
 # ---------------------------------------------------------------- the two trainers
 
 def run_trl(models: dict, prompt_ids: list[list[int]], settings: Settings, steps: int, warmup: int,
-            bf16: bool, work: Path, final_steps: int) -> dict:
+            bf16: bool, work: Path, final_steps: int, attention: str = "sdpa") -> dict:
     subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_trl_env.sh"), str(TRL_VENV)], check=True)
-    tag = "bf16" if bf16 else "fp32"
+    tag = ("bf16" if bf16 else "fp32") + ("" if attention == "sdpa" else f"-{attention}")
     spec = {
         "policy": models["policy"], "reward_model": models["reward_model"], "value_model": models["value_model"],
         "prompt_ids": prompt_ids, "steps": steps, "warmup_steps": warmup, "final_score_steps": final_steps,
@@ -173,7 +173,8 @@ def run_trl(models: dict, prompt_ids: list[list[int]], settings: Settings, steps
         "ppo_epochs": settings.ppo_epochs, "response_length": settings.max_new_tokens,
         "temperature": settings.temperature, "kl_coef": settings.kl_coef,
         "missing_eos_penalty": settings.missing_eos_penalty, "lr": settings.lr, "seed": settings.seed,
-        "bf16": bf16, "threads": torch.get_num_threads(), "output_dir": str(work / f"trl-{tag}"),
+        "bf16": bf16, "attn_implementation": attention,
+        "threads": torch.get_num_threads(), "output_dir": str(work / f"trl-{tag}"),
     }
     spec_path, result_path = work / f"trl-{tag}-spec.json", work / f"trl-{tag}-result.json"
     spec_path.write_text(json.dumps(spec))
@@ -209,6 +210,10 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
         # A random policy's EOS rate is noise (0-2 of 8): the EOS-collapse guard would stop it after
         # two steps. TRL has no such guard; the other guards (NaN, KL, ratio) stay on.
         min_eos_rate=0.0,
+        # The TRL worker runs with save_strategy="no": no checkpoint inside the timed steps on either
+        # side (alignloop's start and end checkpoints fall outside them). A full-state checkpoint of
+        # the 8 x 512 run (two models and their AdamW moments, ~0.6 GB) takes ~1.5 s to write.
+        checkpoint_every=0,
     )
     setup_start = time.perf_counter()
     trainer = PPOTrainer(config)
@@ -305,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-alignloop", action="store_true")
     parser.add_argument("--trl-precision", default="both", choices=["both", "fp32", "bf16"])
+    parser.add_argument("--trl-attention", default="sdpa",
+                        help="comma-separated HF attention implementations to run TRL with (sdpa, eager); "
+                             "each with every --trl-precision")
     parser.add_argument("--alignloop-precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--sft", type=Path, default=DEFAULT_SFT,
                         help="trained SFT model used as the policy where its shape matches a size")
@@ -348,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         if not args.skip_trl:
             precisions = ["fp32", "bf16"] if args.trl_precision == "both" else [args.trl_precision]
-            for p in precisions:
+            for p, attention in [(p, a) for a in args.trl_attention.split(",") for p in precisions]:
                 t0, load0 = time.time(), os.getloadavg()[0]
                 r = run_trl(models, prompt_ids, settings, args.steps, args.warmup_steps, p == "bf16", work,
-                            args.final_steps)
+                            args.final_steps, attention)
+                if attention != "sdpa":
+                    p = f"{p}, {attention} attention"
                 rows.append({"trainer": f"TRL {r['trl_version']}", "precision": p, **{
                     k: r[k] for k in ("episodes_per_second", "final_score_mean", "final_penalised_score_mean",
                                       "seconds_timed", "steps_timed", "warmup_steps_excluded",

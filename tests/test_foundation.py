@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from alignloop.corpus import load_corpus, split_corpus
 from alignloop.generation import SamplingSettings, generate
 from alignloop.jsonl import read_jsonl
-from alignloop.modeling import GELUTanh, load_causal_lm, load_tokenizer
+from alignloop.modeling import FAST_SDPA, GELUTanh, load_causal_lm, load_tokenizer, sdpa_with_fp32_training_on_cpu
 from alignloop.pretrain import PretrainConfig, pack_documents, pretrain
 from alignloop.prompts import encode_prompt, encode_response
 from alignloop.sft import SFTConfig, _batches, corpus_pairs, sft
-from alignloop.training import IGNORE
+from alignloop.training import IGNORE, clip_grad_norm
 
 
 def test_fortune_format_and_txt_and_jsonl(tmp_path):
@@ -61,7 +61,55 @@ def test_fused_gelu_is_the_same_model_and_saves_as_gelu_new(tiny_lm_dir, tmp_pat
     wa, wb = ours.transformer.h[0].mlp.c_fc.weight.grad, plain.transformer.h[0].mlp.c_fc.weight.grad
     assert torch.allclose(wa, wb, atol=1e-5 * float(wb.abs().max()))
     ours.save_pretrained(tmp_path / "saved")
-    assert json.loads((tmp_path / "saved" / "config.json").read_text())["activation_function"] == "gelu_new"
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["activation_function"] == "gelu_new"
+    # The attention swap is in memory only: the saved config names none, plain HF loads plain SDPA.
+    assert ours.config._attn_implementation == FAST_SDPA
+    assert not any("attn_implementation" in key for key in saved)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
+
+
+def test_fast_sdpa_runs_a_differentiated_bf16_attention_in_fp32_and_leaves_the_rest_alone():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=gen) for _ in range(3))
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    mask[0, ..., :2] = False  # row 0 is left-padded by two tokens
+    mask[0, :, :2, 0] = True  # (a padded query still attends somewhere, as HF's masks ensure)
+    exact, _ = sdpa_attention_forward(module, q, k, v, mask)
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out, _ = sdpa_with_fp32_training_on_cpu(module, qb, kb, vb, mask)
+    assert out.dtype == torch.bfloat16  # the caller's dtype, whatever ran inside
+    assert torch.allclose(out.float(), exact, atol=2e-2)
+    out.float().sum().backward()
+    assert qb.grad.dtype == torch.bfloat16 and torch.isfinite(qb.grad).all()
+    # In fp32 the inputs go in unconverted: fp32 gives exactly HF's SDPA, gradients or not.
+    assert torch.equal(sdpa_with_fp32_training_on_cpu(module, q, k, v, mask)[0], exact)
+    with torch.no_grad():  # no gradient: the bf16 kernel, exactly as HF's SDPA runs it
+        plain, _ = sdpa_attention_forward(module, qb, kb, vb, mask)
+        assert torch.equal(sdpa_with_fp32_training_on_cpu(module, qb, kb, vb, mask)[0], plain)
+
+
+def test_clip_grad_norm_by_hand_and_against_torch():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    assert float(clip_grad_norm([p], 10.0)) == 5.0 and p.grad.tolist() == [3.0, 4.0]  # under the cap: untouched
+    assert float(clip_grad_norm([p], 1.0)) == 5.0
+    assert torch.allclose(p.grad, torch.tensor([0.6, 0.8]))
+    gen = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.zeros(n, 3)) for n in (4, 7)] + [torch.nn.Parameter(torch.zeros(5))]
+    theirs = [torch.nn.Parameter(torch.zeros_like(q)) for q in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape, generator=gen)
+        b.grad = a.grad.clone()
+    ours[1].grad = None  # a parameter without a gradient is skipped, as torch skips it
+    theirs[1].grad = None
+    n_ours, n_theirs = clip_grad_norm(ours, 0.5), torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    assert torch.allclose(n_ours, n_theirs)
+    assert all(torch.allclose(a.grad, b.grad) for a, b in zip(ours, theirs) if a.grad is not None)
 
 
 def test_pack_documents_cuts_blocks():

@@ -42,7 +42,7 @@ def build_causal_lm(tokenizer: PreTrainedTokenizerBase, n_layer: int = 4, n_embd
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    return fuse_activations(GPT2LMHeadModel(config))
+    return use_fast_kernels(GPT2LMHeadModel(config))
 
 
 class GELUTanh(torch.nn.Module):
@@ -59,11 +59,48 @@ class GELUTanh(torch.nn.Module):
         return torch.nn.functional.gelu(x, approximate="tanh")
 
 
-def fuse_activations(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap every written-out "gelu_new" module for `GELUTanh`, in place; returns the model.
+def sdpa_with_fp32_training_on_cpu(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                                   value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+    """HF's SDPA attention, except that on the CPU a bf16 attention that will be differentiated runs in fp32.
 
-    Only the module changes: the config still says "gelu_new", so a saved model loads
-    anywhere exactly as before, and other models are left as they are.
+    torch's CPU flash-attention kernel is fast forward in bf16 but slow backward: at PPO's update
+    shape (8 rows x 8 heads x 64 tokens x 64 dims) forward+backward took 5.2 ms in bf16 against
+    1.9 ms in fp32 (torch 2.13, a 2-core Xeon with AMX), and inside the 8 x 512 GPT-2's update the
+    bf16 backward was a quarter of all the time. Attention is ~4 % of the model's FLOPs, so fp32
+    there costs nothing and is the more exact of the two. Forwards without gradients (generation,
+    scoring) and other devices keep bf16.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16 and torch.is_grad_enabled():
+        with torch.autocast("cpu", enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                                  attention_mask, **kwargs)
+        return out.to(query.dtype), weights
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+FAST_SDPA = "alignloop_sdpa"
+
+
+def _register_fast_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FAST_SDPA, sdpa_with_fp32_training_on_cpu)
+    AttentionMaskInterface.register(FAST_SDPA, sdpa_mask)  # the same masks as "sdpa"
+
+
+def use_fast_kernels(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap slow kernels for equal, faster ones, in place; returns the model.
+
+    - every written-out "gelu_new" module becomes `GELUTanh`;
+    - a model on HF's "sdpa" attention moves to `sdpa_with_fp32_training_on_cpu` (the same
+      kernel and masks; fp32 only for a differentiated bf16 attention on the CPU).
+
+    Only modules and the in-memory attention choice change: the saved config still says
+    "gelu_new" and records no attention implementation, so a saved model loads anywhere exactly
+    as before. Other models are left as they are.
     """
     from transformers.activations import NewGELUActivation
 
@@ -71,6 +108,9 @@ def fuse_activations(model: torch.nn.Module) -> torch.nn.Module:
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:
                 setattr(module, name, GELUTanh())
+    if isinstance(model, PreTrainedModel) and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        _register_fast_sdpa()
+        model.set_attn_implementation(FAST_SDPA)
     return model
 
 
@@ -101,13 +141,13 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu",
         model.resize_token_embeddings(len(tokenizer))  # we added a pad token
     if tokenizer is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return fuse_activations(model).to(device).eval()
+    return use_fast_kernels(model).to(device).eval()
 
 
 def load_scalar_model(path: str | Path) -> PreTrainedModel:
     """A sequence classifier with one output (a reward model or critic directory), fp32, fused activations."""
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-    return fuse_activations(model)
+    return use_fast_kernels(model)
 
 
 def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,

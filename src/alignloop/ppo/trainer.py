@@ -47,7 +47,7 @@ from ..rollout import (
     sequence_scores,
 )
 from ..sampling import read_prompts
-from ..training import make_optimizer
+from ..training import clip_grad_norm, make_optimizer
 from .config import PPOConfig
 from .kl_control import KLController
 from .losses import clipped_value_loss, entropy_from_logits, gae, kl_penalty, masked_mean, ppo_policy_loss, \
@@ -316,7 +316,7 @@ class PPOTrainer:
                         sums["approx_kl"] += float(pg_stats["approx_kl_sum"])
                         sums["tokens"] += float(mask.sum())
                         ratio_max = max(ratio_max, float(pg_stats["ratio_max"]))
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_params, c.max_grad_norm)
+                grad_norm = clip_grad_norm(self.trained_params, c.max_grad_norm)
                 if not train_policy:  # critic warm-up: the policy's (zero) grads must not move it either
                     for p in self.policy.parameters():
                         p.grad = None

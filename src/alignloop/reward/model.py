@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..device import autocast
-from ..modeling import check_model_dir, fuse_activations, load_scalar_model, load_tokenizer
+from ..modeling import check_model_dir, use_fast_kernels, load_scalar_model, load_tokenizer
 from ..prompts import encode_prompt, encode_response, pad_right
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -37,7 +37,7 @@ def init_reward_model(backbone_dir: str | Path, tokenizer: PreTrainedTokenizerBa
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id  # the head finds the last non-pad token with it
-    return fuse_activations(model).eval()
+    return use_fast_kernels(model).eval()
 
 
 class RewardModel:

@@ -38,7 +38,7 @@ from ..generation import SamplingSettings, generate
 from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer
 from ..progress import progress
 from ..prompts import encode_prompt, encode_response, pad_right
-from ..training import make_optimizer, warmup_cosine
+from ..training import clip_grad_norm, make_optimizer, warmup_cosine
 from .data import Preference, PreferenceData, read_preferences
 from .losses import kway_ranking_loss, pairwise_accuracy
 from .model import RewardModel, init_reward_model
@@ -413,7 +413,7 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
             real_tokens += b.real_tokens
             pad_tokens += b.input_ids.numel() - b.real_tokens
         items_seen += sum(b.size for b in micro)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        clip_grad_norm(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
