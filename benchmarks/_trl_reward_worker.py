@@ -80,7 +80,9 @@ def main(spec_path: str, result_path: str) -> None:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(spec["model"])
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
     tokenizer.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        spec["model"], num_labels=1, dtype=torch.float32,
+        attn_implementation=spec.get("attn_implementation", "sdpa"))  # HF's default; "eager" where faster
     model.config.pad_token_id = tokenizer.pad_token_id
 
     train = Dataset.from_dict(columns(data["train"]))
@@ -120,6 +122,7 @@ def main(spec_path: str, result_path: str) -> None:
         "trl_version": __import__("trl").__version__,
         "bf16": spec["bf16"],
         "group_by_length": spec["group_by_length"],
+        "attn_implementation": spec.get("attn_implementation", "sdpa"),
         "steps": len(clock.stamps),
         "pairs": len(data["train"]) * spec["epochs"] if spec["epochs"] >= 1 else pairs_trained,
         "train_seconds": seconds,

@@ -60,7 +60,8 @@ def pair_ids(tokenizer, path: Path, limit: int | None, max_length: int) -> tuple
 
 
 def run_trl(spec: dict, out: Path) -> dict:
-    spec_path = out / f"trl_spec_bf16{int(spec['bf16'])}_gbl{int(spec['group_by_length'])}.json"
+    attention = "" if spec["attn_implementation"] == "sdpa" else f"_{spec['attn_implementation']}"
+    spec_path = out / f"trl_spec_bf16{int(spec['bf16'])}_gbl{int(spec['group_by_length'])}{attention}.json"
     result_path = spec_path.with_name(spec_path.name.replace("spec", "result"))
     spec_path.write_text(json.dumps(spec))
     proc = subprocess.run([str(TRL_VENV / "bin" / "python"), str(ROOT / "benchmarks" / "_trl_reward_worker.py"),
@@ -80,7 +81,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=192)
     parser.add_argument("--trl-settings", default="bf16=0:gbl=0,bf16=1:gbl=0,bf16=0:gbl=1,bf16=1:gbl=1",
-                        help="comma-separated TRL settings to try; the fastest is TRL's figure")
+                        help="comma-separated TRL settings to try (keys bf16, gbl, and optionally attn=eager); "
+                             "the fastest is TRL's figure")
     parser.add_argument("--pack-width", type=int, default=None, help="alignloop's pack_width (default: its config's)")
     parser.add_argument("--ceiling-seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/reward/bench")
@@ -134,12 +136,14 @@ def main() -> None:
     for setting in trl_settings:
         opts = dict(kv.split("=") for kv in setting.split(":"))
         spec = {"model": str(args.model), "data": str(args.out / "pairs_ids.json"), "bf16": opts["bf16"] == "1",
-                "group_by_length": opts["gbl"] == "1", "batch_size": args.batch_size, "epochs": args.epochs,
+                "group_by_length": opts["gbl"] == "1", "attn_implementation": opts.get("attn", "sdpa"),
+                "batch_size": args.batch_size, "epochs": args.epochs,
                 "lr": args.lr, "warmup": config.warmup, "max_length": args.max_length, "threads": threads,
                 "seed": 0, "output_dir": str(args.out / "trl_out")}
         r = run_trl(spec, args.out)
         trl_runs.append(r)
-        print(f"TRL (bf16={r['bf16']}, group_by_length={r['group_by_length']}): {r['pairs_per_second']:.1f} pairs/s, "
+        print(f"TRL (bf16={r['bf16']}, group_by_length={r['group_by_length']}, attention {r['attn_implementation']}): "
+              f"{r['pairs_per_second']:.1f} pairs/s, "
               f"held-out accuracy {r['held_out_accuracy']:.3f}", flush=True)
     best_trl = max(trl_runs, key=lambda r: r["pairs_per_second"])
 
@@ -161,7 +165,8 @@ def main() -> None:
     print(f"| alignloop | {ours['precision']}, {how}, one forward per batch | {ours['pairs_per_second']:.1f} | "
           f"{ours['held_out_accuracy']:.3f} | {100 * ours['share_of_ceiling']:.0f} % |")
     for r in trl_runs:
-        print(f"| TRL {r['trl_version']} | bf16={r['bf16']}, group_by_length={r['group_by_length']} | "
+        print(f"| TRL {r['trl_version']} | bf16={r['bf16']}, group_by_length={r['group_by_length']}, "
+              f"{r['attn_implementation']} attention | "
               f"{r['pairs_per_second']:.1f} | {r['held_out_accuracy']:.3f} | {100 * r['share_of_ceiling']:.0f} % |")
     print(f"\nalignloop / fastest TRL: {result['speedup_vs_best_trl']:.2f}x pairs/s; ceiling "
           f"{best_ceiling / 1e9:.1f} GFLOP/s ({best_ceiling / flops_per_pair:.1f} pairs/s), measured in this run.")
