@@ -145,7 +145,7 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu",
 
 
 def load_scalar_model(path: str | Path) -> PreTrainedModel:
-    """A sequence classifier with one output (a reward model or critic directory), fp32, fused activations."""
+    """A sequence classifier with one output (a reward model or critic directory), fp32, fast kernels."""
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
     return use_fast_kernels(model)
 

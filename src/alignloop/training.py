@@ -40,8 +40,9 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     The same result as `torch.nn.utils.clip_grad_norm_`, cheaper on the CPU: the squared norm is a
     dot product per gradient (torch.dot ran 2.3x faster than `linalg.vector_norm` over a 1M-entry
     fp32 gradient here), and the gradients are rescaled only when they are actually clipped
-    (torch multiplies every gradient by a coefficient of 1.0 otherwise). For the 51 M parameters
-    of PPO's 8 x 512 policy and critic that is 96 -> ~26 ms per optimizer step. A non-finite norm
+    (torch multiplies every gradient by a coefficient of 1.0 otherwise). For the 51.8 M parameters
+    of PPO's 8 x 512 policy and critic, timed alone: 25.6 ms for torch's, 9.2 ms for this one
+    below the cap, 19.9 ms when it clips (inside the PPO update torch's took 96 ms). A non-finite norm
     leaves the gradients alone; the step it poisons is caught by the caller's NaN guard.
     """
     grads = [p.grad for p in parameters if p.grad is not None]

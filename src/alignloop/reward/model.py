@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..device import autocast
-from ..modeling import check_model_dir, use_fast_kernels, load_scalar_model, load_tokenizer
+from ..modeling import check_model_dir, load_scalar_model, load_tokenizer, use_fast_kernels
 from ..prompts import encode_prompt, encode_response, pad_right
 
 NORMALIZATION_FILE = "reward_normalization.json"
