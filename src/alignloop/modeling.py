@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AttentionInterface,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -20,6 +21,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .errors import InputError
 
@@ -70,8 +73,6 @@ def sdpa_with_fp32_training_on_cpu(module: torch.nn.Module, query: torch.Tensor,
     there costs nothing and is the more exact of the two. Forwards without gradients (generation,
     scoring) and other devices keep bf16.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if query.device.type == "cpu" and query.dtype == torch.bfloat16 and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):
             out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
@@ -84,9 +85,6 @@ FAST_SDPA = "alignloop_sdpa"
 
 
 def _register_fast_sdpa() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(FAST_SDPA, sdpa_with_fp32_training_on_cpu)
     AttentionMaskInterface.register(FAST_SDPA, sdpa_mask)  # the same masks as "sdpa"
 

@@ -48,8 +48,11 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    squares = [torch.dot(g.reshape(-1).float(), g.reshape(-1).float()) for g in grads]
-    total_norm = torch.stack([s.to(grads[0].device) for s in squares]).sum().sqrt()
+    squares = []
+    for g in grads:
+        flat = g.reshape(-1).float()
+        squares.append(torch.dot(flat, flat).to(grads[0].device))
+    total_norm = torch.stack(squares).sum().sqrt()
     coef = max_norm / (float(total_norm) + 1e-6)
     if coef < 1.0:
         for g in grads:
