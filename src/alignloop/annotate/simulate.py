@@ -134,12 +134,15 @@ class HttpAnnotator:
 
     def _loop(self, budget: "Budget") -> None:
         base = f"/api/campaigns/{self.campaign_id}"
-        while budget.take():
+        while budget.left_to_take():
             r = self.client.get(f"{base}/next")
             r.raise_for_status()
             view = r.json()
             if view is None:
-                budget.give_back()
+                return
+            # Taken only now, with an item in hand: taking before the GET let one person's "nothing left
+            # for me" hold a unit another person needed, who then stopped one answer short.
+            if not budget.take():
                 return
             ranking = self.answer(view["prompt"], view["responses"], self.rng)
             t0 = time.perf_counter()
@@ -163,9 +166,9 @@ class Budget:
             self.left -= 1
             return True
 
-    def give_back(self) -> None:
+    def left_to_take(self) -> bool:
         with self.lock:
-            self.left += 1
+            return self.left > 0 and time.time() <= self.deadline
 
 
 def random_answerer(prompt: str, responses: Sequence[str], rng: random.Random) -> list:
