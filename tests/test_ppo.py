@@ -114,8 +114,10 @@ def test_reward_in_the_rollout_layout_equals_scoring_the_text(tiny_lm_dir, rm_di
     assert in_layout.tolist() == pytest.approx(rm.score(prompts, responses, normalize=False), abs=1e-5)
 
 
-def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_lm_dir, rm_dir, prompts_file, tmp_path, monkeypatch):
-    whole = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "whole", steps=4))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: fp32 masters in the checkpoint, bf16 in the models
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_lm_dir, rm_dir, prompts_file, tmp_path, monkeypatch,
+                                                            precision):
+    whole = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "whole", steps=4, precision=precision))
 
     killed_dir = tmp_path / "killed"
     real_step = PPOTrainer.step
@@ -127,9 +129,11 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_lm_dir, rm_dir,
 
     monkeypatch.setattr(PPOTrainer, "step", dies_on_step_3)
     with pytest.raises(KeyboardInterrupt):
-        ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, killed_dir, steps=4, checkpoint_every=2))
+        ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, killed_dir, steps=4, checkpoint_every=2,
+                         precision=precision))
     monkeypatch.setattr(PPOTrainer, "step", real_step)
-    resumed = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, killed_dir, steps=4, checkpoint_every=2))
+    resumed = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, killed_dir, steps=4, checkpoint_every=2,
+                               precision=precision))
 
     assert resumed["resumed_from_step"] == 2
     a, b = weights(tmp_path / "whole"), weights(killed_dir)
@@ -137,6 +141,40 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_lm_dir, rm_dir,
     assert resumed["final_score_mean"] == pytest.approx(whole["final_score_mean"], abs=1e-6)
     steps_logged = [json.loads(line)["step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [1, 2, 3, 4]  # no step twice after the resume
+
+
+def test_bf16_master_weights_train_exactly_like_plain_autocast(tiny_lm_dir, rm_dir, prompts_file, tmp_path,
+                                                               monkeypatch):
+    """bf16 weights in the models + fp32 masters in the optimiser = autocast's own casts, minus their cost.
+
+    Same roundings of the same fp32 weights in every forward, same bf16 gradients summed in fp32:
+    the policy, the critic and every logged figure come out identical, and the saved weights are fp32.
+    """
+    import alignloop.ppo.trainer as trainer_module
+
+    cfg = dict(precision="bf16", steps=2, critic_warmup_steps=1)  # warm-up: the policy masters must stay put too
+    trainer = PPOTrainer(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "masters", **cfg))
+    c_fc = trainer.policy.transformer.h[0].mlp.c_fc.weight
+    assert c_fc.dtype == torch.bfloat16 and trainer.reference.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.trained_params)  # the optimiser steps fp32 masters
+    assert trainer.policy.transformer.wte.weight.dtype == torch.float32  # embeddings (and the tied LM head) stay
+    ours = trainer.train()
+    monkeypatch.setattr(trainer_module, "MasterWeights", lambda models: None)
+    monkeypatch.setattr(trainer_module, "cast_frozen_matmul_weights", lambda model: model)
+    plain = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "autocast", **cfg))
+
+    for sub in ("", "critic"):
+        a, b = weights(tmp_path / "masters" / sub), weights(tmp_path / "autocast" / sub)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == torch.float32 and torch.equal(a[k], b[k]), (sub, k)
+    before = weights(tiny_lm_dir)
+    assert any(not torch.equal(before[k], weights(tmp_path / "masters")[k]) for k in before)  # it did train
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("masters", "autocast")]
+    for key in ("score_mean", "kl_mean", "pg_loss", "vf_loss", "grad_norm", "entropy_mean"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+    assert ours["final_score_mean"] == plain["final_score_mean"]
 
 
 def test_policy_moves_and_writes_a_plain_hf_directory(tiny_lm_dir, rm_dir, prompts_file, tmp_path):

@@ -11,21 +11,21 @@ ids come from the attention mask (count of real tokens before), so a left-padded
 row sees exactly the positions it would see alone: the policy, the reference,
 the critic and the reward model all score the tokens the sampler produced.
 
-The sampler is a plain loop over the model's forward with its KV cache: one
-forward per new token, the logits of the last position only, and the loop ends as
+The sampler is a plain loop over a KV-cache decoder (decoding.py: the model's own
+forward and cache, or for a plain GPT-2 the same layers over a cache allocated once):
+one forward per new token, the logits of the last position only, and the loop ends as
 soon as every row has emitted EOS. That is all `model.generate` does for us, at a
 fraction of its per-step overhead, which matters for small models on CPU.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
+from .decoding import make_decoder, position_ids_from_mask
 from .device import autocast
 
 
@@ -46,11 +46,6 @@ class TokenBatch:
     def select(self, rows: torch.Tensor | list[int]) -> "TokenBatch":
         return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
                           self.prompt_width, self.response_mask[rows])
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Position of each token among the real tokens of its row (0 for padding on the left)."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,13 +77,6 @@ def batch_from_lists(prompts: list[list[int]], responses: list[list[int]], pad_i
         resp[row, :len(r)] = torch.tensor(r, dtype=torch.long)
         resp_mask[row, :len(r)] = 1.0
     return make_batch(prompt_ids, prompt_mask, resp.to(device), resp_mask.to(device))
-
-
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg(model_class: type) -> str:
-    # transformers 5 names the KV cache argument `cache`; 4.x called it `past_key_values`.
-    params = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -135,13 +123,6 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
     """
     device = prompt_ids.device
     batch = prompt_ids.shape[0]
-    # A peft wrapper forwards **kwargs: ask the wrapped model which name its cache argument has.
-    cache_arg = _cache_kwarg(type(model.get_base_model() if hasattr(model, "get_base_model") else model))
-    # The whole attention mask allocated once; step t attends to the first P + t + 1 columns.
-    P = prompt_ids.shape[1]
-    mask = torch.cat([prompt_mask, torch.ones((batch, max_new_tokens), dtype=prompt_mask.dtype, device=device)],
-                     dim=1)
-    positions = position_ids_from_mask(prompt_mask)
     responses = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # original row of each row still in the batch
     # ONE autocast region for the whole loop, not one per step: autocast keeps its bf16 copy of
@@ -149,12 +130,11 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
     # instead of once per token. A batch-8 decode step is bound by reading the weights, and
     # re-casting them every step made bf16 decoding no faster than fp32.
     with autocast(device, precision):
-        out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=1)
-        next_position = positions[:, -1:] + 1
+        decoder = make_decoder(model, prompt_ids, prompt_mask, max_new_tokens)
+        logits = decoder.start()
         ended = torch.zeros(batch, dtype=torch.bool, device=device)  # per row still in the batch
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
+            logits = logits.float()
             if greedy:
                 token = logits.argmax(-1)
             else:
@@ -165,15 +145,11 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
             n_ended = int(ended.sum())
             if n_ended == len(rows) or step == max_new_tokens - 1:
                 break
-            cache = out.cache if hasattr(out, "cache") else out.past_key_values
             if compact_fraction and n_ended and n_ended >= compact_fraction * len(rows):
                 keep = (~ended).nonzero().squeeze(1)
-                cache.reorder_cache(keep)  # index_select on every layer's keys and values
-                rows, token, next_position, mask = rows[keep], token[keep], next_position[keep], mask[keep]
-                ended = ended[keep]
-            out = model(input_ids=token[:, None], attention_mask=mask[:, :P + step + 1],
-                        position_ids=next_position, use_cache=True, **{cache_arg: cache})
-            next_position = next_position + 1
+                decoder.keep(keep)
+                rows, token, ended = rows[keep], token[keep], ended[keep]
+            logits = decoder.step(token)
     responses = responses[:, :step + 1]  # (batch, R), pad after EOS
     return make_batch(prompt_ids, prompt_mask, responses, response_mask_up_to_eos(responses, eos_id))
 

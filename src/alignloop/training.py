@@ -15,15 +15,21 @@ import torch
 from transformers import PreTrainedModel
 
 from .device import autocast
+from .mixed_precision import MasterWeights
 from .progress import progress
 
 IGNORE = -100  # label value that cross-entropy skips (prompt and padding positions)
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
-                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying biases and norms just hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
+                   betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                   master_weights: "MasterWeights | None" = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying biases and norms just hurts.
+
+    With `master_weights`, the optimiser steps the fp32 masters of the model's bf16 matmul weights.
+    """
+    params = (master_weights.optimizer_params(model) if master_weights is not None
+              else [p for p in model.parameters() if p.requires_grad])
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -17,6 +17,7 @@ log-probs of the update match those of the rollout exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -33,6 +34,7 @@ from ..device import autocast, choose_precision, resolve_device, set_cpu_threads
 from ..errors import ConfigError
 from ..logprobs import token_logprobs
 from ..metrics import MetricsLogger
+from ..mixed_precision import MasterWeights, cast_frozen_matmul_weights
 from ..modeling import disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer, save_model_dir
 from ..progress import progress
 from ..prompts import encode_prompt
@@ -156,6 +158,15 @@ class PPOTrainer:
             self.critic = disable_dropout(critic.to(dev))
         else:
             self.value_head = ValueHead(self.policy.config.hidden_size).to(dev)
+        # bf16: the models compute with bf16 matmul weights they hold, the optimiser steps fp32 masters
+        # (mixed_precision.py: the same numbers as autocast without its per-forward weight casts and
+        # per-backward gradient casts). Not under LoRA, whose frozen base must stay fp32 to be merged.
+        self.master_weights: MasterWeights | None = None
+        if self.precision == "bf16" and c.lora_r == 0:
+            self.master_weights = MasterWeights([self.policy] + ([self.critic] if self.critic is not None else []))
+            cast_frozen_matmul_weights(self.reference)
+        if self.precision == "bf16":
+            cast_frozen_matmul_weights(self.reward.model.requires_grad_(False))
         if c.gradient_checkpointing:
             for model in (self.policy, self.critic):
                 if model is not None:
@@ -168,9 +179,11 @@ class PPOTrainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
-        optimizer = make_optimizer(self.policy, c.lr, c.weight_decay)
+        optimizer = make_optimizer(self.policy, c.lr, c.weight_decay, master_weights=self.master_weights)
+        self.policy_params = [p for g in optimizer.param_groups for p in g["params"]]  # masters where bf16
         critic = self._critic_module()
-        for group in make_optimizer(critic, c.critic_lr or c.lr, c.weight_decay).param_groups:
+        for group in make_optimizer(critic, c.critic_lr or c.lr, c.weight_decay,
+                                    master_weights=self.master_weights).param_groups:
             optimizer.add_param_group(group)
         return optimizer
 
@@ -305,6 +318,8 @@ class PPOTrainer:
                                                             c.cliprange_value)
                     loss = (pg_sum if train_policy else 0.0) + c.vf_coef * vf_sum
                     (loss / mb_tokens).backward()
+                    if self.master_weights is not None:
+                        self.master_weights.accumulate_grads()  # bf16 weight grads -> fp32 master grads
                     with torch.no_grad():
                         if epoch == 0:  # entropy of the rollout policy, measured once
                             sums["entropy"] += float((entropy_from_logits(logits) * mask).sum())
@@ -318,9 +333,11 @@ class PPOTrainer:
                         ratio_max = max(ratio_max, float(pg_stats["ratio_max"]))
                 grad_norm = clip_grad_norm(self.trained_params, c.max_grad_norm)
                 if not train_policy:  # critic warm-up: the policy's (zero) grads must not move it either
-                    for p in self.policy.parameters():
+                    for p in self.policy_params:
                         p.grad = None
                 self.optimizer.step()
+                if self.master_weights is not None:
+                    self.master_weights.copy_masters_to_models()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.policy.eval()
@@ -394,8 +411,8 @@ class PPOTrainer:
         critic = self._critic_module()
         return {
             "step": self.step_index,
-            "policy": {k: v for k, v in self.policy.state_dict().items()},
-            "critic": critic.state_dict(),
+            "policy": self._model_state(0, self.policy),
+            "critic": self._model_state(1, critic),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
@@ -405,9 +422,21 @@ class PPOTrainer:
             "config": self.config.to_dict(),
         }
 
+    def _model_state(self, index: int, model: torch.nn.Module) -> dict:
+        """A trained model's weights in fp32: the masters where the model holds bf16 copies."""
+        if self.master_weights is not None and index < len(self.master_weights.models):
+            return self.master_weights.state_dict(index)
+        return model.state_dict()
+
+    def _load_model_state(self, index: int, model: torch.nn.Module, state: dict) -> None:
+        if self.master_weights is not None and index < len(self.master_weights.models):
+            self.master_weights.load_state_dict(index, state)
+        else:
+            model.load_state_dict(state)
+
     def load_state_dict(self, state: dict) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self._critic_module().load_state_dict(state["critic"])
+        self._load_model_state(0, self.policy, state["policy"])
+        self._load_model_state(1, self._critic_module(), state["critic"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
@@ -495,9 +524,11 @@ class PPOTrainer:
         if c.lora_r > 0:
             policy.save_pretrained(self.out_dir / "adapter")  # the adapters alone, for peft users
             policy = policy.merge_and_unload()  # a plain HF model: loads with no peft
-        save_model_dir(policy, self.tokenizer, self.out_dir, c.max_new_tokens)
-        if self.critic is not None:
-            self.critic.save_pretrained(self.out_dir / "critic", safe_serialization=True)
+        # The saved weights are the fp32 masters, not their bf16 roundings.
+        with self.master_weights.fp32_models() if self.master_weights is not None else contextlib.nullcontext():
+            save_model_dir(policy, self.tokenizer, self.out_dir, c.max_new_tokens)
+            if self.critic is not None:
+                self.critic.save_pretrained(self.out_dir / "critic", safe_serialization=True)
         c.save(self.out_dir)
         tail = history[-max(1, len(history) // 5):] if history else []
         episodes = (self.step_index - resumed_from) * c.batch_size
