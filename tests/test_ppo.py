@@ -177,6 +177,18 @@ def test_bf16_master_weights_train_exactly_like_plain_autocast(tiny_lm_dir, rm_d
     assert ours["final_score_mean"] == plain["final_score_mean"]
 
 
+def test_starting_from_other_policy_weights_sets_the_fp32_masters_too(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    """A later round starts PPO from the last round's policy: the optimiser's fp32 masters must start there too."""
+    trainer = PPOTrainer(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "r2", precision="bf16"))
+    assert trainer.master_weights is not None
+    other = {k: v + 0.01 for k, v in load_causal_lm(tiny_lm_dir, "cpu", trainer.tokenizer).state_dict().items()}
+    trainer.load_policy_weights(other)
+    held = trainer.state_dict()["policy"]  # what a checkpoint (and the optimiser) sees
+    assert all(torch.equal(held[k], other[k]) for k in other)
+    c_fc = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.equal(trainer.policy.state_dict()[c_fc], other[c_fc].bfloat16())  # the model computes with these
+
+
 def test_policy_moves_and_writes_a_plain_hf_directory(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
     out = tmp_path / "policy"
     summary = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, out))

@@ -288,8 +288,6 @@ def ppo_from(config, init_policy: Path | None) -> dict:
 
     trainer = PPOTrainer(config)
     if init_policy is not None:
-        import torch
-
         if config.lora_r > 0:
             # LoRA: the reference is the base with adapters off, so carry over the adapters alone.
             from peft import load_peft_weights, set_peft_model_state_dict
@@ -299,8 +297,7 @@ def ppo_from(config, init_policy: Path | None) -> dict:
             from .modeling import load_causal_lm
 
             last = load_causal_lm(init_policy, trainer.device, trainer.tokenizer)
-            with torch.no_grad():
-                trainer.policy.load_state_dict(last.state_dict())
+            trainer.load_policy_weights(last.state_dict())
             del last
     return trainer.train()
 

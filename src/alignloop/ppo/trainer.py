@@ -434,6 +434,10 @@ class PPOTrainer:
         else:
             model.load_state_dict(state)
 
+    def load_policy_weights(self, state: dict) -> None:
+        """Start from other policy weights (e.g. the last round's); the fp32 masters too, where bf16."""
+        self._load_model_state(0, self.policy, state)
+
     def load_state_dict(self, state: dict) -> None:
         self._load_model_state(0, self.policy, state["policy"])
         self._load_model_state(1, self._critic_module(), state["critic"])
