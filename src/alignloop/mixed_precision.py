@@ -60,7 +60,7 @@ class MasterWeights:
     Use: build it before the optimiser and give the optimiser `optimizer_params(model)`;
     call `accumulate_grads()` after every backward and `copy_masters_to_models()` after every
     optimiser step; read and write checkpoints through `state_dict` / `load_state_dict`;
-    save the models inside `with fp32_models():`.
+    save the models inside `with fp32_models():`, or `release()` them when training is over.
     """
 
     def __init__(self, models: list[torch.nn.Module], dtype: torch.dtype = torch.bfloat16):
@@ -130,6 +130,11 @@ class MasterWeights:
         for name, weight, master in self.entries[model_index]:
             master.copy_(state[name])
             weight.grad, master.grad = None, None
+
+    def release(self) -> None:
+        """Training is over: the models take their fp32 masters back for good."""
+        for _, weight, master in self._all():
+            weight.data, weight.grad = master.data, None
 
     @contextlib.contextmanager
     def fp32_models(self):

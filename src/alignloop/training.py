@@ -117,7 +117,10 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
              weight_decay: float, warmup_steps: int, grad_clip: float, precision: str, desc: str) -> list[float]:
     """One optimiser step per batch; returns the per-step mean token loss."""
     model.train()
-    optimizer = make_optimizer(model, lr, weight_decay)
+    # bf16: the model computes with bf16 matmul weights, the optimiser steps fp32 masters (mixed_precision.py).
+    masters = MasterWeights([model]) if precision == "bf16" else None
+    optimizer = make_optimizer(model, lr, weight_decay, master_weights=masters)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
     losses = []
     bar = progress(total=total_steps, desc=desc)
@@ -125,8 +128,12 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
         loss_sum, n_tokens = lm_loss_sum(model, batch, precision)
         loss = loss_sum / max(n_tokens, 1)
         loss.backward()
-        clip_grad_norm(model.parameters(), grad_clip)
+        if masters is not None:
+            masters.accumulate_grads()
+        clip_grad_norm(params, grad_clip)
         optimizer.step()
+        if masters is not None:
+            masters.copy_masters_to_models()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -134,5 +141,7 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     bar.close()
+    if masters is not None:
+        masters.release()  # the caller gets (and saves) the fp32 weights
     model.eval()  # dropout off for whatever comes next (generation, scoring)
     return losses

@@ -20,6 +20,7 @@ Dropout is off (as for the policy in PPO: scores must be deterministic).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -35,6 +36,7 @@ from ..config import StageConfig
 from ..device import autocast, choose_precision, resolve_device, set_cpu_threads
 from ..errors import InputError
 from ..generation import SamplingSettings, generate
+from ..mixed_precision import MasterWeights
 from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer
 from ..progress import progress
 from ..prompts import encode_prompt, encode_response, pad_right
@@ -290,7 +292,8 @@ def packing_works(model: PreTrainedModel, pad_id: int, device: torch.device) -> 
     return torch.allclose(packed, padded, atol=1e-4, rtol=1e-4)
 
 
-def accumulate_gradients(model: PreTrainedModel, micro: list[RMBatch], precision: str) -> tuple[float, float, float]:
+def accumulate_gradients(model: PreTrainedModel, micro: list[RMBatch], precision: str,
+                         masters: MasterWeights | None = None) -> tuple[float, float, float]:
     """Backward over the micro-batches of one optimiser step; returns (loss, correct, compared).
 
     Each micro-batch's summed item losses are divided by the item count of the
@@ -304,6 +307,8 @@ def accumulate_gradients(model: PreTrainedModel, micro: list[RMBatch], precision
         scores = item_scores(model, b, precision)
         loss = kway_ranking_loss(scores, b.ranks, b.valid, b.margin).sum() / n_items
         loss.backward()
+        if masters is not None:
+            masters.accumulate_grads()  # summed in fp32, micro-batch by micro-batch, as autocast would
         total += loss.item()
         c, n = pairwise_accuracy(scores.detach(), b.ranks, b.valid)
         correct, compared = correct + float(c), compared + float(n)
@@ -384,10 +389,14 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
 
     step_items = config.batch_size * config.gradient_accumulation_steps
     total_steps = max(1, math.ceil(len(train_enc) * config.epochs / step_items))
-    optimizer = make_optimizer(model, config.lr, config.weight_decay)
+    # Checked on the fp32 model, before the bf16 weights below.
+    pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
+    # bf16: the model computes with bf16 matmul weights, the optimiser steps fp32 masters (mixed_precision.py).
+    masters = MasterWeights([model]) if precision == "bf16" else None
+    optimizer = make_optimizer(model, config.lr, config.weight_decay, master_weights=masters)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
 
-    pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
     # Padded batches want items of similar length together; packed rows want a mix, whose short
     # items fill the gaps that long ones leave (corpus pairs: 13.5 % of the tokens were padding
     # in length-sorted packed batches, 2.5 % in shuffled ones).
@@ -407,14 +416,16 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     for step in range(total_steps):
         micro = [collate([train_enc[i] for i in next(batches)], tokenizer.pad_token_id, device, pack_width)
                  for _ in range(config.gradient_accumulation_steps)]
-        step_loss, c, n = accumulate_gradients(model, micro, precision)
+        step_loss, c, n = accumulate_gradients(model, micro, precision, masters)
         correct, compared = correct + c, compared + n
         for b in micro:
             real_tokens += b.real_tokens
             pad_tokens += b.input_ids.numel() - b.real_tokens
         items_seen += sum(b.size for b in micro)
-        clip_grad_norm(model.parameters(), config.grad_clip)
+        clip_grad_norm(params, config.grad_clip)
         optimizer.step()
+        if masters is not None:
+            masters.copy_masters_to_models()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
@@ -424,9 +435,12 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", acc=f"{correct / max(compared, 1):.3f}",
                             lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            RewardModel(model, tokenizer, precision=precision).save_pretrained(out / "checkpoint")
+            with masters.fp32_models() if masters is not None else contextlib.nullcontext():
+                RewardModel(model, tokenizer, precision=precision).save_pretrained(out / "checkpoint")
     bar.close()
     train_seconds = time.time() - train_start
+    if masters is not None:
+        masters.release()  # scored, evaluated and saved in fp32 from here on
     model.eval()
 
     rm = RewardModel(model, tokenizer, precision=precision)

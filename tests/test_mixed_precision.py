@@ -1,0 +1,106 @@
+"""bf16 weights in the model + fp32 masters in the optimiser compute exactly what plain bf16 autocast does.
+
+PPO has its own end-to-end check (test_ppo.py); these cover the LM loop (pretraining, SFT) and the
+reward model's training, and the helper's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignloop.mixed_precision import MasterWeights, cast_frozen_matmul_weights, matmul_weights
+from alignloop.modeling import build_causal_lm
+from alignloop.training import IGNORE, LMBatch, train_lm
+
+
+def test_matmul_weights_are_the_linear_layers_not_the_tied_embedding(tiny_tokenizer):
+    model = build_causal_lm(tiny_tokenizer, n_layer=2, n_embd=64, n_head=2, n_positions=128)
+    names = [n for n, _ in matmul_weights(model)]
+    assert len(names) == 2 * 4  # c_attn, attn c_proj, c_fc, mlp c_proj per layer
+    assert all(n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")) for n in names)
+    assert "lm_head.weight" not in names and "transformer.wte.weight" not in names  # tied: stays fp32
+    with pytest.raises(ValueError, match="trained"):
+        cast_frozen_matmul_weights(model)  # its weights still require grad
+
+
+def test_master_gradients_accumulate_in_fp32_and_the_step_reaches_the_model(tiny_tokenizer):
+    model = build_causal_lm(tiny_tokenizer, n_layer=1, n_embd=64, n_head=2, n_positions=128)
+    masters = MasterWeights([model])
+    name, weight = matmul_weights(model)[0]
+    master = masters.master_of[id(weight)]
+    assert weight.dtype == torch.bfloat16 and master.dtype == torch.float32
+    g1, g2 = torch.randn_like(weight), torch.randn_like(weight)
+    weight.grad = g1.clone()
+    masters.accumulate_grads()
+    weight.grad = g2.clone()
+    masters.accumulate_grads()  # a second micro-batch adds
+    assert weight.grad is None and torch.equal(master.grad, g1.float() + g2.float())
+    with torch.no_grad():
+        master.add_(1.0)
+    masters.copy_masters_to_models()
+    assert torch.equal(weight, master.bfloat16())
+    master.grad = None  # what optimizer.zero_grad(set_to_none=True) does
+    weight.grad = g2.clone()
+    masters.accumulate_grads()  # a new step starts from this backward alone, in the same buffer
+    assert torch.equal(master.grad, g2.float())
+    assert masters.state_dict(0)[name].dtype == torch.float32
+    masters.release()
+    assert weight.dtype == torch.float32 and torch.equal(weight, master)
+
+
+def lm_batches(tok, n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ids = torch.randint(3, len(tok), (4, 24), generator=gen)
+        labels = ids.clone()
+        labels[:, :4] = IGNORE
+        yield LMBatch(ids, torch.ones_like(ids), labels)
+
+
+def test_lm_training_in_bf16_is_the_same_with_or_without_masters(tiny_tokenizer, monkeypatch):
+    import alignloop.training as training
+
+    def run():
+        model = build_causal_lm(tiny_tokenizer, n_layer=2, n_embd=64, n_head=2, n_positions=128, seed=0)
+        losses = train_lm(model, lm_batches(tiny_tokenizer, 6, 0), 6, 3e-3, 0.1, 2, 1.0, "bf16", "test")
+        return model, losses
+
+    ours, our_losses = run()
+    monkeypatch.setattr(training, "MasterWeights", lambda models: None)  # plain autocast
+    plain, plain_losses = run()
+    assert our_losses == plain_losses
+    a, b = ours.state_dict(), plain.state_dict()
+    assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)  # released: fp32 again
+    assert not torch.equal(a["transformer.h.0.mlp.c_fc.weight"],
+                           build_causal_lm(tiny_tokenizer, n_layer=2, n_embd=64, n_head=2, n_positions=128,
+                                           seed=0).state_dict()["transformer.h.0.mlp.c_fc.weight"])  # it trained
+
+
+@pytest.mark.slow
+def test_reward_training_in_bf16_is_the_same_with_or_without_masters(tiny_lm_dir, fortunes, tmp_path, monkeypatch):
+    import alignloop.reward.train as reward_train
+    from alignloop.reward.train import RewardTrainConfig, train_reward_model
+    from test_reward_train import sentiment_pairs, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(fortunes, 64, 0))
+    held = write_jsonl(tmp_path / "held.jsonl", sentiment_pairs(fortunes, 32, 1))
+
+    def run(out: Path) -> dict:
+        return train_reward_model(RewardTrainConfig(
+            model=tiny_lm_dir, data=data, held_out_data=held, out_dir=out, epochs=1, batch_size=8,
+            gradient_accumulation_steps=2, lr=3e-3, max_length=96, save_every=2, normalize_samples=16,
+            precision="bf16", device="cpu"))
+
+    ours = run(tmp_path / "masters")
+    monkeypatch.setattr(reward_train, "MasterWeights", lambda models: None)
+    plain = run(tmp_path / "autocast")
+    for key in ("final_train_loss", "train_accuracy", "held_out_accuracy", "held_out_loss", "normalization"):
+        assert ours[key] == plain[key], key
+    for sub in ("", "checkpoint"):  # the mid-training checkpoint is saved in fp32 too
+        a, b = (load_file(str(tmp_path / d / sub / "model.safetensors")) for d in ("masters", "autocast"))
+        assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a), sub
