@@ -120,7 +120,9 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
     # bf16: the model computes with bf16 matmul weights, the optimiser steps fp32 masters (mixed_precision.py).
     masters = MasterWeights([model]) if precision == "bf16" else None
     optimizer = make_optimizer(model, lr, weight_decay, master_weights=masters)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Clipped in the model's parameter order (masters in place of bf16 weights): the norm's float sum
+    # then adds up exactly as it does without masters.
+    params = masters.optimizer_params(model) if masters is not None else list(model.parameters())
     scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
     losses = []
     bar = progress(total=total_steps, desc=desc)

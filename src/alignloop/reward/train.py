@@ -394,7 +394,8 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     # bf16: the model computes with bf16 matmul weights, the optimiser steps fp32 masters (mixed_precision.py).
     masters = MasterWeights([model]) if precision == "bf16" else None
     optimizer = make_optimizer(model, config.lr, config.weight_decay, master_weights=masters)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Clipped in the model's parameter order, as without masters (the norm's float sum adds up the same).
+    params = masters.optimizer_params(model) if masters is not None else list(model.parameters())
     scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
 
     # Padded batches want items of similar length together; packed rows want a mix, whose short
