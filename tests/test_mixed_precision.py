@@ -53,6 +53,11 @@ def test_master_gradients_accumulate_in_fp32_and_the_step_reaches_the_model(tiny
     assert weight.dtype == torch.float32 and torch.equal(weight, master)
 
 
+def plain_autocast(models, enabled=True):
+    """MasterWeights switched off: the fp32 model under autocast, as before masters existed."""
+    return MasterWeights(models, enabled=False)
+
+
 def lm_batches(tok, n: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     for _ in range(n):
@@ -83,7 +88,7 @@ def test_lm_training_in_bf16_is_the_same_with_or_without_masters(tiny_tokenizer,
     # The gradient norm sums the tensors in the model's order, so its float sum rounds as without
     # masters (the optimiser's order, matrices first, changed the demo's pretraining in the 4th digit).
     assert clipped_shapes[0] == [tuple(p.shape) for p in ours.parameters()]
-    monkeypatch.setattr(training, "MasterWeights", lambda models: None)  # plain autocast
+    monkeypatch.setattr(training, "MasterWeights", plain_autocast)
     plain, plain_losses = run()
     assert our_losses == plain_losses
     a, b = ours.state_dict(), plain.state_dict()
@@ -109,7 +114,7 @@ def test_reward_training_in_bf16_is_the_same_with_or_without_masters(tiny_lm_dir
             precision="bf16", device="cpu"))
 
     ours = run(tmp_path / "masters")
-    monkeypatch.setattr(reward_train, "MasterWeights", lambda models: None)
+    monkeypatch.setattr(reward_train, "MasterWeights", plain_autocast)
     plain = run(tmp_path / "autocast")
     for key in ("final_train_loss", "train_accuracy", "held_out_accuracy", "held_out_loss", "normalization"):
         assert ours[key] == plain[key], key

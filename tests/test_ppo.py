@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file
 
 from alignloop.errors import ConfigError
+from alignloop.mixed_precision import MasterWeights
 from alignloop.modeling import build_causal_lm, load_causal_lm, load_tokenizer
 from alignloop.ppo import PPOConfig, PPOTrainer, ppo
 from alignloop.prompts import encode_prompt, encode_response
@@ -159,7 +160,8 @@ def test_bf16_master_weights_train_exactly_like_plain_autocast(tiny_lm_dir, rm_d
     assert all(p.dtype == torch.float32 for p in trainer.trained_params)  # the optimiser steps fp32 masters
     assert trainer.policy.transformer.wte.weight.dtype == torch.float32  # embeddings (and the tied LM head) stay
     ours = trainer.train()
-    monkeypatch.setattr(trainer_module, "MasterWeights", lambda models: None)
+    monkeypatch.setattr(trainer_module, "MasterWeights",
+                        lambda models, enabled: MasterWeights(models, enabled=False))  # plain autocast
     monkeypatch.setattr(trainer_module, "cast_frozen_matmul_weights", lambda model: model)
     plain = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "autocast", **cfg))
 
@@ -180,7 +182,7 @@ def test_bf16_master_weights_train_exactly_like_plain_autocast(tiny_lm_dir, rm_d
 def test_starting_from_other_policy_weights_sets_the_fp32_masters_too(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
     """A later round starts PPO from the last round's policy: the optimiser's fp32 masters must start there too."""
     trainer = PPOTrainer(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "r2", precision="bf16"))
-    assert trainer.master_weights is not None
+    assert trainer.master_weights.entries[0]  # the policy's matmul weights have masters
     other = {k: v + 0.01 for k, v in load_causal_lm(tiny_lm_dir, "cpu", trainer.tokenizer).state_dict().items()}
     trainer.load_policy_weights(other)
     held = trainer.state_dict()["policy"]  # what a checkpoint (and the optimiser) sees

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from alignloop.errors import InputError
+from alignloop.mixed_precision import MasterWeights
 from alignloop.reward.data import Preference, ranks_from_ranking, read_preferences
 from alignloop.reward.evaluate import annotator_agreement, calibration_table
 from alignloop.reward.losses import bradley_terry_loss, kway_ranking_loss, pairwise_accuracy
@@ -252,7 +253,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_lm_dir):
         for n in micro_sizes:
             micro.append(collate(items[start:start + n], tok.pad_token_id, torch.device("cpu"), pack_width))
             start += n
-        loss, _, _ = accumulate_gradients(model, micro, "fp32")
+        loss, _, _ = accumulate_gradients(model, micro, "fp32", MasterWeights([model], enabled=False))
         return loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     loss_one, g_one = grads([5])

@@ -61,9 +61,11 @@ class MasterWeights:
     call `accumulate_grads()` after every backward and `copy_masters_to_models()` after every
     optimiser step; read and write checkpoints through `state_dict` / `load_state_dict`;
     save the models inside `with fp32_models():`, or `release()` them when training is over.
+    With `enabled=False` (fp32 training) every one of these is what plain training does, so a
+    training loop calls them unconditionally.
     """
 
-    def __init__(self, models: list[torch.nn.Module], dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, models: list[torch.nn.Module], enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
         self.models = models
         # Per model: (name in its state dict, the model's bf16 weight, the fp32 master).
         self.entries: list[list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]] = []
@@ -74,7 +76,7 @@ class MasterWeights:
         with torch.no_grad():
             for model in models:
                 entries = []
-                for name, weight in matmul_weights(model):
+                for name, weight in (matmul_weights(model) if enabled else []):
                     if not weight.requires_grad:
                         continue
                     master = torch.nn.Parameter(weight.detach().clone())

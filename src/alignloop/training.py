@@ -118,11 +118,11 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
     """One optimiser step per batch; returns the per-step mean token loss."""
     model.train()
     # bf16: the model computes with bf16 matmul weights, the optimiser steps fp32 masters (mixed_precision.py).
-    masters = MasterWeights([model]) if precision == "bf16" else None
+    masters = MasterWeights([model], enabled=precision == "bf16")
     optimizer = make_optimizer(model, lr, weight_decay, master_weights=masters)
     # Clipped in the model's parameter order (masters in place of bf16 weights): the norm's float sum
     # then adds up exactly as it does without masters.
-    params = masters.optimizer_params(model) if masters is not None else list(model.parameters())
+    params = masters.optimizer_params(model)
     scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
     losses = []
     bar = progress(total=total_steps, desc=desc)
@@ -130,12 +130,10 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
         loss_sum, n_tokens = lm_loss_sum(model, batch, precision)
         loss = loss_sum / max(n_tokens, 1)
         loss.backward()
-        if masters is not None:
-            masters.accumulate_grads()
+        masters.accumulate_grads()
         clip_grad_norm(params, grad_clip)
         optimizer.step()
-        if masters is not None:
-            masters.copy_masters_to_models()
+        masters.copy_masters_to_models()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -143,7 +141,6 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     bar.close()
-    if masters is not None:
-        masters.release()  # the caller gets (and saves) the fp32 weights
+    masters.release()  # the caller gets (and saves) the fp32 weights
     model.eval()  # dropout off for whatever comes next (generation, scoring)
     return losses

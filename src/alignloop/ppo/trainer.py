@@ -17,7 +17,6 @@ log-probs of the update match those of the rollout exactly.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -161,9 +160,10 @@ class PPOTrainer:
         # bf16: the models compute with bf16 matmul weights they hold, the optimiser steps fp32 masters
         # (mixed_precision.py: the same numbers as autocast without its per-forward weight casts and
         # per-backward gradient casts). Not under LoRA, whose frozen base must stay fp32 to be merged.
-        self.master_weights: MasterWeights | None = None
-        if self.precision == "bf16" and c.lora_r == 0:
-            self.master_weights = MasterWeights([self.policy] + ([self.critic] if self.critic is not None else []))
+        bf16_masters = self.precision == "bf16" and c.lora_r == 0
+        self.master_weights = MasterWeights([self.policy] + ([self.critic] if self.critic is not None else []),
+                                            enabled=bf16_masters)
+        if bf16_masters:
             cast_frozen_matmul_weights(self.reference)
         if self.precision == "bf16":
             cast_frozen_matmul_weights(self.reward.model.requires_grad_(False))
@@ -318,8 +318,7 @@ class PPOTrainer:
                                                             c.cliprange_value)
                     loss = (pg_sum if train_policy else 0.0) + c.vf_coef * vf_sum
                     (loss / mb_tokens).backward()
-                    if self.master_weights is not None:
-                        self.master_weights.accumulate_grads()  # bf16 weight grads -> fp32 master grads
+                    self.master_weights.accumulate_grads()  # bf16: weight grads -> fp32 master grads
                     with torch.no_grad():
                         if epoch == 0:  # entropy of the rollout policy, measured once
                             sums["entropy"] += float((entropy_from_logits(logits) * mask).sum())
@@ -336,8 +335,7 @@ class PPOTrainer:
                     for p in self.policy_params:
                         p.grad = None
                 self.optimizer.step()
-                if self.master_weights is not None:
-                    self.master_weights.copy_masters_to_models()
+                self.master_weights.copy_masters_to_models()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         self.policy.eval()
@@ -424,12 +422,12 @@ class PPOTrainer:
 
     def _model_state(self, index: int, model: torch.nn.Module) -> dict:
         """A trained model's weights in fp32: the masters where the model holds bf16 copies."""
-        if self.master_weights is not None and index < len(self.master_weights.models):
+        if index < len(self.master_weights.models):  # the policy, and the critic when separate
             return self.master_weights.state_dict(index)
-        return model.state_dict()
+        return model.state_dict()  # the value head
 
     def _load_model_state(self, index: int, model: torch.nn.Module, state: dict) -> None:
-        if self.master_weights is not None and index < len(self.master_weights.models):
+        if index < len(self.master_weights.models):
             self.master_weights.load_state_dict(index, state)
         else:
             model.load_state_dict(state)
@@ -529,7 +527,7 @@ class PPOTrainer:
             policy.save_pretrained(self.out_dir / "adapter")  # the adapters alone, for peft users
             policy = policy.merge_and_unload()  # a plain HF model: loads with no peft
         # The saved weights are the fp32 masters, not their bf16 roundings.
-        with self.master_weights.fp32_models() if self.master_weights is not None else contextlib.nullcontext():
+        with self.master_weights.fp32_models():
             save_model_dir(policy, self.tokenizer, self.out_dir, c.max_new_tokens)
             if self.critic is not None:
                 self.critic.save_pretrained(self.out_dir / "critic", safe_serialization=True)

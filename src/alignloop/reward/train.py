@@ -20,7 +20,6 @@ Dropout is off (as for the policy in PPO: scores must be deterministic).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -293,7 +292,7 @@ def packing_works(model: PreTrainedModel, pad_id: int, device: torch.device) -> 
 
 
 def accumulate_gradients(model: PreTrainedModel, micro: list[RMBatch], precision: str,
-                         masters: MasterWeights | None = None) -> tuple[float, float, float]:
+                         masters: MasterWeights) -> tuple[float, float, float]:
     """Backward over the micro-batches of one optimiser step; returns (loss, correct, compared).
 
     Each micro-batch's summed item losses are divided by the item count of the
@@ -307,8 +306,7 @@ def accumulate_gradients(model: PreTrainedModel, micro: list[RMBatch], precision
         scores = item_scores(model, b, precision)
         loss = kway_ranking_loss(scores, b.ranks, b.valid, b.margin).sum() / n_items
         loss.backward()
-        if masters is not None:
-            masters.accumulate_grads()  # summed in fp32, micro-batch by micro-batch, as autocast would
+        masters.accumulate_grads()  # bf16: summed in fp32, micro-batch by micro-batch, as autocast would
         total += loss.item()
         c, n = pairwise_accuracy(scores.detach(), b.ranks, b.valid)
         correct, compared = correct + float(c), compared + float(n)
@@ -392,10 +390,10 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     # Checked on the fp32 model, before the bf16 weights below.
     pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
     # bf16: the model computes with bf16 matmul weights, the optimiser steps fp32 masters (mixed_precision.py).
-    masters = MasterWeights([model]) if precision == "bf16" else None
+    masters = MasterWeights([model], enabled=precision == "bf16")
     optimizer = make_optimizer(model, config.lr, config.weight_decay, master_weights=masters)
     # Clipped in the model's parameter order, as without masters (the norm's float sum adds up the same).
-    params = masters.optimizer_params(model) if masters is not None else list(model.parameters())
+    params = masters.optimizer_params(model)
     scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
 
     # Padded batches want items of similar length together; packed rows want a mix, whose short
@@ -425,8 +423,7 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
         items_seen += sum(b.size for b in micro)
         clip_grad_norm(params, config.grad_clip)
         optimizer.step()
-        if masters is not None:
-            masters.copy_masters_to_models()
+        masters.copy_masters_to_models()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
@@ -436,12 +433,11 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", acc=f"{correct / max(compared, 1):.3f}",
                             lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            with masters.fp32_models() if masters is not None else contextlib.nullcontext():
+            with masters.fp32_models():
                 RewardModel(model, tokenizer, precision=precision).save_pretrained(out / "checkpoint")
     bar.close()
     train_seconds = time.time() - train_start
-    if masters is not None:
-        masters.release()  # scored, evaluated and saved in fp32 from here on
+    masters.release()  # scored, evaluated and saved in fp32 from here on
     model.eval()
 
     rm = RewardModel(model, tokenizer, precision=precision)
