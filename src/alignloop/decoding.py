@@ -118,7 +118,6 @@ class GPT2Decoder:
         end = start + new
         hidden = gpt2.wte(input_ids) + gpt2.wpe(position_ids)  # (batch, T, n_embd)
         for layer, block in enumerate(gpt2.h):
-            residual = hidden
             query, key, value = block.attn.c_attn(block.ln_1(hidden)).split(block.attn.split_size, dim=2)
             query, key, value = (t.view(batch, new, self.heads, self.head_dim).transpose(1, 2)
                                  for t in (query, key, value))  # (batch, heads, T, head_dim)
@@ -132,9 +131,8 @@ class GPT2Decoder:
                                                       self.values[layer, :, :, :end], attn_mask=attention_mask,
                                                       scale=self.scaling)
             attended = attended.transpose(1, 2).reshape(batch, new, -1)
-            hidden = block.attn.c_proj(attended) + residual
-            residual = hidden
-            hidden = residual + block.mlp(block.ln_2(hidden))
+            hidden = block.attn.c_proj(attended) + hidden  # the residual stream, as GPT2Block adds it
+            hidden = hidden + block.mlp(block.ln_2(hidden))
         hidden = gpt2.ln_f(hidden[:, -1:])
         return self.model.lm_head(hidden)[:, -1]
 
