@@ -51,7 +51,8 @@ class HFDecoder:
         batch = prompt_ids.shape[0]
         self.mask = torch.cat([prompt_mask, prompt_mask.new_ones((batch, max_new_tokens))], dim=1)
         self.columns = prompt_ids.shape[1]
-        self.next_position = position_ids_from_mask(prompt_mask)[:, -1:] + 1
+        self.positions = position_ids_from_mask(prompt_mask)  # (batch, P)
+        self.next_position = self.positions[:, -1:] + 1
         self.cache = None
 
     def _forward(self, **inputs) -> torch.Tensor:
@@ -62,7 +63,7 @@ class HFDecoder:
     def start(self) -> torch.Tensor:
         """(batch, vocab) logits after the prompt."""
         return self._forward(input_ids=self.prompt_ids, attention_mask=self.prompt_mask,
-                             position_ids=position_ids_from_mask(self.prompt_mask), logits_to_keep=1)
+                             position_ids=self.positions, logits_to_keep=1)
 
     def keep(self, rows: torch.Tensor) -> None:
         """Continue with these rows only (indices into the current batch)."""
