@@ -14,12 +14,19 @@ the response (`alignloop.labelers.vader_sentiment`) with label noise
 pairs whose sentiments differ by at most `tie_threshold` are ties and dropped
 (counted).
 
-With `--k K` (K > 2, `sft` source only) the SFT model samples K responses per prompt.
+With `--k K` (K > 2, `sft` source) the SFT model samples K responses per prompt.
 Training rows are then rankings, labelled by the annotation app's own simulated person
 (`alignloop.annotate.simulate.label_answerer`: VADER order with Gumbel noise, equal
 sentiments tied), so the K-way loss scores each response once for its C(K,2) comparisons;
 held-out rows stay pairs (responses 0-1, 2-3, ... of each held-out prompt) so accuracy
 means the same thing at every K.
+
+With `--source corpus --k K` (K > 2) each training prompt gets its own continuation and the
+continuations of K - 1 other training quotations, ranked by the same simulated person; with
+`--all-cuts` every cut of each training quotation is a prompt (about 4 per quotation; the texts
+repeat across rankings, unlike SFT samples). `--held-out-pairs N` draws N random pairs of
+held-out continuations (one random cut per held-out quotation) instead of one pair per quotation,
+for smaller error bars.
 
 With `--all-cuts` (`sft` source) the training prompts are every cut of each SFT training
 quotation after its first 2, 3, ... 6 words (at most half its words), about 4 per quotation,
@@ -116,19 +123,83 @@ def corpus_responses(docs: list[str], n: int, rng: random.Random) -> tuple[list[
     return [p["prompt"] for p in firsts], [p["response"] for p in firsts], [p["response"] for p in seconds]
 
 
+def corpus_cuts(docs: list[str], rng: random.Random, every_cut: bool) -> list[tuple[int, str, str]]:
+    """(quotation index, prompt, continuation) for the quotations SFT keeps (<= 280 characters):
+    one random 2-6-word cut of each, or every cut."""
+    from alignloop.sft import prompt_cuts
+
+    cuts = []
+    for index, doc in enumerate(docs):
+        if len(doc) > 280:
+            continue
+        words = doc.split(" ")
+        ks = list(prompt_cuts(words, 2, 6))
+        if ks and not every_cut:
+            ks = [rng.choice(ks)]
+        cuts += [(index, " ".join(words[:k]), " " + " ".join(words[k:])) for k in ks]
+    return cuts
+
+
+def corpus_rankings(docs: list[str], n: int, k: int, rng: random.Random, every_cut: bool) -> tuple[list[str], list[list[str]]]:
+    """Prompts and k responses each (samples[j][i], as `sample_k` returns them): a prompt's own
+    continuation first, then k - 1 continuations of other quotations."""
+    cuts = corpus_cuts(docs, rng, every_cut)
+    rng.shuffle(cuts)  # the first n prompts spread over the quotations
+    cuts = cuts[:n]
+    prompts, samples = [], [[] for _ in range(k)]
+    for index, prompt, continuation in cuts:
+        prompts.append(prompt)
+        samples[0].append(continuation)
+        for j in range(1, k):
+            other = rng.choice(cuts)
+            while other[0] == index:
+                other = rng.choice(cuts)
+            samples[j].append(other[2])
+    return prompts, samples
+
+
+def corpus_random_pairs(docs: list[str], n: int, rng: random.Random) -> tuple[list[str], list[str], list[str]]:
+    """n pairs of two different quotations' continuations (one random cut each), the first one's prompt."""
+    cuts = corpus_cuts(docs, rng, every_cut=False)
+    prompts, first, second = [], [], []
+    for _ in range(n):
+        i, j = rng.sample(range(len(cuts)), 2)
+        prompts.append(cuts[i][1])
+        first.append(cuts[i][2])
+        second.append(cuts[j][2])
+    return prompts, first, second
+
+
 def make_corpus_data(n_train: int, n_held: int, out: Path, noise: float = 0.1, tie_threshold: float = 0.05,
-                     seed: int = 0) -> dict:
+                     seed: int = 0, k: int = 2, all_cuts: bool = False, held_out_pairs: int | None = None) -> dict:
     from alignloop.corpus import load_corpus, split_corpus
 
     start = time.time()
     train_docs, held_docs = split_corpus(load_corpus(), 0.05, 0)  # pretraining's and SFT's split
     rng = random.Random(seed)
-    summary = {"source": "corpus", "noise": noise, "tie_threshold": tie_threshold, "seed": seed}
-    for split, docs, n in (("held_out", held_docs, n_held), ("train", train_docs, n_train)):
-        prompts, a, b = corpus_responses(docs, n, rng)
+    summary = {"source": "corpus", "noise": noise, "tie_threshold": tie_threshold, "seed": seed, "k": k,
+               "all_cuts": all_cuts, "held_out_pairs": held_out_pairs}
+    if k == 2 and not all_cuts and held_out_pairs is None:  # the first corpus data: neighbouring quotations paired
+        for split, docs, n in (("held_out", held_docs, n_held), ("train", train_docs, n_train)):
+            prompts, a, b = corpus_responses(docs, n, rng)
+            rows, counts = label_pairs(prompts, a, b, rng, noise, tie_threshold)
+            write_jsonl(out / f"{split}.jsonl", rows)
+            summary[split] = {"prompts": len(prompts), **counts}
+    else:
+        prompts, samples = corpus_rankings(train_docs, n_train, k, rng, all_cuts)
+        if k > 2:
+            rows, counts = label_rankings(prompts, samples, rng, noise)
+        else:
+            rows, counts = label_pairs(prompts, samples[0], samples[1], rng, noise, tie_threshold)
+        write_jsonl(out / "train.jsonl", rows)
+        summary["train"] = {"prompts": len(prompts), **counts}
+        if held_out_pairs is None:
+            prompts, a, b = corpus_responses(held_docs, n_held, rng)
+        else:
+            prompts, a, b = corpus_random_pairs(held_docs, held_out_pairs, rng)
         rows, counts = label_pairs(prompts, a, b, rng, noise, tie_threshold)
-        write_jsonl(out / f"{split}.jsonl", rows)
-        summary[split] = {"prompts": len(prompts), **counts}
+        write_jsonl(out / "held_out.jsonl", rows)
+        summary["held_out"] = {"prompts": len(prompts), **counts}
     summary["seconds"] = time.time() - start
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -199,21 +270,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64,
                         help="sequences sampled at once (larger: fewer, wider decode steps, faster on CPU)")
     parser.add_argument("--all-cuts", action="store_true",
-                        help="training prompts: every 2-6-word cut of each SFT training quotation (about 4x more)")
+                        help="training prompts: every 2-6-word cut of each training quotation (about 4x more)")
+    parser.add_argument("--held-out-pairs", type=int, default=None,
+                        help="corpus source: this many random pairs of held-out continuations (default: one per quotation)")
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--tie-threshold", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/reward/data")
     args = parser.parse_args()
-    if args.k < 2 or (args.k > 2 and args.source != "sft"):
-        parser.error("--k must be >= 2, and K > 2 needs --source sft")
+    if args.k < 2:
+        parser.error("--k must be >= 2")
     if args.held_out_k is not None and (args.held_out_k < 2 or args.source != "sft"):
         parser.error("--held-out-k must be >= 2 and needs --source sft")
-    if args.all_cuts and args.source != "sft":
-        parser.error("--all-cuts needs --source sft")
+    if args.held_out_pairs is not None and (args.held_out_pairs < 1 or args.source != "corpus"):
+        parser.error("--held-out-pairs must be >= 1 and needs --source corpus")
     if args.source == "corpus":
         print(json.dumps(make_corpus_data(args.train_prompts, args.held_out_prompts, args.out, args.noise,
-                                          args.tie_threshold, args.seed), indent=2))
+                                          args.tie_threshold, args.seed, args.k, args.all_cuts,
+                                          args.held_out_pairs), indent=2))
         return
     summary = make_data(args.model, args.model / "train_prompts.jsonl", args.model / "held_out_pairs.jsonl",
                         args.train_prompts, args.held_out_prompts, args.out, args.noise, args.tie_threshold, args.seed,
