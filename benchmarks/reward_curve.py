@@ -11,7 +11,7 @@ counts the comparisons the items hold: 1 per pair, C(K,2) less ties per ranking)
 and evaluates it on DATA/held_out.jsonl: accuracy against the (noisy) held-out labels, as
 `alignloop reward eval` reports it, and against the noise-free VADER order. Beside it, the same
 accuracies of a bag-of-words Bradley-Terry model fit to the same comparisons
-(`bag_of_words_baseline`): what the training texts' words alone can teach; and of the same
+(`bag_of_features_baseline`): what the training texts' words alone can teach; and of the same
 model over the reward model's own tokens instead of words. Writes
 OUT/reward_curve.json, OUT/reward_curve.png and, for the largest size, the calibration plot.
 Accuracies do not depend on the machine; the seconds do.
@@ -47,7 +47,7 @@ def words_of(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
-def bag_of_words_baseline(train_items: list, held_rows: list[dict], features: Callable[[str], list[str]] = words_of,
+def bag_of_features_baseline(train_items: list, held_rows: list[dict], features: Callable[[str], list[str]] = words_of,
                           steps: int = 300, l2: float = 1e-5) -> dict:
     """Held-out accuracy of a linear model of feature counts fit to the same training comparisons.
 
@@ -169,8 +169,8 @@ def main() -> None:
         rm = RewardModel.from_pretrained(out_dir, precision=summary["precision"])
         items = read_preferences(subset).items
         comparisons = sum(len(item.comparisons()) for item in items)
-        baseline = bag_of_words_baseline(items, held_rows)
-        token_baseline = bag_of_words_baseline(items, held_rows, features=model_tokens)
+        baseline = bag_of_features_baseline(items, held_rows)
+        token_baseline = bag_of_features_baseline(items, held_rows, features=model_tokens)
         point = {"items": n, "comparisons": comparisons, "steps": summary["steps"], "held_out_accuracy": summary["held_out_accuracy"],
                  "held_out_loss": summary["held_out_loss"], "clean_accuracy": clean_accuracy(rm, held_rows),
                  "bag_of_words_accuracy": baseline["accuracy"], "bag_of_words_clean_accuracy": baseline["clean_accuracy"],
