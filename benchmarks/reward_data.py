@@ -123,17 +123,18 @@ def corpus_responses(docs: list[str], n: int, rng: random.Random) -> tuple[list[
     return [p["prompt"] for p in firsts], [p["response"] for p in firsts], [p["response"] for p in seconds]
 
 
-def corpus_cuts(docs: list[str], rng: random.Random, every_cut: bool) -> list[tuple[int, str, str]]:
-    """(quotation index, prompt, continuation) for the quotations SFT keeps (<= 280 characters):
-    one random 2-6-word cut of each, or every cut."""
+def corpus_cuts(docs: list[str], rng: random.Random, every_cut: bool, max_chars: int = 280,
+                min_words: int = 2, max_words: int = 6) -> list[tuple[int, str, str]]:
+    """(quotation index, prompt, continuation) for the quotations SFT keeps (<= max_chars characters):
+    one random cut after min_words..max_words words of each, or every cut."""
     from alignloop.sft import prompt_cuts
 
     cuts = []
     for index, doc in enumerate(docs):
-        if len(doc) > 280:
+        if len(doc) > max_chars:
             continue
         words = doc.split(" ")
-        ks = list(prompt_cuts(words, 2, 6))
+        ks = list(prompt_cuts(words, min_words, max_words))
         if ks and not every_cut:
             ks = [rng.choice(ks)]
         cuts += [(index, " ".join(words[:k]), " " + " ".join(words[k:])) for k in ks]
@@ -210,17 +211,14 @@ def all_cut_prompts(model_dir: Path, seed: int) -> list[str]:
     import yaml
 
     from alignloop.corpus import load_corpus, split_corpus
-    from alignloop.sft import prompt_cuts
 
     sft = yaml.safe_load((model_dir / "alignloop_sftconfig.yaml").read_text())
     if sft.get("data") is not None:
         raise SystemExit(f"--all-cuts needs an SFT model trained on the corpus; {model_dir} was trained on {sft['data']}")
     train_docs, _ = split_corpus(load_corpus(sft["corpus"]), sft["held_out_fraction"], sft["seed"])
-    prompts = []
-    for doc in train_docs:
-        if len(doc) <= sft["max_response_chars"]:  # the quotations SFT kept
-            words = doc.split(" ")
-            prompts += [" ".join(words[:k]) for k in prompt_cuts(words, sft["prompt_words_min"], sft["prompt_words_max"])]
+    cuts = corpus_cuts(train_docs, random.Random(seed), True, sft["max_response_chars"],  # the quotations SFT kept
+                       sft["prompt_words_min"], sft["prompt_words_max"])
+    prompts = [prompt for _, prompt, _ in cuts]
     held_out = set(read_prompts(model_dir / "held_out_pairs.jsonl"))  # short cuts ("As for the") recur
     prompts = list(dict.fromkeys(p for p in prompts if p.strip() and p not in held_out))
     random.Random(seed).shuffle(prompts)
