@@ -14,7 +14,8 @@ VADER order) for each way of cutting the responses into units:
   (cased) and on lower-cased text.
 The gap between the words and a tokenizer says how much the tokenizer's pieces hide from a model that
 adds them up; a reward model on that tokenizer's backbone has been seen to track it (docs/reward.md).
-Takes a few minutes: the tokenizers train in seconds, each fit is 300 full-batch Adam steps.
+Slow on a 2-core CPU (tens of minutes): the tokenizers train in seconds, but each fit is 300 full-batch
+Adam steps, and the word fits have ~190 k distinct units (the SFT model makes words up).
 """
 
 from __future__ import annotations
