@@ -47,6 +47,13 @@ def words_of(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
+def token_units(tokenizer, lower: bool = False) -> Callable[[str], list[int]]:
+    """A text's token ids under `tokenizer` (optionally of the lower-cased text), as features."""
+    def units(text: str) -> list[int]:
+        return tokenizer(text.lower() if lower else text, add_special_tokens=False)["input_ids"]
+    return units
+
+
 def bag_of_features_baseline(train_items: list, held_rows: list[dict], features: Callable[[str], list[str]] = words_of,
                           steps: int = 300, l2: float = 1e-5) -> dict:
     """Held-out accuracy of a linear model of feature counts fit to the same training comparisons.
@@ -154,9 +161,6 @@ def main() -> None:
         sizes.append(len(train_rows))
     tokenizer = load_tokenizer(args.model)
 
-    def model_tokens(text: str) -> list[str]:  # the pieces the reward model reads, as it reads them (cased)
-        return [str(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
-
     overrides = {k: v for k, v in (("lr", args.lr), ("batch_size", args.batch_size)) if v is not None}
     points = []
     for n in sizes:
@@ -170,7 +174,7 @@ def main() -> None:
         items = read_preferences(subset).items
         comparisons = sum(len(item.comparisons()) for item in items)
         baseline = bag_of_features_baseline(items, held_rows)
-        token_baseline = bag_of_features_baseline(items, held_rows, features=model_tokens)
+        token_baseline = bag_of_features_baseline(items, held_rows, features=token_units(tokenizer))
         point = {"items": n, "comparisons": comparisons, "steps": summary["steps"], "held_out_accuracy": summary["held_out_accuracy"],
                  "held_out_loss": summary["held_out_loss"], "clean_accuracy": clean_accuracy(rm, held_rows),
                  "bag_of_words_accuracy": baseline["accuracy"], "bag_of_words_clean_accuracy": baseline["clean_accuracy"],

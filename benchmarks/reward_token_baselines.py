@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reward_curve import bag_of_features_baseline, words_of  # noqa: E402
+from reward_curve import bag_of_features_baseline, token_units, words_of  # noqa: E402
 
 from alignloop.corpus import load_corpus, split_corpus  # noqa: E402
 from alignloop.jsonl import read_jsonl  # noqa: E402
@@ -39,12 +39,6 @@ from alignloop.tokenizer import train_tokenizer  # noqa: E402
 
 CASED_WORD = re.compile(r"[A-Za-z']+|[!?]")
 SPACED_WORD = re.compile(r" ?[A-Za-z']+| ?[!?]")
-
-
-def token_units(tokenizer, lower: bool):
-    def units(text: str) -> list[int]:
-        return tokenizer(text.lower() if lower else text, add_special_tokens=False)["input_ids"]
-    return units
 
 
 def main() -> None:
