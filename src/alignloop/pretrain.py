@@ -28,7 +28,10 @@ from .training import LMBatch, perplexity, train_lm
 class PretrainConfig(StageConfig):
     out_dir: Path = Path("runs/demo/base")
     corpus: str | None = None  # None: the fortunes directory
-    vocab_size: int = 2048
+    # 8,192 rather than 2,048: with 2,048 merges most of VADER's sentiment words are split into
+    # pieces that also occur inside other words, and a reward model on that backbone stayed near a
+    # bag of those pieces (72.9 % held-out vs 78.9 % at 8,192 on the same recipe; docs/reward.md).
+    vocab_size: int = 8192
     n_layer: int = 4
     n_embd: int = 256
     n_head: int = 4
