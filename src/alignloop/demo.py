@@ -24,11 +24,10 @@ DEMO_SECTIONS: dict[str, dict] = {
     "sample": {"k": 4, "num_prompts": 2048},
     "annotate": {"label_function": "vader", "annotators": 3, "overlap": 1, "noise": 0.1, "mode": "rank"},
     "reward": {"epochs": 2.0, "held_out_fraction": 0.1},
-    # PPOConfig's defaults (30 steps x 32 episodes, lr 1e-4, beta held until the KL reaches 6 nats,
-    # then adaptive) but an initial beta of 0.05 (TRL's default) instead of 0.2: at 0.2 the
-    # 8,192-token policy stalled at KL 2-3 and beat SFT on 49-56 % of prompts; at 0.05 it reached
-    # KL 7.5-8.8 and 73.5-76.8 % (docs/demo.md).
-    "ppo": {"kl_coef": 0.05},
+    # PPOConfig's defaults: 30 steps x 32 episodes, lr 1e-4, beta 0.05 held until the KL reaches
+    # 6 nats, then adaptive. At beta 0.2 (the default before) the 8,192-token policy stalled at
+    # KL 2-3 and beat SFT on 49-56 % of prompts; at 0.05, 73.5-76.8 % at KL 7.5-8.8 (docs/demo.md).
+    "ppo": {},
     "evaluate": {"num_prompts": 200, "judge": "vader"},
 }
 
