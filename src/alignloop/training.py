@@ -39,6 +39,20 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
+def model_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    precision: str) -> tuple[MasterWeights, torch.optim.AdamW, list[torch.nn.Parameter]]:
+    """The optimiser set-up for training one model (pretrain, SFT, reward model).
+
+    Returns the master weights (bf16: the model computes with bf16 matmul weights and the optimiser
+    steps fp32 masters, see mixed_precision.py; fp32: a no-op), the optimiser, and the parameters to
+    clip, in the model's parameter order with masters in place of bf16 weights, so the gradient
+    norm's float sum adds up exactly as it does without masters.
+    """
+    masters = MasterWeights([model], enabled=precision == "bf16")
+    optimizer = make_optimizer(model, lr, weight_decay, master_weights=masters)
+    return masters, optimizer, masters.optimizer_params(model)
+
+
 @torch.no_grad()
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     """Scale the gradients so that their global L2 norm is at most max_norm; returns the norm before.
@@ -117,12 +131,7 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
              weight_decay: float, warmup_steps: int, grad_clip: float, precision: str, desc: str) -> list[float]:
     """One optimiser step per batch; returns the per-step mean token loss."""
     model.train()
-    # bf16: the model computes with bf16 matmul weights, the optimiser steps fp32 masters (mixed_precision.py).
-    masters = MasterWeights([model], enabled=precision == "bf16")
-    optimizer = make_optimizer(model, lr, weight_decay, master_weights=masters)
-    # Clipped in the model's parameter order (masters in place of bf16 weights): the norm's float sum
-    # then adds up exactly as it does without masters.
-    params = masters.optimizer_params(model)
+    masters, optimizer, params = model_optimizer(model, lr, weight_decay, precision)
     scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
     losses = []
     bar = progress(total=total_steps, desc=desc)

@@ -39,7 +39,7 @@ from ..mixed_precision import MasterWeights
 from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer
 from ..progress import progress
 from ..prompts import encode_prompt, encode_response, pad_right
-from ..training import clip_grad_norm, make_optimizer, warmup_cosine
+from ..training import clip_grad_norm, model_optimizer, warmup_cosine
 from .data import Preference, PreferenceData, read_preferences
 from .losses import kway_ranking_loss, pairwise_accuracy
 from .model import RewardModel, init_reward_model
@@ -389,11 +389,7 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     total_steps = max(1, math.ceil(len(train_enc) * config.epochs / step_items))
     # Checked on the fp32 model, before the bf16 weights below.
     pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
-    # bf16: the model computes with bf16 matmul weights, the optimiser steps fp32 masters (mixed_precision.py).
-    masters = MasterWeights([model], enabled=precision == "bf16")
-    optimizer = make_optimizer(model, config.lr, config.weight_decay, master_weights=masters)
-    # Clipped in the model's parameter order, as without masters (the norm's float sum adds up the same).
-    params = masters.optimizer_params(model)
+    masters, optimizer, params = model_optimizer(model, config.lr, config.weight_decay, precision)
     scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
 
     # Padded batches want items of similar length together; packed rows want a mix, whose short
