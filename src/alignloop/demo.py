@@ -26,7 +26,7 @@ DEMO_SECTIONS: dict[str, dict] = {
     "reward": {"epochs": 2.0, "held_out_fraction": 0.1},
     # PPOConfig's defaults: 30 steps x 32 episodes, lr 1e-4, beta 0.05 held until the KL reaches
     # 6 nats, then adaptive. At beta 0.2 (the default before) the 8,192-token policy stalled at
-    # KL 2-3 and beat SFT on 49-56 % of prompts; at 0.05, 73.5-76.7 % at KL 7.5-8.8 (docs/demo.md).
+    # KL 2-3.4 and beat SFT on 49-61 % of prompts; at 0.05, 73.5-76.7 % at KL 7.5-8.8 (docs/demo.md).
     "ppo": {},
     "evaluate": {"num_prompts": 200, "judge": "vader"},
 }

@@ -28,7 +28,7 @@ class PPOConfig(StageConfig):
 
     # -- reward -------------------------------------------------------------------
     # beta (held until the KL first reaches target_kl, then adapted): reward = score - beta * KL per token.
-    # 0.05 as in TRL; 0.2 (the default until the 8,192-token embedded model) held that model at KL 2-3.
+    # 0.05 as in TRL; 0.2 (the default until the 8,192-token embedded model) held that model at KL 2-3.4.
     kl_coef: float = 0.05
     kl_estimator: str = "k1"  # 'k1' (log ratio) or 'k3' (always >= 0, lower variance)
     target_kl: float | None = 6.0  # adaptive beta steers the KL to this (nats per sequence); None: fixed beta
