@@ -56,7 +56,7 @@ from alignloop.generation import SamplingSettings, generate
 from alignloop.jsonl import write_jsonl
 from alignloop.labelers import noisy_preference, vader_sentiment
 from alignloop.modeling import load_causal_lm, load_tokenizer
-from alignloop.sampling import read_prompts
+from alignloop.prompts import read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ from alignloop.generation import SamplingSettings, generate
 from alignloop.modeling import load_causal_lm, load_tokenizer
 from alignloop.prompts import encode_prompt
 from alignloop.rollout import left_pad, response_mask_up_to_eos
-from alignloop.sampling import read_prompts
+from alignloop.prompts import read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 

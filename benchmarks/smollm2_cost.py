@@ -25,7 +25,7 @@ from alignloop.device import autocast, choose_precision, resolve_device, set_cpu
 from alignloop.generation import SamplingSettings, generate
 from alignloop.modeling import load_causal_lm, load_tokenizer
 from alignloop.prompts import encode_prompt, encode_response, pad_right
-from alignloop.sampling import read_prompts
+from alignloop.prompts import read_prompts
 
 
 def peak_rss_mib() -> float:

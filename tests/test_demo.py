@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from alignloop.errors import AlignloopError, InputError
-from alignloop.pipeline import PipelineSpec, held_out_prompt, load_pipeline_file, round_prompts, run_pipeline
+from alignloop.pipeline import PipelineSpec, load_pipeline_file, run_pipeline
+from alignloop.sampling import round_prompts
+from alignloop.splits import hash_held_out, hash_split
 
 ROOT = Path(__file__).parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -69,7 +71,7 @@ def test_whole_loop_writes_every_output_and_a_report_per_round(tiny_run):
     r1 = (out / "round1/prompts.jsonl").read_text()
     r2 = (out / "round2/prompts.jsonl").read_text()
     assert r1 != r2
-    assert json.loads((out / "round2/campaign.jsonl").read_text().splitlines()[0])["meta"]["model"] == \
+    assert json.loads((out / "round2/sample/campaign.jsonl").read_text().splitlines()[0])["meta"]["model"] == \
         str(out / "round1/policy")
     saved = json.loads((out / "report.json").read_text())
     assert saved["headline"]["rounds"] == 2
@@ -111,6 +113,24 @@ def test_rerun_reuses_every_stage_and_adds_a_round(tiny_run, capfd):
     assert len(report["rounds"]) == 3
 
 
+@pytest.mark.slow
+def test_a_changed_config_reruns_that_stage_and_what_depends_on_it(tiny_run, capfd):
+    """Resume checks each stage's config and inputs, not only that its summary exists."""
+    out, _, corpus = tiny_run
+    sections = tiny_sections(corpus)
+    sections["evaluate"]["num_prompts"] = 6
+    report = run_pipeline(PipelineSpec(sections, out, rounds=3, source="test"))
+    ran = [s["stage"] for s in report["stage_times"] if not s["reused"]]
+    assert ran == ["round1/evaluate", "round2/evaluate", "round3/evaluate"]
+    assert "config or inputs changed" in capfd.readouterr().err
+    assert all(r["evaluate"]["prompts"] == 6 for r in report["rounds"])
+    # A summary cut short by a kill is not taken for a finished stage.
+    summary = out / "round3/eval/evaluate_summary.json"
+    summary.write_text(summary.read_text()[:40])
+    report = run_pipeline(PipelineSpec(sections, out, rounds=3, source="test"))
+    assert [s["stage"] for s in report["stage_times"] if not s["reused"]] == ["round3/evaluate"]
+
+
 def test_pipeline_file_errors_name_file_line_and_key(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("policy:\n  model: x\nppo:\n  stepz: 3\n")
@@ -122,9 +142,10 @@ def test_pipeline_file_errors_name_file_line_and_key(tmp_path):
     bad.write_text("sft: {}\npolicy:\n  model: x\n")
     with pytest.raises(InputError, match="either an sft section"):
         load_pipeline_file(bad)
-    bad.write_text("policy:\n  model: x\nsample:\n  out: c.jsonl\n")
-    with pytest.raises(AlignloopError, match="sample.out is set, but with rounds > 1"):
-        run_pipeline(load_pipeline_file(bad, out=tmp_path / "o", rounds=2))
+    for key in ("out_dir: s", "out: c.jsonl"):  # out: the deprecated name of sample's output
+        bad.write_text(f"policy:\n  model: x\nsample:\n  {key}\n")
+        with pytest.raises(AlignloopError, match=f"sample.{key.split(':')[0]} is set, but with rounds > 1"):
+            run_pipeline(load_pipeline_file(bad, out=tmp_path / "o", rounds=2))
 
 
 def test_smollm2_example_loads_as_a_pipeline_with_its_own_paths():
@@ -147,19 +168,28 @@ def test_round_prompts_slices_and_wraps(tmp_path):
                      .read_text().splitlines()]
     assert got(1) == ["p0", "p1", "p2"]
     assert got(2) == ["p3", "p4", "p0"]  # wraps around the end
-    assert held_out_prompt("same prompt", 0.5) == held_out_prompt("same prompt", 0.5)
+
+
+def test_hash_split_holds_out_the_same_prompts_as_the_data_grows():
+    prompts = [f"prompt {i}" for i in range(200)]
+    _, held_small = hash_split(prompts[:100], 0.2)
+    _, held_large = hash_split(prompts, 0.2)
+    assert held_small and set(held_small) <= set(held_large)  # once held out, always held out
+    assert all(hash_held_out(p, 0.2) for p in held_large)
+    assert hash_split(["a", "b"], 0.0) == (["b"], ["a"])  # too few to hash: one prompt is held out anyway
 
 
 def test_human_mode_serves_the_app_and_waits_for_people(tmp_path):
     """--human: the campaign is served, tokens given out; the stage returns once people answered every item."""
     from alignloop.annotate.simulate import random_answerer, run_http_annotators
-    from alignloop.pipeline import AnnotateConfig, human_annotation
+    from alignloop.annotate.stage import AnnotateConfig, human_annotation
 
     campaign = tmp_path / "campaign.jsonl"
     campaign.write_text("".join(json.dumps({"item_id": f"i{i}", "prompt": f"p{i}", "responses": ["a", "b", "c"]})
                                 + "\n" for i in range(4)))
     db = f"sqlite:///{tmp_path / 'a.db'}"
-    cfg = AnnotateConfig(human=True, annotators=2, overlap=2, port=0, poll_seconds=0.2)
+    cfg = AnnotateConfig(campaign=campaign, out_dir=tmp_path / "ann", db_url=db, human=True, annotators=2, overlap=2,
+                         port=0, poll_seconds=0.2)
     seen = {}
 
     def people(base: str, tokens: dict[str, str]) -> None:
@@ -168,7 +198,7 @@ def test_human_mode_serves_the_app_and_waits_for_people(tmp_path):
         threading.Thread(target=run_http_annotators, args=(base, people_tokens, 1, 8, random_answerer),
                          daemon=True).start()
 
-    summary = human_annotation(cfg, campaign, tmp_path / "ann", db, on_ready=people)
+    summary = human_annotation(cfg, on_ready=people)
     assert set(seen) == {"admin", "annotator-1", "annotator-2"}
     assert summary["answers"] == 8 and summary["items"] == 4
     rows = (tmp_path / "ann" / "all_rankings.jsonl").read_text().splitlines()

@@ -151,7 +151,7 @@ def test_bf16_master_weights_train_exactly_like_plain_autocast(tiny_lm_dir, rm_d
     Same roundings of the same fp32 weights in every forward, same bf16 gradients summed in fp32:
     the policy, the critic and every logged figure come out identical, and the saved weights are fp32.
     """
-    import alignloop.ppo.trainer as trainer_module
+    import alignloop.ppo.models as models_module
 
     cfg = dict(precision="bf16", steps=2, critic_warmup_steps=1)  # warm-up: the policy masters must stay put too
     trainer = PPOTrainer(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "masters", **cfg))
@@ -160,9 +160,9 @@ def test_bf16_master_weights_train_exactly_like_plain_autocast(tiny_lm_dir, rm_d
     assert all(p.dtype == torch.float32 for p in trainer.trained_params)  # the optimiser steps fp32 masters
     assert trainer.policy.transformer.wte.weight.dtype == torch.float32  # embeddings (and the tied LM head) stay
     ours = trainer.train()
-    monkeypatch.setattr(trainer_module, "MasterWeights",
+    monkeypatch.setattr(models_module, "MasterWeights",
                         lambda models, enabled: MasterWeights(models, enabled=False))  # plain autocast
-    monkeypatch.setattr(trainer_module, "cast_frozen_matmul_weights", lambda model: model)
+    monkeypatch.setattr(models_module, "cast_frozen_matmul_weights", lambda model: model)
     plain = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "autocast", **cfg))
 
     for sub in ("", "critic"):
@@ -185,7 +185,7 @@ def test_starting_from_other_policy_weights_sets_the_fp32_masters_too(tiny_lm_di
     assert trainer.master_weights.entries[0]  # the policy's matmul weights have masters
     other = {k: v + 0.01 for k, v in load_causal_lm(tiny_lm_dir, "cpu", trainer.tokenizer).state_dict().items()}
     trainer.load_policy_weights(other)
-    held = trainer.state_dict()["policy"]  # what a checkpoint (and the optimiser) sees
+    held = trainer.state_dict()["models"]["policy"]  # what a checkpoint (and the optimiser) sees
     assert all(torch.equal(held[k], other[k]) for k in other)
     c_fc = "transformer.h.0.mlp.c_fc.weight"
     assert torch.equal(trainer.policy.state_dict()[c_fc], other[c_fc].bfloat16())  # the model computes with these

@@ -7,35 +7,22 @@ change most. Errors a user can fix are printed on one line, never as a traceback
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 
+from .annotate.cli import app as annotate_app
+from .commands import ConfigOpt, SetOpt, console, print_summary, run_command
 from .errors import AlignloopError
+from .generation import MAX_NEW_TOKENS
+from .reward.cli import app as reward_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="The whole RLHF loop: pretrain, sft, sample, annotate, reward, ppo, evaluate.")
-console = Console(stderr=True)
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with this stage's config.")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: --set key=value (repeatable).")
-
-
-def run_stage(config_cls: type, stage_fn: Callable[[Any], dict], config: Optional[Path], sets: Optional[list[str]],
-              **flags: Any) -> dict:
-    """Config file, then --set overrides, then explicit flags; run; print the summary."""
-    cfg = config_cls.load(config, sets or [], **flags)
-    summary = stage_fn(cfg)
-    print_summary(summary)
-    return summary
-
-
-def print_summary(summary: dict) -> None:
-    console.print_json(json.dumps(summary, default=str))
+app.add_typer(reward_app, name="reward")
+app.add_typer(annotate_app, name="annotate")
 
 
 @app.command()
@@ -45,7 +32,7 @@ def pretrain(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     """Train the embedded default tokenizer and small GPT-2 on a real corpus."""
     from .pretrain import PretrainConfig, pretrain as run
 
-    run_stage(PretrainConfig, run, config, set_, out_dir=out_dir, corpus=corpus)
+    run_command(PretrainConfig, run, config, set_, out_dir=out_dir, corpus=corpus)
 
 
 @app.command()
@@ -56,24 +43,25 @@ def sft(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     """Supervised fine-tuning on prompt/response pairs (loss on response tokens only)."""
     from .sft import SFTConfig, sft as run
 
-    run_stage(SFTConfig, run, config, set_, model=model, out_dir=out_dir, data=data)
+    run_command(SFTConfig, run, config, set_, model=model, out_dir=out_dir, data=data)
 
 
 @app.command()
 def generate(model: Path = typer.Option(..., help="HF causal LM directory."),
              prompts: Path = typer.Option(..., help='JSONL with {"prompt": ...} per line.'),
              out: Path = typer.Option(..., help='Output JSONL of {"prompt", "completion", "finished"}.'),
-             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 32,
+             temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 32,
              seed: int = 0, greedy: bool = False, device: str = "auto", precision: str = "auto"):
     """Batched generation from any local model."""
     from .device import choose_precision, resolve_device, set_cpu_threads
     from .generation import SamplingSettings, generate as run
     from .jsonl import write_jsonl
-    from .modeling import load_causal_lm, load_tokenizer
-    from .sampling import read_prompts
+    from .modeling import check_model_dir, load_causal_lm, load_tokenizer
+    from .prompts import read_prompts
 
     set_cpu_threads()
     settings = SamplingSettings(temperature, top_p, max_new_tokens, batch_size, seed, greedy)
+    check_model_dir(model)
     prompt_list = read_prompts(prompts)
     dev = resolve_device(device)
     tokenizer = load_tokenizer(model)
@@ -88,12 +76,14 @@ def generate(model: Path = typer.Option(..., help="HF causal LM directory."),
 def sample(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
            model: Optional[Path] = typer.Option(None, help="Policy to sample from (SFT model, or the latest policy)."),
            prompts: Optional[Path] = typer.Option(None, help='JSONL with {"prompt": ...}.'),
-           out: Optional[Path] = typer.Option(None, help="Campaign JSONL for the annotation app."),
+           out_dir: Optional[Path] = typer.Option(None, help="Where campaign.jsonl (for the annotation app) goes."),
+           out: Optional[Path] = typer.Option(None, help="Deprecated: the campaign file itself; use --out-dir."),
            k: Optional[int] = typer.Option(None, help="Responses per prompt.")):
     """Sample K responses per prompt and write an annotation campaign."""
     from .sampling import SampleConfig, sample_campaign
 
-    run_stage(SampleConfig, sample_campaign, config, set_, model=model, prompts=prompts, out=out, k=k)
+    run_command(SampleConfig, sample_campaign, config, set_, model=model, prompts=prompts, out_dir=out_dir, out=out,
+                k=k)
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Real data fetched from package registries: human ratings, prompts.")
@@ -108,7 +98,7 @@ def data_human_sentiment(config: Optional[Path] = ConfigOpt, set_: Optional[list
     """Preference pairs from 23,700 sentences rated by 15-99 people each (vaderSentiment's ICWSM-14 data)."""
     from .realdata import HumanSentimentConfig, human_sentiment
 
-    run_stage(HumanSentimentConfig, human_sentiment, config, set_, out_dir=out_dir, archive=archive, label=label)
+    run_command(HumanSentimentConfig, human_sentiment, config, set_, out_dir=out_dir, archive=archive, label=label)
 
 
 @data_app.command("agreement")
@@ -144,16 +134,6 @@ def import_gguf(gguf: Optional[Path] = typer.Option(None, help="A .gguf file."),
     print_summary(run(gguf or smollm2_gguf_path(), out))
 
 
-from .reward.cli import app as reward_app  # noqa: E402  (the command bodies live in alignloop.reward.cli)
-
-app.add_typer(reward_app, name="reward")
-
-
-from .annotate.cli import app as annotate_app  # noqa: E402
-
-app.add_typer(annotate_app, name="annotate")
-
-
 @app.command()
 def ppo(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
         policy: Optional[Path] = typer.Option(None, help="SFT model: the policy starts here, the reference stays here."),
@@ -164,7 +144,7 @@ def ppo(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
     """PPO against the reward model with a per-token KL penalty to the SFT model."""
     from .ppo import PPOConfig, ppo as run
 
-    run_stage(PPOConfig, run, config, set_, policy=policy, reward_model=reward_model, prompts=prompts,
+    run_command(PPOConfig, run, config, set_, policy=policy, reward_model=reward_model, prompts=prompts,
               out_dir=out_dir, steps=steps)
 
 
@@ -179,7 +159,7 @@ def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
     """Policy vs SFT on held-out prompts: RM and judge win rates, KL, length, EOS rate, perplexity."""
     from .evaluate import EvaluateConfig, evaluate as run
 
-    run_stage(EvaluateConfig, run, config, set_, policy=policy, reference=reference, reward_model=reward_model,
+    run_command(EvaluateConfig, run, config, set_, policy=policy, reference=reference, reward_model=reward_model,
               prompts=prompts, out_dir=out_dir, judge=judge)
 
 

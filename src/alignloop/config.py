@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import ConfigError, InputError
+from .files import atomic_write_text
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -53,15 +54,12 @@ class StageConfig:
         key_lines: dict[str, int] = {}
         source = "--set"
         if path is not None:
-            file_values, key_lines = read_yaml_mapping(path)
-            values.update(file_values)
+            values, key_lines = read_yaml_mapping(path)
             source = str(path)
         for item in overrides or []:
-            key, sep, raw = item.partition("=")
-            if not sep or not key.strip():
-                raise ConfigError(f"--set '{item}' is not of the form key=value")
-            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-            key_lines.pop(key.strip(), None)  # an override is no longer the file's line
+            (key,), value = parse_set(item, parts=1)
+            values[key] = value
+            key_lines.pop(key, None)  # an override is no longer the file's line
         values.update({k: v for k, v in kwargs.items() if v is not None})
         return cls.from_dict(values, source=source, key_lines=key_lines)
 
@@ -77,8 +75,7 @@ class StageConfig:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / (name or f"alignloop_{type(self).__name__.lower()}.yaml")
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     # -- helpers ----------------------------------------------------------
     def _coerce_types(self) -> None:
@@ -117,19 +114,47 @@ def _plain_type(hint: Any) -> Any:
 
 
 def read_yaml_mapping(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """The mapping at the top of a YAML file, and the 1-based line of each top-level key."""
+    """The mapping at the top of a YAML file, and the 1-based line of each key.
+
+    Keys one level down (a pipeline file's `section: {key: ...}`) are listed as `section.key`.
+    This is the one YAML reader of every config, so every config error names the same lines.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 text (byte {e.start}): save the file as UTF-8") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise InputError(path, f"not valid YAML ({getattr(e, 'problem', e)})", line=None if line is None else line + 1) from None
+        raise InputError(path, f"not valid YAML ({getattr(e, 'problem', e)})",
+                         line=None if line is None else line + 1) from None
     if data is None:
         return {}, {}
     if not isinstance(data, dict):
         raise InputError(path, "expected a mapping of key: value at the top level")
-    node = yaml.compose(path.read_text(encoding="utf-8"))
-    key_lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if isinstance(node, yaml.MappingNode) else {}
+    key_lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            key_lines[str(key.value)] = key.start_mark.line + 1
+            if isinstance(value, yaml.MappingNode):
+                for inner, _ in value.value:
+                    key_lines[f"{key.value}.{inner.value}"] = inner.start_mark.line + 1
     return data, key_lines
+
+
+def parse_set(item: str, parts: int) -> tuple[list[str], Any]:
+    """`--set key=value` (parts=1) or `--set section.key=value` (parts=2): the key's parts and the YAML value."""
+    key, sep, raw = item.partition("=")
+    names = key.strip().split(".", parts - 1) if parts > 1 else [key.strip()]
+    if not sep or len(names) != parts or not all(n.strip() for n in names):
+        form = "key=value" if parts == 1 else "section.key=value (e.g. ppo.steps=50)"
+        raise ConfigError(f"--set '{item}' is not of the form {form}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set '{item}': the value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return [n.strip() for n in names], value

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .jsonl import read_jsonl
+from .splits import shuffled_split
 
 DEFAULT_FORTUNES_DIR = Path(os.environ.get("ALIGNLOOP_FORTUNES_DIR", "/usr/share/games/fortunes"))
 # Pictures made of characters teach a language model nothing about language.
@@ -78,7 +79,4 @@ def load_corpus(source: str | Path | None = None, max_chars: int | None = None) 
 
 def split_corpus(docs: list[str], held_out_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """A seeded shuffle then a cut: (train, held_out). Deduplicates first so no text is in both."""
-    unique = list(dict.fromkeys(docs))
-    random.Random(seed).shuffle(unique)
-    n_held = max(1, int(len(unique) * held_out_fraction))
-    return unique[n_held:], unique[:n_held]
+    return shuffled_split(list(dict.fromkeys(docs)), held_out_fraction, random.Random(seed))

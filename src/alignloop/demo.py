@@ -3,8 +3,8 @@
 pretrain (Debian's fortunes) -> SFT -> rounds of: sample K per prompt -> simulated people
 rank them (VADER, with noise) or real people in the annotation app (`--human`) -> reward
 model on every ranking so far -> PPO from the last policy (KL to the SFT model) -> evaluation
-on held-out prompts; then `out/report.html`. The sizes below are chosen so the whole
-demo fits in about 20 minutes on 2 CPU cores (docs/demo.md has the measured times).
+on held-out prompts; then `out/report.html`. The demo is one pipeline config: the sizes
+below keep it within minutes on 2 CPU cores (docs/demo.md has the measured times).
 Every stage reuses its output when it exists, so a rerun resumes where it stopped.
 """
 
@@ -18,15 +18,13 @@ from .pipeline import PipelineSpec, apply_sets, check_sections, run_pipeline
 DEMO_SECTIONS: dict[str, dict] = {
     "pretrain": {},  # 4 x 256 GPT-2 on fortunes, 3 epochs
     "sft": {},  # 1 epoch of quotation continuations
-    # Per round: 2048 new training prompts x 4 responses, ranked (about 9,850 comparisons). The
-    # reward model's held-out accuracy on the 8,192-token default: 61 % and 54 % (two seeds) from
-    # 1024 prompts, 71 % and 70 % from 2048 (docs/demo.md).
+    # Per round: 2048 new training prompts x 4 responses, ranked (about 9,850 comparisons): with
+    # half as many the reward model was too weak for PPO to gain much (docs/demo.md has the runs).
     "sample": {"k": 4, "num_prompts": 2048},
     "annotate": {"label_function": "vader", "annotators": 3, "overlap": 1, "noise": 0.1, "mode": "rank"},
     "reward": {"epochs": 2.0, "held_out_fraction": 0.1},
     # PPOConfig's defaults: 30 steps x 32 episodes, lr 1e-4, beta 0.05 held until the KL reaches
-    # 6 nats, then adaptive. At beta 0.2 (the default before) the 8,192-token policy stalled at
-    # KL 2-3.4 and beat SFT on 49-61 % of prompts; at 0.05, 73.5-76.7 % at KL 7.5-8.8 (docs/demo.md).
+    # 6 nats, then adaptive (docs/demo.md: what other betas did).
     "ppo": {},
     "evaluate": {"num_prompts": 200, "judge": "vader"},
 }

@@ -10,22 +10,21 @@ the perplexity of the policy's responses under the reference (fluency).
 
 from __future__ import annotations
 
-import json
+import math
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import StageConfig
-from .device import choose_precision, resolve_device, set_cpu_threads
-from .generation import Completion, SamplingSettings, generate
+from .generation import MAX_NEW_TOKENS, Completion, SamplingSettings, generate
 from .jsonl import write_jsonl
 from .labelers import load_label_function
 from .logprobs import response_logprobs
 from .modeling import check_model_dir, load_causal_lm, load_tokenizer
-from .prompts import encode_prompt
+from .prompts import encode_prompt, read_prompts
 from .reward.model import RewardModel
-from .sampling import read_prompts
+from .stage import RoundState, StageContext, run_stage
 
 
 @dataclass
@@ -39,7 +38,7 @@ class EvaluateConfig(StageConfig):
     num_prompts: int = 200
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 64
     seed: int = 1234
     num_examples: int = 12
@@ -78,11 +77,33 @@ def _side(completions: list[Completion], rm_scores: list[float], judge_scores: l
     }
 
 
-def evaluate(config: EvaluateConfig) -> dict:
-    start = time.time()
-    set_cpu_threads()
-    device = resolve_device(config.device)
-    precision = choose_precision(device, config.precision)
+class EvaluateStage:
+    name = "evaluate"
+    config_class = EvaluateConfig
+
+    def outputs(self, config: EvaluateConfig) -> dict[str, Path]:
+        return {"samples": Path(config.out_dir) / "samples.jsonl"}
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
+        """This round's policy against the supervised policy, on held-out prompts."""
+        return {"policy": state.outputs["ppo"]["model"], "reference": state.policy_dir(),
+                "reward_model": state.outputs["reward"]["model"],
+                "prompts": state.prompts("evaluate", "held_out_prompts"), "out_dir": state.dir / "eval",
+                **state.response_budget(user), **user}
+
+    def run(self, config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
+        return compare_with_reference(config, *ctx.device_and_precision(config))
+
+
+STAGE = EvaluateStage()
+
+
+def evaluate(config: EvaluateConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """Policy vs reference on held-out prompts; writes `samples.jsonl` and the summary to `out_dir`."""
+    return run_stage(STAGE, config, ctx)
+
+
+def compare_with_reference(config: EvaluateConfig, device, precision: str) -> dict[str, Any]:
     prompts = read_prompts(Path(config.prompts), config.num_prompts)
     judge = load_label_function(config.judge)
     settings = SamplingSettings(config.temperature, config.top_p, config.max_new_tokens, config.batch_size, config.seed)
@@ -109,10 +130,13 @@ def evaluate(config: EvaluateConfig) -> dict:
     lp_ref_t1 = lp_ref if config.temperature == 1.0 else response_logprobs(
         reference, prompt_ids, response_ids, tokenizer.pad_token_id, precision, 1.0)
     n_tokens = sum(len(r) for r in lp_ref_t1)
-    ppl_ref = float(2.718281828459045 ** (-sum(float(r.sum()) for r in lp_ref_t1) / max(n_tokens, 1)))
+    ppl_ref = float(math.e ** (-sum(float(r.sum()) for r in lp_ref_t1) / max(n_tokens, 1)))
 
-    summary = {
-        "stage": "evaluate",
+    write_jsonl(STAGE.outputs(config)["samples"], (
+        {"prompt": p, "sft": r.completion, "policy": q.completion, "sft_rm": a, "policy_rm": b,
+         "sft_judge": c, "policy_judge": d, "kl": k}
+        for p, r, q, a, b, c, d, k in zip(prompts, ref_out, pol_out, ref_rm, pol_rm, ref_judge, pol_judge, kl)))
+    return {
         "prompts": len(prompts),
         "sft": _side(ref_out, ref_rm, ref_judge),
         "policy": _side(pol_out, pol_rm, pol_judge),
@@ -122,23 +146,4 @@ def evaluate(config: EvaluateConfig) -> dict:
         "kl_to_reference_mean": statistics.fmean(kl),
         "policy_perplexity_under_reference": ppl_ref,
         "judge": config.judge,
-        "seconds": time.time() - start,
     }
-    out = Path(config.out_dir)
-    config.save(out)
-    write_jsonl(out / "samples.jsonl", (
-        {"prompt": p, "sft": r.completion, "policy": q.completion, "sft_rm": a, "policy_rm": b,
-         "sft_judge": c, "policy_judge": d, "kl": k}
-        for p, r, q, a, b, c, d, k in zip(prompts, ref_out, pol_out, ref_rm, pol_rm, ref_judge, pol_judge, kl)))
-    (out / "evaluate_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
-
-
-def example_rows(out_dir: Path, n: int) -> list[dict]:
-    """The side-by-side table for the report: the first n held-out prompts."""
-    from .jsonl import read_jsonl
-
-    rows = read_jsonl(Path(out_dir) / "samples.jsonl")[:n]
-    return [{"prompt": r["prompt"], "SFT": r["sft"], "policy": r["policy"],
-             "RM (SFT → policy)": f"{r['sft_rm']:.2f} → {r['policy_rm']:.2f}",
-             "judge (SFT → policy)": f"{r['sft_judge']:.2f} → {r['policy_judge']:.2f}"} for r in rows]

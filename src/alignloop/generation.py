@@ -14,11 +14,17 @@ from .prompts import encode_prompt
 from .rollout import finished_rows, left_pad, sample_responses
 
 
+# The response budget of every stage that generates (sampling for people, PPO, the reward
+# model's normalisation, evaluation): the policy is ranked, scored and judged on responses of
+# the length it is trained to write.
+MAX_NEW_TOKENS = 48
+
+
 @dataclass
 class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 32
     seed: int = 0
     greedy: bool = False

@@ -7,20 +7,18 @@ as one standard HF directory and reports held-out perplexity.
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from .config import StageConfig
 from .corpus import load_corpus, split_corpus
-from .device import choose_precision, resolve_device, set_cpu_threads
 from .modeling import build_causal_lm, count_matmul_params, save_model_dir
 from .tokenizer import train_tokenizer
+from .stage import RoundState, StageContext, run_stage
 from .training import LMBatch, perplexity, train_lm
 
 
@@ -71,11 +69,29 @@ def _blocks_to_batches(blocks: torch.Tensor, batch_size: int, device: torch.devi
         yield LMBatch(ids, torch.ones_like(ids), ids)
 
 
-def pretrain(config: PretrainConfig) -> dict:
-    start = time.time()
-    set_cpu_threads()
-    device = resolve_device(config.device)
-    precision = choose_precision(device, config.precision)
+class PretrainStage:
+    name = "pretrain"
+    config_class = PretrainConfig
+
+    def outputs(self, config: PretrainConfig) -> dict[str, Path]:
+        return {"model": Path(config.out_dir)}
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
+        return {"out_dir": state.out / "base", **user}
+
+    def run(self, config: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
+        return train_base_model(config, *ctx.device_and_precision(config))
+
+
+STAGE = PretrainStage()
+
+
+def pretrain(config: PretrainConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """Train the tokenizer and base model; writes a HF directory at `config.out_dir`; returns the summary."""
+    return run_stage(STAGE, config, ctx)
+
+
+def train_base_model(config: PretrainConfig, device, precision: str) -> dict[str, Any]:
     docs = load_corpus(config.corpus)
     train_docs, held_docs = split_corpus(docs, config.held_out_fraction, config.seed)
 
@@ -101,9 +117,7 @@ def pretrain(config: PretrainConfig) -> dict:
     held_ppl = perplexity(model, held_batches, precision)
 
     save_model_dir(model, tokenizer, config.out_dir)
-    config.save(config.out_dir)
-    summary = {
-        "stage": "pretrain",
+    return {
         "out_dir": str(config.out_dir),
         "documents": {"train": len(train_docs), "held_out": len(held_docs)},
         "tokens": {"train": int(train_blocks.numel()), "held_out": int(held_blocks.numel())},
@@ -114,7 +128,4 @@ def pretrain(config: PretrainConfig) -> dict:
         "held_out_perplexity": held_ppl,
         "precision": precision,
         "device": str(device),
-        "seconds": time.time() - start,
     }
-    (Path(config.out_dir) / "pretrain_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary

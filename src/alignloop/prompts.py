@@ -8,7 +8,12 @@ model produces at generation time, so training and sampling agree token for toke
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PreTrainedTokenizerBase
+
+from .errors import InputError
+from .jsonl import read_records
 
 
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
@@ -35,3 +40,12 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]],
     ids = [s + [pad_id] * (width - len(s)) for s in sequences]
     mask = [[1] * len(s) + [0] * (width - len(s)) for s in sequences]
     return ids, mask
+
+
+def read_prompts(path: Path, limit: int | None = None) -> list[str]:
+    """The distinct non-empty prompts of a `{"prompt": ...}` file, in file order; the first `limit`."""
+    rows = read_records(path, required={"prompt": str})
+    prompts = list(dict.fromkeys(r["prompt"] for r in rows if r["prompt"].strip()))
+    if not prompts:
+        raise InputError(path, "no non-empty prompts")
+    return prompts[:limit] if limit else prompts

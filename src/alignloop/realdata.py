@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 from .config import StageConfig
 from .errors import AlignloopError, InputError
 from .jsonl import read_jsonl, write_jsonl
+from .splits import shuffled_split, split_items
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -221,10 +222,11 @@ def split_by_sentence(sentences: Sequence[Sentence], held_out_fraction: float, s
     for domain in sorted({s.domain for s in sentences}):
         group = [s for s in sentences if s.domain == domain]
         texts = sorted({s.text.strip() for s in group})
-        random.Random(f"{seed}:{domain}").shuffle(texts)
-        held_texts = set(texts[: round(held_out_fraction * len(texts))])
-        for s in group:
-            (held if s.text.strip() in held_texts else train).append(s)
+        _, held_texts = shuffled_split(texts, held_out_fraction, random.Random(f"{seed}:{domain}"),
+                                       count=round(held_out_fraction * len(texts)))
+        domain_train, domain_held = split_items(group, lambda s: s.text.strip(), held_texts)
+        train += domain_train
+        held += domain_held
     return train, held
 
 
@@ -487,10 +489,9 @@ def chatterbot_prompts(out_dir: str | Path, language: str = "english", data_dir:
     prompts = list(dict.fromkeys(p["prompt"] for p in pairs))  # unique, first-seen order
     write_jsonl(out / "pairs.jsonl", pairs)
     write_jsonl(out / "prompts.jsonl", ({"prompt": p} for p in prompts))
-    shuffled = prompts[:]
-    random.Random(seed).shuffle(shuffled)
-    n_held = round(held_out_fraction * len(shuffled))
-    write_jsonl(out / "held_out_prompts.jsonl", ({"prompt": p} for p in shuffled[:n_held]))
-    write_jsonl(out / "train_prompts.jsonl", ({"prompt": p} for p in shuffled[n_held:]))
+    n_held = round(held_out_fraction * len(prompts))
+    train, held = shuffled_split(prompts, held_out_fraction, random.Random(seed), count=n_held)
+    write_jsonl(out / "held_out_prompts.jsonl", ({"prompt": p} for p in held))
+    write_jsonl(out / "train_prompts.jsonl", ({"prompt": p} for p in train))
     return {"out_dir": str(out), "files": len(list(lang_dir.glob("*.yml"))), "pairs": len(pairs), "prompts": len(prompts),
             "held_out_prompts": n_held, "skipped_malformed": skipped}

@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .files import atomic_write_json, atomic_write_text  # noqa: E402
 from .jsonl import read_jsonl  # noqa: E402
 
 
@@ -43,11 +44,6 @@ def plot_series(path: Path, title: str, series: dict[str, tuple[list[float], lis
     if len(series) > 1:
         ax.legend()
     return save_figure(fig, path)
-
-
-def plot_ppo_metrics(metrics_file: Path, out_dir: Path, prefix: str = "") -> list[Path]:
-    """Reward, KL, entropy and length over PPO steps, and the reward-vs-KL frontier."""
-    return plot_ppo_rounds([Path(metrics_file)], out_dir, prefix)
 
 
 PPO_CURVES = [
@@ -209,7 +205,7 @@ def write_report(out_dir: Path, report: dict[str, Any], images: list[Path], exam
     """report.json with every figure; report.html to read them. Images are linked relative to out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "report.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str))
+    atomic_write_json(json_path, report)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>alignloop report</title><style>{STYLE}</style></head><body>",
              "<h1>alignloop report</h1>"]
     plots_html = ""
@@ -240,7 +236,7 @@ def write_report(out_dir: Path, report: dict[str, Any], images: list[Path], exam
                      + html.escape(json.dumps(report["configs"], indent=2, default=str)) + "</pre></details>")
     parts.append("</body></html>")
     html_path = out_dir / "report.html"
-    html_path.write_text("\n".join(parts), encoding="utf-8")
+    atomic_write_text(html_path, "\n".join(parts))
     return json_path, html_path
 
 
@@ -288,8 +284,8 @@ def rounds_examples(eval_dirs: list[Path], n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def pipeline_report(out: Path, summaries: dict, rounds: list[dict], configs: dict, timings, seconds: float,
-                    spec) -> dict:
+def pipeline_report(out: Path, summaries: dict, rounds: list[dict], configs: dict, stage_times: list[dict],
+                    seconds: float, spec) -> dict:
     """Plots, report.json and report.html for a pipeline run (called after every round, so a stopped run has one)."""
     import os
     import shutil
@@ -338,7 +334,7 @@ def pipeline_report(out: Path, summaries: dict, rounds: list[dict], configs: dic
         "judge": last_eval.get("judge"),
         "held_out_prompts": last_eval.get("prompts"),
     }
-    stage_seconds = [e.get("seconds") or 0.0 for e in timings.this_run]
+    stage_seconds = [e.get("seconds") or 0.0 for e in stage_times]
     report = {
         "headline": headline,
         "run": {"out": str(out), "rounds": spec.rounds, "human_annotators": spec.human, "config_source": spec.source,
@@ -346,7 +342,7 @@ def pipeline_report(out: Path, summaries: dict, rounds: list[dict], configs: dic
                 "seconds_all_stages": round(sum(stage_seconds), 1),
                 "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                 "written": time.strftime("%Y-%m-%d %H:%M:%S")},
-        "stage_times": timings.this_run,
+        "stage_times": stage_times,
         "base_and_sft": {k: _pick(v, ("documents", "pairs", "steps", "parameters", "held_out_perplexity",
                                       "held_out_response_perplexity", "precision", "seconds"))
                          for k, v in summaries.items()},

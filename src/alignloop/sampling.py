@@ -10,29 +10,30 @@ extra draws is dropped and counted in the summary.
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .config import StageConfig
-from .device import choose_precision, resolve_device, set_cpu_threads
 from .errors import InputError
-from .generation import SamplingSettings, generate
-from .jsonl import read_records, write_jsonl
+from .generation import MAX_NEW_TOKENS, SamplingSettings, generate
+from .jsonl import write_jsonl
 from .modeling import check_model_dir, load_causal_lm, load_tokenizer
+from .prompts import read_prompts
+from .stage import RoundState, StageContext, log, run_stage
 
 
 @dataclass
 class SampleConfig(StageConfig):
     model: Path = Path("runs/demo/sft")
     prompts: Path = Path("runs/demo/sft/train_prompts.jsonl")
-    out: Path = Path("runs/demo/campaign.jsonl")
+    out_dir: Path = Path("runs/demo/sample")  # campaign.jsonl goes here
+    out: Path | None = None  # deprecated: the campaign file itself (its folder becomes out_dir)
     k: int = 4
     num_prompts: int | None = None  # first N prompts of the file; None: all
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = MAX_NEW_TOKENS
     batch_size: int = 64
     max_resample: int = 2
     seed: int = 0
@@ -40,6 +41,10 @@ class SampleConfig(StageConfig):
     precision: str = "auto"
 
     def validate(self) -> None:
+        if self.out is not None:
+            log(f"sample: 'out' is deprecated: use out_dir (the campaign is then out_dir/campaign.jsonl); "
+                f"writing {self.out}")
+            self.out_dir = Path(self.out).parent
         check_model_dir(self.model)
         if not Path(self.prompts).exists():
             raise InputError(self.prompts, "no such prompts file")
@@ -56,19 +61,49 @@ def item_id(prompt: str) -> str:
     return "p" + hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:12]
 
 
-def read_prompts(path: Path, limit: int | None = None) -> list[str]:
-    rows = read_records(path, required={"prompt": str})
-    prompts = list(dict.fromkeys(r["prompt"] for r in rows if r["prompt"].strip()))
-    if not prompts:
-        raise InputError(path, "no non-empty prompts")
-    return prompts[:limit] if limit else prompts
+def round_prompts(source: Path, out: Path, round_index: int, per_round: int | None) -> Path:
+    """Round n samples prompts [(n-1)·N, n·N) of the training prompts (wrapping), so rounds see new prompts."""
+    prompts = read_prompts(source)
+    if per_round is None or per_round >= len(prompts):
+        chosen = prompts
+    else:
+        start = ((round_index - 1) * per_round) % len(prompts)
+        chosen = (prompts + prompts)[start:start + per_round]
+    write_jsonl(out, ({"prompt": p} for p in chosen))
+    return out
 
 
-def sample_campaign(config: SampleConfig) -> dict:
-    start = time.time()
-    set_cpu_threads()
-    device = resolve_device(config.device)
-    precision = choose_precision(device, config.precision)
+class SampleStage:
+    name = "sample"
+    config_class = SampleConfig
+
+    def outputs(self, config: SampleConfig) -> dict[str, Path]:
+        return {"campaign": Path(config.out) if config.out is not None else Path(config.out_dir) / "campaign.jsonl"}
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
+        """From the latest policy, on this round's slice of the training prompts (`num_prompts` per round)."""
+        user = dict(user)
+        per_round = user.pop("num_prompts", None)
+        source = state.prompts("sample", "train_prompts")
+        user.pop("prompts", None)
+        slice_file = round_prompts(source, state.dir / "prompts.jsonl", state.round, per_round)
+        model = state.outputs["ppo"]["model"] if "ppo" in state.outputs else state.policy_dir()
+        return {"model": model, "out_dir": state.dir / "sample", **state.response_budget(user), **user,
+                "prompts": slice_file, "seed": state.seed(user)}
+
+    def run(self, config: SampleConfig, ctx: StageContext) -> dict[str, Any]:
+        return sample_k(config, *ctx.device_and_precision(config))
+
+
+STAGE = SampleStage()
+
+
+def sample_campaign(config: SampleConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """Sample `k` responses per prompt and write the campaign the annotation app serves."""
+    return run_stage(STAGE, config, ctx)
+
+
+def sample_k(config: SampleConfig, device, precision: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     model = load_causal_lm(config.model, device, tokenizer)
     prompts = read_prompts(Path(config.prompts), config.num_prompts)
@@ -90,15 +125,12 @@ def sample_campaign(config: SampleConfig) -> dict:
             "max_new_tokens": config.max_new_tokens, "seed": config.seed}
     items = [{"item_id": item_id(p), "prompt": p, "responses": rs, "meta": meta}
              for p, rs in responses.items() if len(rs) >= 2]
-    write_jsonl(config.out, items)
-    summary = {
-        "stage": "sample",
-        "out": str(config.out),
+    campaign = STAGE.outputs(config)["campaign"]
+    write_jsonl(campaign, items)
+    return {
+        "out": str(campaign),
         "items": len(items),
         "dropped_prompts": len(prompts) - len(items),
         "responses": sum(len(i["responses"]) for i in items),
         "eos_rate": finished / max(total, 1),
-        "seconds": time.time() - start,
     }
-    Path(str(config.out) + ".summary.json").write_text(json.dumps(summary, indent=2))
-    return summary

@@ -10,22 +10,21 @@ corpus's style and to stop with EOS.
 
 from __future__ import annotations
 
-import json
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from .config import StageConfig
 from .corpus import load_corpus, split_corpus
-from .device import choose_precision, resolve_device, set_cpu_threads
 from .errors import InputError
 from .jsonl import read_records, write_jsonl
 from .modeling import check_model_dir, load_causal_lm, load_tokenizer, save_model_dir
 from .prompts import encode_prompt, encode_response, pad_right
+from .splits import shuffled_split
+from .stage import RoundState, StageContext, run_stage
 from .tokenizer import CONTINUATION_TEMPLATE
 from .training import IGNORE, LMBatch, perplexity, train_lm
 
@@ -121,28 +120,53 @@ def _batches(encoded, batch_size: int, pad_id: int, device, seed: int | None) ->
         yield LMBatch(torch.tensor(ids, device=device), torch.tensor(mask, device=device), torch.tensor(labels, device=device))
 
 
-def sft(config: SFTConfig) -> dict:
-    start = time.time()
-    set_cpu_threads()
-    device = resolve_device(config.device)
-    precision = choose_precision(device, config.precision)
-    rng = random.Random(config.seed)
+class SFTStage:
+    name = "sft"
+    config_class = SFTConfig
 
+    def outputs(self, config: SFTConfig) -> dict[str, Path]:
+        out = Path(config.out_dir)
+        # The prompts later stages sample (train) and evaluate on (held out).
+        return {"model": out, "train_prompts": out / "train_prompts.jsonl",
+                "held_out_prompts": out / "held_out_pairs.jsonl"}
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
+        wired: dict[str, Any] = {"out_dir": state.out / "sft"}
+        if "pretrain" in state.outputs:
+            wired["model"] = state.outputs["pretrain"]["model"]
+        return {**wired, **user}
+
+    def run(self, config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
+        return fine_tune(config, *ctx.device_and_precision(config))
+
+
+STAGE = SFTStage()
+
+
+def sft(config: SFTConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """Fine-tune `config.model` on prompt/response pairs; writes a HF directory at `config.out_dir`."""
+    return run_stage(STAGE, config, ctx)
+
+
+def split_pairs(config: SFTConfig, rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompt/response pairs, from the data files or cut from the corpus."""
     if config.data is not None:
         pairs = read_pairs(Path(config.data))
         if config.held_out_data is not None:
             train_pairs, held_pairs = pairs, read_pairs(Path(config.held_out_data))
         else:
-            rng.shuffle(pairs)
-            n_held = max(1, int(len(pairs) * config.held_out_fraction))
-            train_pairs, held_pairs = pairs[n_held:], pairs[:n_held]
+            train_pairs, held_pairs = shuffled_split(pairs, config.held_out_fraction, rng)
     else:
         # Same split as pretraining (same seed and fraction), so held-out quotations stay unseen.
         train_docs, held_docs = split_corpus(load_corpus(config.corpus), config.held_out_fraction, config.seed)
         keep = lambda docs: [d for d in docs if len(d) <= config.max_response_chars]
         train_pairs = corpus_pairs(keep(train_docs), rng, config.prompt_words_min, config.prompt_words_max)
         held_pairs = corpus_pairs(keep(held_docs), rng, config.prompt_words_min, config.prompt_words_max)
+    return train_pairs, held_pairs
 
+
+def fine_tune(config: SFTConfig, device, precision: str) -> dict[str, Any]:
+    train_pairs, held_pairs = split_pairs(config, random.Random(config.seed))
     tokenizer = load_tokenizer(config.model)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CONTINUATION_TEMPLATE  # stored with the model from now on
@@ -169,12 +193,10 @@ def sft(config: SFTConfig) -> dict:
 
     out = Path(config.out_dir)
     save_model_dir(model, tokenizer, out)
-    config.save(out)
-    # The held-out prompts are what later stages sample and evaluate on.
-    write_jsonl(out / "held_out_pairs.jsonl", held_pairs)
-    write_jsonl(out / "train_prompts.jsonl", ({"prompt": p["prompt"]} for p in train_pairs))
-    summary = {
-        "stage": "sft",
+    outputs = STAGE.outputs(config)
+    write_jsonl(outputs["held_out_prompts"], held_pairs)
+    write_jsonl(outputs["train_prompts"], ({"prompt": p["prompt"]} for p in train_pairs))
+    return {
         "out_dir": str(out),
         "pairs": {"train": len(train_enc), "held_out": len(held_enc),
                   "dropped_too_long": dropped_train + dropped_held},
@@ -182,7 +204,4 @@ def sft(config: SFTConfig) -> dict:
         "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
         "held_out_response_perplexity": {"before_sft": held_ppl_before, "after_sft": held_ppl_after},
         "precision": precision,
-        "seconds": time.time() - start,
     }
-    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary

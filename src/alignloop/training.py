@@ -80,6 +80,36 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return total_norm
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   masters: MasterWeights, params: list[torch.nn.Parameter], max_grad_norm: float,
+                   frozen: list[torch.nn.Parameter] | tuple = ()) -> torch.Tensor:
+    """One optimiser step of every training loop: clip, step, copy the masters back, advance the LR.
+
+    `frozen` parameters have their gradients dropped before the step, so even a zero gradient
+    cannot move them through weight decay or Adam's momentum. Returns the norm before clipping.
+    """
+    grad_norm = clip_grad_norm(params, max_grad_norm)
+    for p in frozen:
+        p.grad = None
+    optimizer.step()
+    masters.copy_masters_to_models()  # bf16: the model computes with the new weights
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                        factor: float) -> None:
+    """Multiply the learning rate from now on by `factor`, keeping the schedule's shape.
+
+    LambdaLR sets lr = base_lr * schedule(step) at every step, so the base LRs are scaled as well
+    as the current ones; both are in the scheduler's and optimiser's state, so a resume keeps them.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
                   final_fraction: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to `final_fraction` of the peak LR."""
@@ -140,11 +170,7 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
         loss = loss_sum / max(n_tokens, 1)
         loss.backward()
         masters.accumulate_grads()
-        clip_grad_norm(params, grad_clip)
-        optimizer.step()
-        masters.copy_masters_to_models()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scheduler, masters, params, grad_clip)
         losses.append(loss.item())
         bar.update(1)
         if step % 10 == 0:

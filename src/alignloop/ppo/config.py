@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import StageConfig
 from ..errors import InputError
+from ..generation import MAX_NEW_TOKENS
 from ..modeling import check_model_dir
 
 
@@ -16,29 +17,32 @@ class PPOConfig(StageConfig):
     policy: Path = Path("runs/demo/sft")  # the SFT model: the policy starts here and the reference stays here
     reward_model: Path = Path("runs/demo/reward_model")
     value_model: Path | None = None  # critic init; None: the reward model (critic="separate")
+    init_policy: Path | None = None  # start the policy from these weights (a previous round's); None: from `policy`
     prompts: Path = Path("runs/demo/sft/train_prompts.jsonl")
     out_dir: Path = Path("runs/demo/policy")
 
     # -- rollout ----------------------------------------------------------------
     steps: int = 30  # PPO steps; each samples `batch_size` episodes
     batch_size: int = 32  # episodes (prompt + response) per step
-    max_new_tokens: int = 48
+    samples_per_prompt: int = 1  # responses per prompt in a step (batch_size / samples_per_prompt prompts)
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 1.0  # sampling temperature; log-probs use the same one
     top_p: float = 1.0
 
     # -- reward -------------------------------------------------------------------
     # beta (held until the KL first reaches target_kl, then adapted): reward = score - beta * KL per token.
-    # 0.05 as in TRL; 0.2 (the default until the 8,192-token embedded model) held that model at KL 2-3.4.
+    # TRL's default; docs/demo.md shows what larger values did to the embedded model.
     kl_coef: float = 0.05
     kl_estimator: str = "k1"  # 'k1' (log ratio) or 'k3' (always >= 0, lower variance)
     target_kl: float | None = 6.0  # adaptive beta steers the KL to this (nats per sequence); None: fixed beta
-    kl_horizon: int = 128  # episodes over which beta can move by 20 % (Ziegler et al. used 10000 in far longer runs)
+    kl_horizon: int = 128  # episodes over which beta can move by 20 % (Ziegler et al.'s 10000 suits far longer runs)
     missing_eos_penalty: float | None = 1.0  # subtracted from the score of a response cut at max_new_tokens
     mask_truncated: bool = False  # instead: drop responses without EOS from the update
     whiten_rewards: bool = False  # scale scores to unit variance over the batch (mean kept)
     reward_clip: float | None = 10.0  # clip scores to [-c, c] before the KL term
 
     # -- advantages and losses ---------------------------------------------------------
+    advantage_estimator: str = "gae"  # see ppo.experience.ADVANTAGE_ESTIMATORS
     gamma: float = 1.0  # no discount: the score arrives once, at the end
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -50,7 +54,7 @@ class PPOConfig(StageConfig):
     ppo_epochs: int = 4
     mini_batch_size: int = 16  # episodes per optimiser step
     gradient_accumulation_steps: int = 1  # micro-batches per mini-batch (memory only: same result)
-    lr: float = 1e-4  # right for the embedded 3.7 M-parameter model; ~1e-6..1e-5 for 100 M+ (or LoRA at ~1e-4)
+    lr: float = 1e-4  # right for the embedded 5 M-parameter model; ~1e-6..1e-5 for 100 M+ (or LoRA at ~1e-4)
     critic_lr: float | None = None  # None: the same as lr
     anneal_lr: bool = True  # linear decay to 0 over the run (CleanRL): late updates smaller
     max_grad_norm: float = 1.0
@@ -68,6 +72,8 @@ class PPOConfig(StageConfig):
 
     # -- guards, logging, checkpoints -------------------------------------------------------
     on_collapse: str = "stop"  # 'stop' or 'rollback' (to the last good checkpoint) on NaN, KL/ratio blow-up, EOS collapse
+    max_rollbacks: int = 3  # rollbacks before a collapse stops the run anyway
+    rollback_lr_factor: float = 0.5  # each rollback retries with the learning rate times this
     kl_stop_factor: float = 5.0  # collapse when mean KL > factor * target_kl (adaptive beta only)
     ratio_stop: float = 50.0  # collapse when a token's policy ratio exceeds this
     min_eos_rate: float = 0.05  # collapse when fewer responses than this end with EOS (after a good start)
@@ -83,8 +89,9 @@ class PPOConfig(StageConfig):
     def validate(self) -> None:
         check_model_dir(self.policy)
         check_model_dir(self.reward_model)
-        if self.value_model is not None:
-            check_model_dir(self.value_model)
+        for path in (self.value_model, self.init_policy):
+            if path is not None:
+                check_model_dir(path)
         if not Path(self.prompts).exists():
             raise InputError(self.prompts, "no such prompts file")
         r = self.require
@@ -96,6 +103,12 @@ class PPOConfig(StageConfig):
         r(self.gradient_accumulation_steps >= 1 and self.mini_batch_size % self.gradient_accumulation_steps == 0,
           f"mini_batch_size ({self.mini_batch_size}) must be a multiple of gradient_accumulation_steps "
           f"({self.gradient_accumulation_steps})")
+        r(self.samples_per_prompt >= 1 and self.batch_size % self.samples_per_prompt == 0,
+          f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt ({self.samples_per_prompt})")
+        from .experience import ADVANTAGE_ESTIMATORS
+
+        r(self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+          f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got '{self.advantage_estimator}'")
         r(self.temperature > 0, "temperature must be > 0")
         r(0 < self.top_p <= 1, "top_p must be in (0, 1]")
         r(self.kl_coef >= 0, "kl_coef must be >= 0")
@@ -111,6 +124,8 @@ class PPOConfig(StageConfig):
           "critic_warmup_steps must be in [0, steps)")
         r(self.lora_r >= 0, "lora_r must be >= 0 (0 trains all weights)")
         r(self.on_collapse in ("stop", "rollback"), "on_collapse must be 'stop' or 'rollback'")
+        r(self.max_rollbacks >= 0 and 0 < self.rollback_lr_factor <= 1,
+          "max_rollbacks must be >= 0 and rollback_lr_factor in (0, 1]")
         r(self.reward_clip is None or self.reward_clip > 0, "reward_clip must be > 0 (or null)")
         r(not (self.mask_truncated and self.missing_eos_penalty),
           "choose one of missing_eos_penalty and mask_truncated (set missing_eos_penalty: null to mask)")
@@ -120,6 +135,10 @@ class PPOConfig(StageConfig):
     @property
     def micro_batch_size(self) -> int:
         return self.mini_batch_size // self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.batch_size // self.samples_per_prompt
 
     @property
     def num_mini_batches(self) -> int:

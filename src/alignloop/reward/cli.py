@@ -7,11 +7,10 @@ from typing import Optional
 
 import typer
 
+from ..commands import ConfigOpt, SetOpt, print_summary, run_command
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Reward model: train on preferences, evaluate on held-out ones, score responses.")
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with this stage's config.")
-SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: --set key=value (repeatable).")
 
 
 @app.command()
@@ -21,10 +20,9 @@ def train(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
           held_out_data: Optional[Path] = typer.Option(None, help="Held-out preferences (default: a split of --data)."),
           out_dir: Optional[Path] = typer.Option(None, help="Where the reward-model directory goes.")):
     """Train a reward model (Bradley–Terry / K-way ranking loss), normalise it, report held-out accuracy."""
-    from ..cli import run_stage
     from .train import RewardTrainConfig, train_reward_model
 
-    run_stage(RewardTrainConfig, train_reward_model, config, set_, model=model, data=data,
+    run_command(RewardTrainConfig, train_reward_model, config, set_, model=model, data=data,
               held_out_data=held_out_data, out_dir=out_dir)
 
 
@@ -34,10 +32,9 @@ def eval_(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt
           data: Optional[Path] = typer.Option(None, help="Held-out pairs and/or rankings."),
           out_dir: Optional[Path] = typer.Option(None, help="Where the summary and calibration.png go.")):
     """Held-out accuracy, loss, mean margin, calibration (table + PNG) and annotator agreement."""
-    from ..cli import run_stage
     from .evaluate import RewardEvalConfig, evaluate_reward_model
 
-    run_stage(RewardEvalConfig, evaluate_reward_model, config, set_, reward_model=reward_model, data=data,
+    run_command(RewardEvalConfig, evaluate_reward_model, config, set_, reward_model=reward_model, data=data,
               out_dir=out_dir)
 
 
@@ -48,7 +45,6 @@ def score(reward_model: Path = typer.Option(..., help="Reward-model directory.")
           raw: bool = typer.Option(False, help="Raw head output instead of the normalised reward."),
           batch_size: int = 64, device: str = "auto", precision: str = "auto"):
     """Score responses with a reward model (normalised: mean 0, std 1 under the reference policy)."""
-    from ..cli import print_summary
     from .score import score_file
 
     print_summary(score_file(reward_model, data, out, normalize=not raw, batch_size=batch_size,

@@ -17,19 +17,19 @@ a ranking of K gives up to C(K,2)):
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ..config import StageConfig
-from ..device import choose_precision, resolve_device, set_cpu_threads
+from ..errors import InputError
 from ..modeling import check_model_dir
 from ..prompts import encode_prompt, encode_response
+from ..stage import StageContext, run_stage
 from .data import Preference, read_preferences
 from .losses import kway_ranking_loss
 from .model import RewardModel
@@ -49,9 +49,9 @@ class RewardEvalConfig(StageConfig):
     def validate(self) -> None:
         check_model_dir(self.reward_model)
         if not Path(self.data).exists():
-            from ..errors import InputError
-
             raise InputError(self.data, "no such file or directory")
+        if self.out_dir is None:
+            self.out_dir = Path(self.reward_model) / "eval"
         self.require(self.bins >= 1 and self.batch_size >= 1, "bins and batch_size must be >= 1")
 
 
@@ -176,19 +176,27 @@ def preference_metrics(rm: RewardModel, items: list[Preference], batch_size: int
     }
 
 
-def evaluate_reward_model(config: RewardEvalConfig) -> dict:
-    start = time.time()
-    set_cpu_threads()
-    device = resolve_device(config.device)
-    precision = choose_precision(device, config.precision)
-    rm = RewardModel.from_pretrained(config.reward_model, device, precision)
-    data = read_preferences(config.data)
-    metrics = preference_metrics(rm, data.items, config.batch_size, config.max_length, config.bins)
-    out = Path(config.out_dir) if config.out_dir is not None else Path(config.reward_model) / "eval"
-    plot = plot_calibration(metrics["calibration"], out / "calibration.png",
-                            f"{Path(config.reward_model).name} on {Path(config.data).name}")
-    summary = {"stage": "reward_eval", "reward_model": str(config.reward_model), "data": data.summary(),
-               **metrics, "calibration_png": str(plot), "precision": precision, "seconds": time.time() - start}
-    config.save(out)
-    (out / "reward_eval_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+class RewardEvalStage:
+    name = "reward_eval"
+    config_class = RewardEvalConfig
+
+    def outputs(self, config: RewardEvalConfig) -> dict[str, Path]:
+        return {"calibration_png": Path(config.out_dir) / "calibration.png"}
+
+    def run(self, config: RewardEvalConfig, ctx: StageContext) -> dict[str, Any]:
+        device, precision = ctx.device_and_precision(config)
+        rm = RewardModel.from_pretrained(config.reward_model, device, precision)
+        data = read_preferences(config.data)
+        metrics = preference_metrics(rm, data.items, config.batch_size, config.max_length, config.bins)
+        plot = plot_calibration(metrics["calibration"], self.outputs(config)["calibration_png"],
+                                f"{Path(config.reward_model).name} on {Path(config.data).name}")
+        return {"reward_model": str(config.reward_model), "data": data.summary(), **metrics,
+                "calibration_png": str(plot), "precision": precision}
+
+
+STAGE = RewardEvalStage()
+
+
+def evaluate_reward_model(config: RewardEvalConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """Accuracy, loss, margin, calibration and agreement on held-out preferences; writes `out_dir`."""
+    return run_stage(STAGE, config, ctx)

@@ -20,32 +20,31 @@ Dropout is off (as for the policy in PPO: scores must be deterministic).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import StageConfig
-from ..device import autocast, choose_precision, resolve_device, set_cpu_threads
-from ..errors import InputError
-from ..generation import SamplingSettings, generate
+from ..device import autocast
+from ..errors import ConfigError, InputError
+from ..generation import MAX_NEW_TOKENS, SamplingSettings, generate
+from ..jsonl import read_jsonl, write_jsonl
 from ..mixed_precision import MasterWeights
 from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer
 from ..progress import progress
-from ..prompts import encode_prompt, encode_response, pad_right
-from ..training import clip_grad_norm, model_optimizer, warmup_cosine
+from ..prompts import encode_prompt, encode_response, pad_right, read_prompts
+from ..splits import hash_split, shuffled_split, split_items
+from ..stage import RoundState, StageContext, run_stage
+from ..training import model_optimizer, optimizer_step, warmup_cosine
 from .data import Preference, PreferenceData, read_preferences
 from .losses import kway_ranking_loss, pairwise_accuracy
 from .model import RewardModel, init_reward_model
-
-SUMMARY_FILE = "reward_summary.json"
-
 
 @dataclass
 class RewardTrainConfig(StageConfig):
@@ -67,7 +66,7 @@ class RewardTrainConfig(StageConfig):
     save_every: int = 0  # optimiser steps between checkpoints in out_dir/checkpoint (0: only the final save)
     normalize_prompts: Path | None = None  # prompts to sample reference responses from; None: the data's responses
     normalize_samples: int = 256
-    normalize_max_new_tokens: int = 64
+    normalize_max_new_tokens: int = MAX_NEW_TOKENS
     eval_batch_size: int = 64
     seed: int = 0
     device: str = "auto"
@@ -317,10 +316,8 @@ def accumulate_gradients(model: PreTrainedModel, micro: list[RMBatch], precision
 
 def split_by_prompt(items: list[Preference], fraction: float, seed: int) -> tuple[list[Preference], list[Preference]]:
     """Hold out whole prompts, so no held-out prompt was seen in training."""
-    prompts = sorted({it.prompt for it in items})
-    random.Random(seed).shuffle(prompts)
-    held = set(prompts[:max(1, int(len(prompts) * fraction))])
-    return [it for it in items if it.prompt not in held], [it for it in items if it.prompt in held]
+    _, held = shuffled_split(sorted({it.prompt for it in items}), fraction, random.Random(seed))
+    return split_items(items, lambda it: it.prompt, held)
 
 
 def load_backbone(config: RewardTrainConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> PreTrainedModel:
@@ -344,8 +341,6 @@ def reference_responses(config: RewardTrainConfig, tokenizer, device, precision:
                         train_items: list[Preference]) -> tuple[list[str], list[str], str]:
     """(prompts, responses, where they came from) for the normalisation."""
     if config.normalize_prompts is not None:
-        from ..sampling import read_prompts
-
         prompts = read_prompts(Path(config.normalize_prompts), config.normalize_samples)
         policy = load_causal_lm(config.model, device, tokenizer)
         settings = SamplingSettings(max_new_tokens=config.normalize_max_new_tokens, batch_size=64, seed=config.seed)
@@ -359,16 +354,61 @@ def reference_responses(config: RewardTrainConfig, tokenizer, device, precision:
     return [p for p, _ in pairs], [r for _, r in pairs], f"{len(pairs)} responses of the training data"
 
 
-def train_reward_model(config: RewardTrainConfig) -> dict:
-    from .evaluate import preference_metrics
+def split_rankings(rows: list[dict], out_dir: Path, fraction: float) -> tuple[Path, Path]:
+    """Rankings of every round so far -> train / held-out files, split by prompt with `hash_split`,
+    so a prompt held out in one round stays held out as the data grows."""
+    train_prompts, held_prompts = hash_split([r["prompt"] for r in rows], fraction)
+    if not train_prompts or not held_prompts:
+        raise ConfigError("the reward model needs rankings on at least two prompts (one held out)")
+    train, held = split_items(rows, lambda r: r["prompt"], held_prompts)
+    paths = out_dir / "train_rankings.jsonl", out_dir / "held_out_rankings.jsonl"
+    write_jsonl(paths[0], train)
+    write_jsonl(paths[1], held)
+    return paths
 
-    start = time.time()
-    set_cpu_threads()
-    device = resolve_device(config.device)
-    precision = choose_precision(device, config.precision)
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
 
+class RewardStage:
+    name = "reward"
+    config_class = RewardTrainConfig
+
+    def outputs(self, config: RewardTrainConfig) -> dict[str, Path]:
+        return {"model": Path(config.out_dir)}
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
+        """Retrained each round from the supervised policy's trunk, on the rankings of every round so far."""
+        wired: dict[str, Any] = {"model": state.policy_dir(), "out_dir": state.dir / "reward_model",
+                                 "normalize_prompts": state.prompts("ppo", "train_prompts")}
+        if state.response_tokens is not None:
+            wired["normalize_max_new_tokens"] = state.response_tokens
+        if "data" not in user:
+            fraction = float(user.get("held_out_fraction", RewardTrainConfig.held_out_fraction))
+            rows = read_jsonl(state.outputs["annotate"]["all_rankings"])
+            wired["data"], wired["held_out_data"] = split_rankings(rows, state.dir / "reward_data", fraction)
+        return {**wired, **user}
+
+    def run(self, config: RewardTrainConfig, ctx: StageContext) -> dict[str, Any]:
+        summary = fit_reward_model(config, *ctx.device_and_precision(config))
+        if config.held_out_data is not None:  # accuracy and calibration figure on prompts it never saw
+            from .evaluate import RewardEvalConfig, evaluate_reward_model
+
+            # Its own context: the evaluation's time is part of this stage's, not a stage of the run's.
+            ev = evaluate_reward_model(RewardEvalConfig(reward_model=config.out_dir, data=config.held_out_data,
+                                                        device=config.device, precision=config.precision))
+            summary["held_out_eval"] = {k: ev[k] for k in ("items", "comparisons", "accuracy", "loss", "mean_margin",
+                                                           "calibration", "agreement", "calibration_png")}
+        return summary
+
+
+STAGE = RewardStage()
+
+
+def train_reward_model(config: RewardTrainConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """Train, normalise and save a reward model (and evaluate it on `held_out_data` when given)."""
+    return run_stage(STAGE, config, ctx)
+
+
+def load_splits(config: RewardTrainConfig) -> tuple[PreferenceData, PreferenceData, list[Preference], list[Preference]]:
+    """(the data file, the held-out file, train items, held-out items)."""
     data = read_preferences(config.data)
     if config.held_out_data is not None:
         held_data = read_preferences(config.held_out_data)
@@ -378,20 +418,75 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
         train_items, held_items = split_by_prompt(data.items, config.held_out_fraction, config.seed)
     if not train_items:
         raise InputError(config.data, f"no usable preferences ({data.summary()['rejected_by_reason']})")
+    return data, held_data, train_items, held_items
 
+
+@dataclass
+class TrainingRun:
+    """What the reward model's optimisation loop reports."""
+
+    steps: int
+    losses: list[float]
+    correct: float
+    compared: float
+    pad_tokens: int
+    real_tokens: int
+    items_seen: int
+    seconds: float
+
+
+def fit_reward_model(config: RewardTrainConfig, device, precision: str) -> dict[str, Any]:
+    from .evaluate import preference_metrics
+
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    data, held_data, train_items, held_items = load_splits(config)
     tokenizer = load_tokenizer(config.model)
     model = load_backbone(config, tokenizer, device)
     train_enc, too_long = encode_items(tokenizer, train_items, config.max_length)
     if not train_enc:
         raise InputError(config.data, f"every item is longer than max_length={config.max_length} tokens")
+    # Checked on the fp32 model, before optimise() gives it bf16 weights.
+    pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
+    run = optimise(config, model, tokenizer, train_enc, pack_width, precision, rng)
+    model.eval()
 
+    rm = RewardModel(model, tokenizer, precision=precision)
+    norm_prompts, norm_responses, norm_source = reference_responses(config, tokenizer, device, precision, train_items)
+    rm.gain, rm.bias = fit_normalization(rm.score(norm_prompts, norm_responses, config.eval_batch_size, normalize=False))
+    held_metrics = preference_metrics(rm, held_items, config.eval_batch_size, config.max_length) if held_items else None
+    rm.save_pretrained(config.out_dir)
+    held = held_metrics or {}
+    return {
+        "out_dir": str(config.out_dir),
+        "data": {"train": data.summary(), "held_out_file": held_data.summary() if config.held_out_data else None,
+                 "train_items": len(train_enc), "held_out_items": held.get("items", 0),
+                 "dropped_too_long": too_long + held.get("dropped_too_long", 0)},
+        "steps": run.steps,
+        "items_per_step": config.batch_size * config.gradient_accumulation_steps,
+        "final_train_loss": sum(run.losses[-20:]) / len(run.losses[-20:]),
+        "train_accuracy": run.correct / max(run.compared, 1),
+        "padding_fraction": run.pad_tokens / max(run.pad_tokens + run.real_tokens, 1),
+        "packed": bool(pack_width),
+        "held_out_accuracy": held.get("accuracy"),
+        "held_out_loss": held.get("loss"),
+        "held_out_mean_margin": held.get("mean_margin"),
+        "normalization": {"gain": rm.gain, "bias": rm.bias, "fitted_on": norm_source},
+        "init": str(config.init_from) if config.init_from else f"fresh head on {config.model}",
+        "precision": precision,
+        "train_seconds": run.seconds,
+        "items_per_second": run.items_seen / max(run.seconds, 1e-9),
+    }
+
+
+def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train_enc: list[EncodedItem],
+             pack_width: int, precision: str, rng: random.Random) -> TrainingRun:
+    """The optimisation loop: shuffled micro-batches, K-way loss, one optimiser step per accumulation."""
+    device = next(model.parameters()).device
     step_items = config.batch_size * config.gradient_accumulation_steps
     total_steps = max(1, math.ceil(len(train_enc) * config.epochs / step_items))
-    # Checked on the fp32 model, before the bf16 weights below.
-    pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
     masters, optimizer, params = model_optimizer(model, config.lr, config.weight_decay, precision)
     scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
-
     # Padded batches want items of similar length together; packed rows want a mix, whose short
     # items fill the gaps that long ones leave (corpus pairs: 13.5 % of the tokens were padding
     # in length-sorted packed batches, 2.5 % in shuffled ones).
@@ -404,70 +499,29 @@ def train_reward_model(config: RewardTrainConfig) -> dict:
     out = Path(config.out_dir)
     model.eval()  # dropout off (init_reward_model also zeroes it in the config); grads still flow
     batches = micro_batches()
-    losses, correct, compared, pad_tokens, real_tokens = [], 0.0, 0.0, 0, 0
+    run = TrainingRun(total_steps, [], 0.0, 0.0, 0, 0, 0, 0.0)
     bar = progress(total=total_steps, desc="reward")
-    train_start = time.time()
-    items_seen = 0
+    start = time.time()
     for step in range(total_steps):
         micro = [collate([train_enc[i] for i in next(batches)], tokenizer.pad_token_id, device, pack_width)
                  for _ in range(config.gradient_accumulation_steps)]
         step_loss, c, n = accumulate_gradients(model, micro, precision, masters)
-        correct, compared = correct + c, compared + n
+        run.correct, run.compared = run.correct + c, run.compared + n
         for b in micro:
-            real_tokens += b.real_tokens
-            pad_tokens += b.input_ids.numel() - b.real_tokens
-        items_seen += sum(b.size for b in micro)
-        clip_grad_norm(params, config.grad_clip)
-        optimizer.step()
-        masters.copy_masters_to_models()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
+            run.real_tokens += b.real_tokens
+            run.pad_tokens += b.input_ids.numel() - b.real_tokens
+        run.items_seen += sum(b.size for b in micro)
+        optimizer_step(optimizer, scheduler, masters, params, config.grad_clip)
+        run.losses.append(step_loss)
         bar.update(1)
         if step % 10 == 0 or step == total_steps - 1:
-            recent = losses[-10:]
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", acc=f"{correct / max(compared, 1):.3f}",
+            recent = run.losses[-10:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", acc=f"{run.correct / max(run.compared, 1):.3f}",
                             lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
             with masters.fp32_models():
                 RewardModel(model, tokenizer, precision=precision).save_pretrained(out / "checkpoint")
     bar.close()
-    train_seconds = time.time() - train_start
+    run.seconds = time.time() - start
     masters.release()  # scored, evaluated and saved in fp32 from here on
-    model.eval()
-
-    rm = RewardModel(model, tokenizer, precision=precision)
-    norm_prompts, norm_responses, norm_source = reference_responses(config, tokenizer, device, precision, train_items)
-    rm.gain, rm.bias = fit_normalization(rm.score(norm_prompts, norm_responses, config.eval_batch_size, normalize=False))
-
-    held_metrics = None
-    if held_items:
-        held_metrics = preference_metrics(rm, held_items, config.eval_batch_size, config.max_length)
-
-    rm.save_pretrained(out)
-    config.save(out)
-    summary = {
-        "stage": "reward",
-        "out_dir": str(out),
-        "data": {"train": data.summary(), "held_out_file": held_data.summary() if config.held_out_data else None,
-                 "train_items": len(train_enc), "held_out_items": held_metrics["items"] if held_metrics else 0,
-                 "dropped_too_long": too_long + (held_metrics["dropped_too_long"] if held_metrics else 0)},
-        "steps": total_steps,
-        "items_per_step": step_items,
-        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
-        "train_accuracy": correct / max(compared, 1),
-        "padding_fraction": pad_tokens / max(pad_tokens + real_tokens, 1),
-        "packed": bool(pack_width),
-        "held_out_accuracy": held_metrics["accuracy"] if held_metrics else None,
-        "held_out_loss": held_metrics["loss"] if held_metrics else None,
-        "held_out_mean_margin": held_metrics["mean_margin"] if held_metrics else None,
-        "normalization": {"gain": rm.gain, "bias": rm.bias, "fitted_on": norm_source},
-        "init": str(config.init_from) if config.init_from else f"fresh head on {config.model}",
-        "precision": precision,
-        "train_seconds": train_seconds,
-        "items_per_second": items_seen / max(train_seconds, 1e-9),
-        "seconds": time.time() - start,
-    }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
-
+    return run

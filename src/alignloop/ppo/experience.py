@@ -1,0 +1,151 @@
+"""The experience maker: prompts -> rollout -> scores -> rewards -> advantages, as one `Experience`.
+
+Everything an update needs is computed here, with no gradient (except, see `make`, the
+policy and critic forwards the first update can reuse):
+  1. rollout  - this step's prompts, `samples_per_prompt` responses each, sampled from the policy;
+  2. score    - old log-probs and values, reference log-probs, RM score at each response's last token;
+  3. reward   - score (EOS penalty, optional whitening and clip) at the last token, minus
+                beta * KL(policy || reference) at every token;
+  4. advantages - the configured estimator (`ADVANTAGE_ESTIMATORS`) over the per-token rewards.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..rollout import TokenBatch, finished_rows, left_pad, sample_responses
+from .config import PPOConfig
+from .kl_control import KLController
+from .losses import gae, kl_penalty, token_rewards, whiten
+from .models import RLModels
+
+# Shuffles of the prompt order: pass `epoch` over the prompts uses Random(seed * PROMPT_ORDER_STRIDE + epoch).
+# A prime stride keeps (seed, epoch) pairs from colliding for any seed and any run length in practice.
+PROMPT_ORDER_STRIDE = 1_000_003
+
+
+@dataclass
+class Experience:
+    """One step's episodes and everything computed about them before the update. Per-token: (B, R)."""
+
+    batch: TokenBatch
+    mask: torch.Tensor  # response tokens that take part in the update (response mask, minus masked truncations)
+    logprobs: torch.Tensor  # log pi_old(token), at the sampling temperature
+    ref_logprobs: torch.Tensor  # log pi_ref(token)
+    values: torch.Tensor  # V_old(s_t), the critic before choosing token t
+    raw_scores: torch.Tensor  # (B,) RM scores, normalised by the RM's gain and bias
+    scores: torch.Tensor  # (B,) after EOS penalty, whitening and clipping: what the policy is paid
+    kl: torch.Tensor  # per-token KL estimate, 0 outside `mask`
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    finished: torch.Tensor  # (B,) ended with EOS
+    # The rollout's own policy and critic forwards, graph kept, when the first update can use them (see make).
+    live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (logprobs, logits, values)
+
+    @property
+    def size(self) -> int:
+        return self.batch.responses.shape[0]
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   config: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's estimator: GAE(gamma, lambda) against the critic, whitened over the batch's tokens."""
+    advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return advantages, returns
+
+
+# The seam for other policy-gradient methods: each maps (per-token rewards, values, mask, config)
+# to (advantages, returns) of the same shape.
+AdvantageEstimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PPOConfig], tuple[torch.Tensor, torch.Tensor]]
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {"gae": gae_advantages}
+
+
+class ExperienceMaker:
+    def __init__(self, models: RLModels, config: PPOConfig, prompt_ids: list[list[int]],
+                 generator: torch.Generator, kl_ctl: KLController):
+        self.models, self.config, self.prompt_ids = models, config, prompt_ids
+        self.generator = generator  # sampling draws (the update's shuffles share it)
+        self.kl_ctl = kl_ctl
+        self.estimate_advantages = ADVANTAGE_ESTIMATORS[config.advantage_estimator]
+        self.seconds = {"generation": 0.0, "scoring": 0.0}
+
+    def step_prompts(self, step: int) -> list[int]:
+        """Indices of this step's prompts: a seeded shuffle per pass over the prompts; position = step.
+
+        Each prompt appears `samples_per_prompt` times in a row, so a group's responses sit together.
+        """
+        n, per_step = len(self.prompt_ids), self.config.prompts_per_step
+        chosen = []
+        for position in range(step * per_step, (step + 1) * per_step):
+            epoch, offset = divmod(position, n)
+            order = list(range(n))
+            random.Random(self.config.seed * PROMPT_ORDER_STRIDE + epoch).shuffle(order)
+            chosen += [order[offset]] * self.config.samples_per_prompt
+        return chosen
+
+    @property
+    def keeps_rollout_graph(self) -> bool:
+        """With one mini-batch of one micro-batch, the first update sees exactly the rollout's batch and weights.
+
+        So the rollout's policy and critic forwards, run with autograd on, serve as that update's
+        forwards too (the old log-probs and values are their detached copies): two forwards of the
+        ~28 forward-equivalents of a 4-epoch step saved. Not under gradient checkpointing, whose
+        point is to not keep the activations this holds.
+        """
+        c = self.config
+        return c.num_mini_batches == 1 and c.gradient_accumulation_steps == 1 and not c.gradient_checkpointing
+
+    @torch.no_grad()
+    def make(self, step: int) -> Experience:
+        c, m, tok = self.config, self.models, self.models.tokenizer
+        t0 = time.perf_counter()
+        device = next(m.policy.parameters()).device
+        prompt_ids, prompt_mask = left_pad([self.prompt_ids[i] for i in self.step_prompts(step)],
+                                           tok.pad_token_id, device)
+        batch = sample_responses(m.policy, prompt_ids, prompt_mask, c.max_new_tokens, tok.eos_token_id,
+                                 tok.pad_token_id, c.temperature, c.top_p, generator=self.generator,
+                                 precision=m.precision)
+        t1 = time.perf_counter()
+        live = None
+        with torch.set_grad_enabled(self.keeps_rollout_graph):
+            logprobs, logits, values = m.policy_and_values(batch)
+        if self.keeps_rollout_graph:
+            live = (logprobs, logits, values)
+            logprobs, values = logprobs.detach(), values.detach()
+        ref_logprobs = m.reference_logprobs(batch)
+        raw_scores = m.reward_scores(batch)
+        finished = finished_rows(batch, tok.eos_token_id)
+        self.seconds["generation"] += t1 - t0
+        self.seconds["scoring"] += time.perf_counter() - t1
+
+        mask, scores = self.paid_scores(batch, raw_scores, finished)
+        kl = kl_penalty(logprobs, ref_logprobs, c.kl_estimator) * mask
+        rewards = token_rewards(scores, kl, self.kl_ctl.value, mask)
+        advantages, returns = self.estimate_advantages(rewards, values, mask, c)
+        return Experience(batch, mask, logprobs, ref_logprobs, values, raw_scores, scores, kl, rewards, advantages,
+                          returns, finished, live)
+
+    def paid_scores(self, batch: TokenBatch, raw_scores: torch.Tensor,
+                    finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(update mask, the score each response is paid) after the EOS rules, whitening and clipping."""
+        c = self.config
+        mask = batch.response_mask.clone()
+        scores = raw_scores.clone()
+        if c.missing_eos_penalty:
+            # A response cut off at max_new_tokens is worse than one that ends: say so in its reward.
+            scores = torch.where(finished, scores, scores - c.missing_eos_penalty)
+        if c.mask_truncated:
+            mask = mask * finished[:, None].float()  # truncated responses teach nothing
+        if c.whiten_rewards:
+            scores = whiten(scores[:, None], torch.ones_like(scores[:, None]), shift_mean=False)[:, 0]
+        if c.reward_clip:
+            scores = scores.clamp(-c.reward_clip, c.reward_clip)
+        return mask, scores

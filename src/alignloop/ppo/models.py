@@ -1,0 +1,169 @@
+"""The models of an RLHF run, by role, and the forward passes each role is used for.
+
+    policy     trained; under LoRA it carries the adapters
+    reference  frozen copy of the starting policy (None under LoRA: the policy with adapters off)
+    critic     a separate scalar model (initialised from the RM or `value_model`), or
+    value_head a scalar head on the policy's last hidden state (shares the policy's trunk)
+    reward     the frozen reward model
+
+Every log-prob, value and score comes out in fp32; only matmuls run in the chosen precision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..device import autocast
+from ..errors import ConfigError
+from ..logprobs import token_logprobs
+from ..mixed_precision import MasterWeights, cast_frozen_matmul_weights
+from ..modeling import disable_dropout, load_causal_lm, load_scalar_model
+from ..reward.model import RewardModel
+from ..rollout import TokenBatch, response_logits, scalar_head_outputs, sequence_scores
+from .config import PPOConfig
+
+
+class ValueHead(torch.nn.Module):
+    """A scalar head on the policy's last hidden state: the cheap critic that shares the policy trunk."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.score.weight)  # V = 0 at the start; critic warm-up fits it
+        torch.nn.init.zeros_(self.score.bias)
+
+
+@dataclass
+class RLModels:
+    policy: PreTrainedModel
+    reference: PreTrainedModel | None
+    critic: PreTrainedModel | None
+    value_head: ValueHead | None
+    reward: RewardModel
+    tokenizer: PreTrainedTokenizerBase
+    masters: MasterWeights  # fp32 masters of the bf16 policy (and separate critic); disabled in fp32
+    precision: str
+    temperature: float
+
+    @property
+    def critic_module(self) -> torch.nn.Module:
+        return self.critic if self.critic is not None else self.value_head
+
+    def trained(self) -> dict[str, torch.nn.Module]:
+        """The trained modules by role: what a checkpoint holds."""
+        return {"policy": self.policy, "critic": self.critic_module}
+
+    # -- forwards ----------------------------------------------------------------------------------
+    def policy_logprobs(self, batch: TokenBatch, with_hidden: bool = False):
+        """log pi(response token) at the sampling temperature: (B, R) fp32; the logits; the trunk's states."""
+        if with_hidden:  # the value head reads the policy's last hidden state: one forward for both
+            R, P = batch.responses.shape[1], batch.prompt_width
+            with autocast(batch.input_ids.device, self.precision):
+                out = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                  position_ids=batch.position_ids, output_hidden_states=True, use_cache=False)
+            logits = out.logits[:, P - 1:P - 1 + R]
+            hidden = out.hidden_states[-1][:, P - 1:P - 1 + R]
+        else:
+            logits, hidden = response_logits(self.policy, batch, self.precision), None
+        return token_logprobs(logits, batch.responses, self.temperature), logits, hidden
+
+    def policy_and_values(self, batch: TokenBatch):
+        """(log-probs, logits, values): the policy forward and the critic's, sharing the trunk for a value head."""
+        logprobs, logits, hidden = self.policy_logprobs(batch, with_hidden=self.value_head is not None)
+        return logprobs, logits, self.critic_values(batch, hidden)
+
+    def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+        if self.reference is not None:
+            logits = response_logits(self.reference, batch, self.precision)
+        else:
+            with self.policy.disable_adapter():
+                logits = response_logits(self.policy, batch, self.precision)
+        return token_logprobs(logits, batch.responses, self.temperature)
+
+    def critic_values(self, batch: TokenBatch, policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """V(s_t) for each response position t: (B, R) fp32."""
+        if self.critic is not None:
+            return scalar_head_outputs(self.critic, batch, self.precision)[:, :-1]
+        return self.value_head.score(policy_hidden.float()).squeeze(-1)
+
+    def reward_scores(self, batch: TokenBatch) -> torch.Tensor:
+        """(B,) RM scores at each response's last token, normalised by the RM's gain and bias."""
+        return self.reward.normalize(sequence_scores(scalar_head_outputs(self.reward.model, batch, self.precision),
+                                                     batch))
+
+
+def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device,
+                 precision: str) -> RLModels:
+    c = config
+    policy = load_causal_lm(c.policy, device, tokenizer)
+    reward = RewardModel.from_pretrained(c.reward_model, device, precision)
+    if len(reward.tokenizer) != len(tokenizer):
+        raise ConfigError(f"the reward model ({c.reward_model}) and the policy ({c.policy}) must share a "
+                          f"tokenizer: vocabularies of {len(reward.tokenizer)} and {len(tokenizer)} tokens")
+    reference = None
+    if c.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        # The reference is the same weights with the adapters switched off: one copy of the model in memory.
+        policy = get_peft_model(policy, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha,
+                                                   lora_dropout=c.lora_dropout, target_modules="all-linear"))
+    else:
+        reference = load_causal_lm(c.policy, device, tokenizer).requires_grad_(False)
+    # Dropout off for good (not just eval mode): update-time log-probs must equal rollout-time ones,
+    # and gradient checkpointing only works in train mode.
+    policy = disable_dropout(policy)
+    critic, value_head = None, None
+    if c.critic == "separate":
+        critic = load_scalar_model(c.value_model or c.reward_model)
+        critic.config.pad_token_id = tokenizer.pad_token_id
+        critic = disable_dropout(critic.to(device))
+    else:
+        value_head = ValueHead(policy.config.hidden_size).to(device)
+    # bf16: the models compute with bf16 matmul weights they hold, the optimiser steps fp32 masters
+    # (mixed_precision.py: the same numbers as autocast without its per-forward weight casts and
+    # per-backward gradient casts). Not under LoRA, whose frozen base must stay fp32 to be merged.
+    bf16_masters = precision == "bf16" and c.lora_r == 0
+    masters = MasterWeights([policy] + ([critic] if critic is not None else []), enabled=bf16_masters)
+    if bf16_masters:
+        cast_frozen_matmul_weights(reference)
+    if precision == "bf16":
+        cast_frozen_matmul_weights(reward.model.requires_grad_(False))
+    if c.gradient_checkpointing:
+        for model in (policy, critic):
+            if model is not None:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if c.lora_r > 0:
+            policy.enable_input_require_grads()
+    return RLModels(policy, reference, critic, value_head, reward, tokenizer, masters, precision, c.temperature)
+
+
+def load_initial_policy(models: RLModels, init_policy: Path, device: torch.device) -> None:
+    """Start the policy from other weights (a previous round's policy) while the reference stays put."""
+    if models.reference is None:  # LoRA: the reference is the base with adapters off, so carry the adapters alone
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(models.policy, load_peft_weights(str(Path(init_policy) / "adapter")))
+        return
+    other = load_causal_lm(init_policy, device, models.tokenizer)
+    load_trained_state(models, "policy", other.state_dict())
+
+
+def trained_state(models: RLModels, role: str) -> dict:
+    """A trained module's weights in fp32: the masters where the module holds bf16 copies."""
+    module = models.trained()[role]
+    if module in models.masters.models:
+        return models.masters.state_dict(models.masters.models.index(module))
+    return module.state_dict()
+
+
+def load_trained_state(models: RLModels, role: str, state: dict) -> None:
+    """Set a trained module's weights, and its fp32 masters where it has them."""
+    module = models.trained()[role]
+    if module in models.masters.models:
+        models.masters.load_state_dict(models.masters.models.index(module), state)
+    else:
+        module.load_state_dict(state)

@@ -1,0 +1,82 @@
+"""The PPO update: `ppo_epochs` passes of clipped policy and value losses over one `Experience`.
+
+Each pass shuffles the episodes into mini-batches; each mini-batch is one optimiser step,
+optionally split into micro-batches for memory. Losses are token sums divided by the
+mini-batch's token count, so however the micro-batches split it, every token weighs the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..training import optimizer_step
+from .config import PPOConfig
+from .experience import Experience
+from .losses import clipped_value_loss, entropy_from_logits, ppo_policy_loss
+from .models import RLModels
+
+STAT_SUMS = ("pg_loss", "vf_loss", "clipped", "vf_clipped", "approx_kl", "tokens", "entropy", "entropy_tokens")
+
+
+class PPOUpdate:
+    def __init__(self, models: RLModels, config: PPOConfig, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator):
+        self.models, self.config = models, config
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.generator = generator  # mini-batch shuffles (shared with the sampler: one stream to checkpoint)
+        self.trained_params = [p for g in optimizer.param_groups for p in g["params"]]  # policy + critic
+        self.policy_params: list[torch.nn.Parameter] = []  # set by the trainer: what critic warm-up freezes
+
+    def __call__(self, exp: Experience, train_policy: bool) -> dict[str, float]:
+        """Every optimiser step of one PPO step; returns the statistics averaged over its tokens."""
+        c, m = self.config, self.models
+        m.policy.train()  # dropout is off (disable_dropout); train mode lets gradient checkpointing work
+        m.critic_module.train()
+        sums = dict.fromkeys(STAT_SUMS, 0.0)
+        ratio_max, grad_norm = 0.0, torch.zeros(())
+        for epoch in range(c.ppo_epochs):
+            order = torch.randperm(exp.size, generator=self.generator)
+            for mb_start in range(0, exp.size, c.mini_batch_size):
+                mb_rows = order[mb_start:mb_start + c.mini_batch_size]
+                # Token-mean over the whole mini-batch, however the micro-batches split it.
+                mb_tokens = exp.mask[mb_rows].sum().clamp(min=1.0)
+                for mc_start in range(0, c.mini_batch_size, c.micro_batch_size):
+                    rows = mb_rows[mc_start:mc_start + c.micro_batch_size]
+                    ratio_max = max(ratio_max, self.micro_batch(exp, rows, mb_tokens, train_policy, epoch, sums))
+                frozen = () if train_policy else self.policy_params  # critic warm-up: the policy must not move
+                grad_norm = optimizer_step(self.optimizer, self.scheduler, m.masters, self.trained_params,
+                                           c.max_grad_norm, frozen)
+        m.policy.eval()
+        m.critic_module.eval()
+        n = max(sums["tokens"], 1.0)
+        return {"pg_loss": sums["pg_loss"] / n, "vf_loss": sums["vf_loss"] / n, "clipfrac": sums["clipped"] / n,
+                "vf_clipfrac": sums["vf_clipped"] / n, "approx_kl": sums["approx_kl"] / n,
+                "entropy_mean": sums["entropy"] / max(sums["entropy_tokens"], 1.0), "ratio_max": ratio_max,
+                "grad_norm": float(grad_norm)}
+
+    def micro_batch(self, exp: Experience, rows: torch.Tensor, mb_tokens: torch.Tensor, train_policy: bool,
+                    epoch: int, sums: dict[str, float]) -> float:
+        """Forward, loss and backward of one micro-batch; adds its statistics to `sums`; returns its max ratio."""
+        c, m = self.config, self.models
+        if exp.live is not None:  # the rollout's forwards, for the whole batch in its own order
+            rows = torch.arange(exp.size)
+            (logprobs, logits, values), exp.live = exp.live, None
+        else:
+            logprobs, logits, values = m.policy_and_values(exp.batch.select(rows))
+        mask = exp.mask[rows]
+        pg_sum, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[rows], exp.advantages[rows], mask, c.cliprange)
+        vf_sum, vf_clipped = clipped_value_loss(values, exp.values[rows], exp.returns[rows], mask, c.cliprange_value)
+        loss = (pg_sum if train_policy else 0.0) + c.vf_coef * vf_sum
+        (loss / mb_tokens).backward()
+        m.masters.accumulate_grads()  # bf16: weight grads -> fp32 master grads
+        with torch.no_grad():
+            if epoch == 0:  # entropy of the rollout policy, measured once
+                sums["entropy"] += float((entropy_from_logits(logits) * mask).sum())
+                sums["entropy_tokens"] += float(mask.sum())
+            sums["pg_loss"] += float(pg_sum)
+            sums["vf_loss"] += float(vf_sum)
+            sums["clipped"] += float(pg_stats["clipped_tokens"])
+            sums["vf_clipped"] += float(vf_clipped)
+            sums["approx_kl"] += float(pg_stats["approx_kl_sum"])
+            sums["tokens"] += float(mask.sum())
+        return float(pg_stats["ratio_max"])

@@ -1,0 +1,181 @@
+"""What every stage shares: the `Stage` shape, the `StageContext`, and `run_stage`.
+
+A stage module (pretrain, sft, sampling, annotate.stage, reward.stage, ppo, evaluate)
+defines one object of the `Stage` shape:
+
+    name          'sft'; its summary is `<out_dir>/<name>_summary.json`
+    config_class  the stage's validating config dataclass
+    outputs(cfg)  every file or directory the stage writes, by role ('model', 'campaign', ...)
+    wire(round, user)  the stage's config values in a pipeline round: paths from earlier
+                  stages' outputs, with the user's section over them
+    run(cfg, ctx) does the work and returns the summary (a JSON-able dict)
+
+`run_stage` is the one way a stage runs, from the CLI, the Python API or the pipeline:
+it times the stage, writes the config beside its outputs and the summary last,
+atomically, with a fingerprint of the config and of every input it read. The pipeline
+reuses a stage whose summary carries the same fingerprint and reruns one whose config
+or inputs changed, so a rerun never silently keeps a stale output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from .config import StageConfig
+from .device import choose_precision, resolve_device, set_cpu_threads
+from .errors import ConfigError
+from .files import atomic_write_json, path_fingerprint, read_json_or_none
+from .metrics import MetricsLogger
+from .progress import progress
+
+# Round n's seeds are the section's seed + ROUND_SEED_STRIDE * (n - 1). Sampling draws with
+# seed + attempt for up to max_resample + 1 attempts and PPO shifts its seed per rollback, so the
+# stride leaves room for both without two rounds ever sharing a stream.
+ROUND_SEED_STRIDE = 1000
+
+
+def log(message: str) -> None:
+    print(f"[alignloop] {message}", file=sys.stderr, flush=True)
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+@dataclass
+class StageContext:
+    """Built once per process and handed to every stage, so none re-derives it.
+
+    It sets the CPU threads, resolves each config's device and precision (the bf16 timing
+    probe runs once per process), and keeps the time and machine load of every stage run.
+    """
+
+    timings: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        set_cpu_threads()
+
+    def device_and_precision(self, config: StageConfig) -> tuple[torch.device, str]:
+        device = resolve_device(getattr(config, "device", "auto"))
+        return device, choose_precision(device, getattr(config, "precision", "auto"))
+
+    def progress(self, **kwargs):
+        return progress(**kwargs)
+
+    def metrics(self, out_dir: Path, tensorboard: bool, resume_step: int = 0) -> MetricsLogger:
+        return MetricsLogger(out_dir, tensorboard, resume_step=resume_step)
+
+    log = staticmethod(log)
+
+
+@dataclass
+class RoundState:
+    """What a pipeline round knows when it wires a stage: where things go and what came before."""
+
+    out: Path  # the run's directory
+    round: int  # 1-based
+    sections: dict[str, dict[str, Any]]  # the user's section per stage
+    outputs: dict[str, dict[str, Path]]  # the latest outputs of every stage run so far, by stage name
+    human: bool = False
+    response_tokens: int | None = None  # a budget the user set once (ppo.max_new_tokens) for every stage
+
+    @property
+    def dir(self) -> Path:
+        return self.out / f"round{self.round}"
+
+    def seed(self, user: dict[str, Any], default: int = 0) -> int:
+        return int(user.get("seed", default)) + ROUND_SEED_STRIDE * (self.round - 1)
+
+    def policy_dir(self) -> Path:
+        """The supervised policy: the SFT stage's model, or the user's own (a `policy` section)."""
+        return self.outputs["sft"]["model"] if "sft" in self.outputs else self.outputs["policy"]["model"]
+
+    def prompts(self, stage: str, role: str) -> Path:
+        """The section's own `prompts`, else the SFT stage's prompts of that role."""
+        user = self.sections.get(stage, {})
+        if "prompts" in user:
+            return Path(user["prompts"])
+        if "sft" not in self.outputs:
+            raise ConfigError(f"{stage}.prompts is needed (no sft section to take prompts from)")
+        return self.outputs["sft"][role]
+
+    def response_budget(self, user: dict[str, Any]) -> dict[str, int]:
+        """`max_new_tokens` for a generating stage: the user's value for it, else the run's budget."""
+        if "max_new_tokens" in user or self.response_tokens is None:
+            return {}
+        return {"max_new_tokens": self.response_tokens}
+
+
+class Stage(Protocol):
+    name: str
+    config_class: type[StageConfig]
+
+    def outputs(self, config: Any) -> dict[str, Path]: ...
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]: ...
+
+    def run(self, config: Any, ctx: StageContext) -> dict[str, Any]: ...
+
+
+def summary_path(stage: Stage, config: StageConfig) -> Path:
+    return Path(config.out_dir) / f"{stage.name}_summary.json"
+
+
+def config_fingerprint(config: StageConfig) -> str:
+    """A hash of the config and of what each input path holds (output directories excluded)."""
+    values = config.to_dict()
+    inputs = {name: path_fingerprint(value) for name, value in sorted(values.items())
+              if name != "out_dir" and isinstance(getattr(config, name), Path)}
+    payload = json.dumps({"config": values, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def finished_summary(stage: Stage, config: StageConfig, fingerprint: str) -> dict | None:
+    """The summary of an earlier run of this exact config on these exact inputs, or None."""
+    summary = read_json_or_none(summary_path(stage, config))
+    if isinstance(summary, dict) and summary.get("fingerprint") == fingerprint:
+        return summary
+    return None
+
+
+def run_stage(stage: Stage, config: StageConfig, ctx: StageContext | None = None, label: str | None = None,
+              reuse: bool = False) -> dict[str, Any]:
+    """Run `stage` (or, with `reuse`, take its finished output); write its config and summary."""
+    ctx = ctx or StageContext()
+    label = label or stage.name
+    done = summary_path(stage, config)
+    fingerprint = config_fingerprint(config)
+    if reuse and (summary := finished_summary(stage, config, fingerprint)) is not None:
+        ctx.log(f"{label}: reusing {done.parent} (took {_seconds(summary.get('seconds'))} when it ran)")
+        ctx.timings.append({"stage": label, "seconds": summary.get("seconds"), "reused": True})
+        return summary
+    if reuse and done.is_file():
+        ctx.log(f"{label}: its config or inputs changed since {done} was written: running it again")
+    before, start = load_average(), time.time()
+    ctx.log(f"{label}: running (load average {before})")
+    summary = stage.run(config, ctx)
+    seconds = time.time() - start
+    summary = {"stage": stage.name, **summary, "seconds": seconds, "fingerprint": fingerprint}
+    config.save(config.out_dir, f"alignloop_{stage.name}_config.yaml")
+    atomic_write_json(done, summary)
+    after = load_average()
+    ctx.log(f"{label}: done in {_seconds(seconds)} (load average {before} -> {after})")
+    ctx.timings.append({"stage": label, "seconds": round(seconds, 2), "load_before": before, "load_after": after,
+                        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "reused": False})
+    return summary
+
+
+def _seconds(s: float | None) -> str:
+    return "?" if s is None else f"{s:.1f} s"
