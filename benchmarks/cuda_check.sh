@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA path, checked on a GPU machine in one go (CI has no GPU, so this is how it is checked).
 #
-#   benchmarks/cuda_check.sh OUT [SFT_DIR]
+#   benchmarks/cuda_check.sh [OUT [SFT_DIR]]      (OUT: runs/bench/cuda_check)
 #
 # 1. The whole test suite with device=auto, i.e. on the GPU (`-n 6`: pytest-xdist, when the
 #    machine has the cores), log in OUT/pytest.log.
@@ -16,8 +16,12 @@
 # Needs python3 with torch (CUDA build) and the project's dependencies importable, and the
 # fortunes corpus (ALIGNLOOP_FORTUNES_DIR).
 set -uo pipefail
-OUT=${1:?usage: benchmarks/cuda_check.sh OUT [SFT_DIR]}
+OUT=${1:-runs/bench/cuda_check}
 SFT=${2:-}
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "cuda_check.sh: needs a CUDA GPU and python3 with a CUDA build of torch (none here): run it on a GPU machine"
+    exit 2
+fi
 mkdir -p "$OUT"
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
 python3 - >"$OUT/env.txt" 2>&1 <<'EOF'

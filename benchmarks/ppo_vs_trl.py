@@ -425,10 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(table + "\n")
     print()
     print(table)
+    print(f"\nwritten: {args.out} and {args.out.with_suffix('.md')}")
     for r in results:
         if "ratio_alignloop_over_best_trl" in r:
             print(f"{r['size']}: alignloop / best TRL = {r['ratio_alignloop_over_best_trl']:.2f}x")
-    print(f"\nwritten: {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 

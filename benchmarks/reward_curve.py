@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,6 +30,8 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inputs import ensure_reward_data  # noqa: E402
 
 from alignloop.jsonl import read_jsonl, write_jsonl  # noqa: E402
 from alignloop.reward.evaluate import plot_calibration, preference_metrics  # noqa: E402
@@ -151,7 +154,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs/reward/curve")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-
+    ensure_reward_data(args.model, args.data)
     train_rows = read_jsonl(args.data / "train.jsonl")
     held_file = args.data / "held_out.jsonl"
     held_rows = read_jsonl(held_file)
@@ -201,6 +204,10 @@ def main() -> None:
               f"{p['held_out_loss']:.3f} | {p['bag_of_words_accuracy']:.3f} | {p['bag_of_words_clean_accuracy']:.3f} | "
               f"{p['bag_of_tokens_accuracy']:.3f} | {p['bag_of_tokens_clean_accuracy']:.3f} |")
     print(f"\nheld-out labels agree with VADER on {label_agreement:.3f} of pairs (label noise).")
+    last = points[-1]
+    best_baseline = max(last["bag_of_words_accuracy"], last["bag_of_tokens_accuracy"])
+    print(f"held-out accuracy at {last['comparisons']} comparisons:")
+    print(f"alignloop / best bag-of-features baseline = {last['held_out_accuracy'] / best_baseline:.2f}x")
 
 
 if __name__ == "__main__":

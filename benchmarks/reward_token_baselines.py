@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from inputs import ROOT, ensure_reward_data  # noqa: E402
 from reward_curve import bag_of_features_baseline, token_units, words_of  # noqa: E402
 
 from alignloop.corpus import load_corpus, split_corpus  # noqa: E402
@@ -43,10 +44,13 @@ SPACED_WORD = re.compile(r" ?[A-Za-z']+| ?[!?]")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="a benchmarks/reward_data.py output directory")
-    parser.add_argument("--model", type=Path, required=True, help="the backbone whose tokenizer to compare")
+    parser.add_argument("--data", type=Path, default=ROOT / "runs/reward/data",
+                        help="a benchmarks/reward_data.py output directory (built from --model when missing)")
+    parser.add_argument("--model", type=Path, default=ROOT / "runs/demo/sft",
+                        help="the backbone whose tokenizer to compare")
     parser.add_argument("--vocab-sizes", default="2048,8192")
     args = parser.parse_args()
+    ensure_reward_data(args.model, args.data)
 
     items = read_preferences(args.data / "train.jsonl").items
     held_rows = read_jsonl(args.data / "held_out.jsonl")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,9 +28,11 @@ import torch
 from alignloop.device import autocast, choose_precision, set_cpu_threads
 from alignloop.generation import SamplingSettings, generate
 from alignloop.modeling import load_causal_lm, load_tokenizer
-from alignloop.prompts import encode_prompt
+from alignloop.prompts import encode_prompt, read_prompts
 from alignloop.rollout import left_pad, response_mask_up_to_eos
-from alignloop.prompts import read_prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inputs import need  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +63,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/sampling_vs_hf.json")
     args = parser.parse_args()
 
+    need(args.model / "config.json", "SFT model", "make demo")
     set_cpu_threads()
     device = torch.device("cpu")
     precision = choose_precision(device, "auto")
@@ -93,6 +97,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"threads": torch.get_num_threads(), "precision": precision,
                                     "prompts": len(prompts), "results": results}, indent=2))
+    for row in results:  # HF generate has one setting here: the same precision and batch as ours
+        if row["sampler"] == "alignloop":
+            print(f"batch {row['batch_size']}: alignloop / best HF generate = {row['vs_hf']:.2f}x")
 
 
 if __name__ == "__main__":

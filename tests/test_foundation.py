@@ -14,7 +14,7 @@ from alignloop.jsonl import read_jsonl
 from alignloop.modeling import FAST_SDPA, GELUTanh, load_causal_lm, load_tokenizer, sdpa_with_fp32_training_on_cpu
 from alignloop.pretrain import PretrainConfig, pack_documents, pretrain
 from alignloop.prompts import encode_prompt, encode_response
-from alignloop.sft import SFTConfig, _batches, corpus_pairs, sft
+from alignloop.sft import SFTConfig, corpus_pairs, pair_batches, sft
 from alignloop.training import IGNORE, clip_grad_norm
 
 
@@ -128,7 +128,7 @@ def test_sft_labels_cover_response_only(tiny_lm_dir):
     tok = load_tokenizer(tiny_lm_dir)
     p, r = encode_prompt(tok, "A penny saved"), encode_response(tok, " is a penny earned.")
     short_p, short_r = encode_prompt(tok, "Hi"), encode_response(tok, " there.")
-    batch = next(_batches([(p, r), (short_p, short_r)], 2, tok.pad_token_id, "cpu", None))
+    batch = next(pair_batches([(p, r), (short_p, short_r)], 2, tok.pad_token_id, "cpu", None))
     labels = batch.labels.tolist()
     assert labels[0] == [IGNORE] * len(p) + r
     assert labels[1] == [IGNORE] * len(short_p) + short_r + [IGNORE] * (len(p) + len(r) - len(short_p) - len(short_r))

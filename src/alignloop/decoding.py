@@ -7,9 +7,8 @@ Two with one interface (`start`, `keep`, `step`):
   modules, with a KV cache allocated once for the whole response. It computes what
   `GPT2LMHeadModel.forward` computes, op for op (the same modules, in the same order, under
   the caller's autocast), minus HF's per-step bookkeeping: building a 4-D mask, growing the
-  cache by concatenation, the attention-interface dispatch. At batch 8 x 512-wide x 8 layers on
-  a 2-core CPU that bookkeeping was ~3 ms of an 11 ms decode step (the matmuls, which read every
-  weight once per token, are most of the rest).
+  cache by concatenation, the attention-interface dispatch. On small models that bookkeeping is
+  a large share of a decode step (docs/benchmarks.md, "Measurements behind the code").
 
 `make_decoder` picks `GPT2Decoder` where it applies (a GPT2LMHeadModel in eval mode with
 GPT-2's standard attention) and `HFDecoder` everywhere else (other architectures, peft

@@ -1,9 +1,8 @@
 """Device and precision: picked per machine by measurement, never assumed.
 
-bf16 autocast made a small GPT-2 forward+backward 2-3x faster on a CPU with
-AVX-512 BF16 units and ten times slower on one without. So we time a short
-matmul in each dtype once per process and pick the faster; the user can force
-either. Whatever the matmul dtype, log-probs, ratios, KL, advantages and
+bf16 autocast makes a small GPT-2 several times faster on a CPU with bf16 units
+and many times slower on one without. So we time a short matmul in each dtype
+once per process and pick the faster; the user can force either. Whatever the matmul dtype, log-probs, ratios, KL, advantages and
 losses are computed in fp32 by the callers (`.float()` before any of them).
 """
 

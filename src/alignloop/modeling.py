@@ -54,8 +54,7 @@ class GELUTanh(torch.nn.Module):
     HF's `NewGELUActivation` writes the formula out, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))),
     which is eight elementwise kernels forward and more backward, each streaming the MLP's
     4×-wide activations through memory. `F.gelu(approximate="tanh")` is the same function in one
-    kernel: equal to 2.4e-7 (gradients to 1.2e-6) and 2.8x faster forward+backward on a
-    (2432, 1024) fp32 tensor here, where the written-out form took a third of a GPT-2 forward.
+    kernel, equal to float rounding (docs/benchmarks.md, "Measurements behind the code").
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,12 +65,10 @@ def sdpa_with_fp32_training_on_cpu(module: torch.nn.Module, query: torch.Tensor,
                                    value: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
     """HF's SDPA attention, except that on the CPU a bf16 attention that will be differentiated runs in fp32.
 
-    torch's CPU flash-attention kernel is fast forward in bf16 but slow backward: at PPO's update
-    shape (8 rows x 8 heads x 64 tokens x 64 dims) forward+backward took 5.2 ms in bf16 against
-    1.9 ms in fp32 (torch 2.13, a 2-core Xeon with AMX), and inside the 8 x 512 GPT-2's update the
-    bf16 backward was a quarter of all the time. Attention is ~4 % of the model's FLOPs, so fp32
-    there costs nothing and is the more exact of the two. Forwards without gradients (generation,
-    scoring) and other devices keep bf16.
+    torch's CPU flash-attention kernel is fast forward in bf16 but slow backward, slower than in
+    fp32 at PPO's update shapes (docs/benchmarks.md, "Measurements behind the code"). Attention is
+    a small share of the model's FLOPs, so fp32 there costs little and is the more exact of the two.
+    Forwards without gradients (generation, scoring) and other devices keep bf16.
     """
     if query.device.type == "cpu" and query.dtype == torch.bfloat16 and torch.is_grad_enabled():
         with torch.autocast("cpu", enabled=False):

@@ -26,9 +26,8 @@ from .training import LMBatch, perplexity, train_lm
 class PretrainConfig(StageConfig):
     out_dir: Path = Path("runs/demo/base")
     corpus: str | None = None  # None: the fortunes directory
-    # 8,192 rather than 2,048: with 2,048 merges most of VADER's sentiment words are split into
-    # pieces that also occur inside other words, and a reward model on that backbone stayed near a
-    # bag of those pieces (72.9 % held-out vs 78.9 % at 8,192 on the same recipe; docs/reward.md).
+    # Large enough to keep most sentiment words whole: split into pieces that also occur inside
+    # other words, they leave a reward model on this backbone near a bag of those pieces (docs/reward.md).
     vocab_size: int = 8192
     n_layer: int = 4
     n_embd: int = 256
@@ -60,7 +59,7 @@ def pack_documents(token_lists: list[list[int]], block_size: int) -> torch.Tenso
     return torch.tensor(stream[: n_blocks * block_size]).view(n_blocks, block_size)
 
 
-def _blocks_to_batches(blocks: torch.Tensor, batch_size: int, device: torch.device, shuffle_seed: int | None) -> Iterator[LMBatch]:
+def block_batches(blocks: torch.Tensor, batch_size: int, device: torch.device, shuffle_seed: int | None) -> Iterator[LMBatch]:
     order = list(range(len(blocks)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
@@ -108,10 +107,10 @@ def train_base_model(config: PretrainConfig, device, precision: str) -> dict[str
     def batches() -> Iterator[LMBatch]:
         epoch = 0
         while True:  # reshuffle each epoch; train_lm stops at total_steps
-            yield from _blocks_to_batches(train_blocks, config.batch_size, device, config.seed + epoch)
+            yield from block_batches(train_blocks, config.batch_size, device, config.seed + epoch)
             epoch += 1
 
-    held_batches = list(_blocks_to_batches(held_blocks, 64, device, None))
+    held_batches = list(block_batches(held_blocks, 64, device, None))
     losses = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
                       config.grad_clip, precision, desc="pretrain")
     held_ppl = perplexity(model, held_batches, precision)

@@ -97,7 +97,7 @@ def read_pairs(path: Path) -> list[dict]:
     return pairs
 
 
-def _encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+def encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
     encoded, dropped = [], 0
     for pair in pairs:
         p, r = encode_prompt(tokenizer, pair["prompt"]), encode_response(tokenizer, pair["response"])
@@ -108,7 +108,7 @@ def _encode_pairs(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[t
     return encoded, dropped
 
 
-def _batches(encoded, batch_size: int, pad_id: int, device, seed: int | None) -> Iterator[LMBatch]:
+def pair_batches(encoded, batch_size: int, pad_id: int, device, seed: int | None) -> Iterator[LMBatch]:
     """Right-padded batches; labels are -100 on prompt and padding so only the response is learned."""
     order = list(range(len(encoded)))
     if seed is not None:
@@ -171,11 +171,11 @@ def fine_tune(config: SFTConfig, device, precision: str) -> dict[str, Any]:
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = CONTINUATION_TEMPLATE  # stored with the model from now on
     model = load_causal_lm(config.model, device, tokenizer)
-    train_enc, dropped_train = _encode_pairs(tokenizer, train_pairs, config.max_length)
-    held_enc, dropped_held = _encode_pairs(tokenizer, held_pairs, config.max_length)
+    train_enc, dropped_train = encode_pairs(tokenizer, train_pairs, config.max_length)
+    held_enc, dropped_held = encode_pairs(tokenizer, held_pairs, config.max_length)
     if not train_enc:
         raise InputError(config.data or "corpus", f"every pair is longer than max_length={config.max_length} tokens")
-    held_batches = list(_batches(held_enc, 64, tokenizer.pad_token_id, device, None))
+    held_batches = list(pair_batches(held_enc, 64, tokenizer.pad_token_id, device, None))
     held_ppl_before = perplexity(model, held_batches, precision)
 
     steps_per_epoch = -(-len(train_enc) // config.batch_size)
@@ -184,7 +184,7 @@ def fine_tune(config: SFTConfig, device, precision: str) -> dict[str, Any]:
     def batches() -> Iterator[LMBatch]:
         epoch = 0
         while True:
-            yield from _batches(train_enc, config.batch_size, tokenizer.pad_token_id, device, config.seed + epoch)
+            yield from pair_batches(train_enc, config.batch_size, tokenizer.pad_token_id, device, config.seed + epoch)
             epoch += 1
 
     losses = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,

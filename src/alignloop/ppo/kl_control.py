@@ -6,9 +6,9 @@ and scaled by steps/horizon so beta changes smoothly over `horizon` episodes.
 
 Beta is held until the measured KL first reaches the target. The policy starts AS
 the reference, so the KL is ~0 for the first steps whatever beta is; the plain rule
-reads that as "beta too high" and lowers it every step (0.2 -> 0.10 over the first
-15 steps of a 30-step run here), and the KL then overshoots the target while beta
-climbs back (11 nats against 6). Holding removes that wind-up.
+reads that as "beta too high" and lowers it every step, and the KL then overshoots
+the target while beta climbs back (docs/benchmarks.md, "Measurements behind the code").
+Holding removes that wind-up.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ sequences, and `kway_ranking_loss` averages its pairwise Bradley–Terry terms.
 
 Where the time goes on a small model, and what we do about it:
 - padding: packed rows (below) take shuffled batches, whose mix of lengths packs
-  tightly, and are made as narrow as the packing allows (2.5 % padding on corpus
-  pairs); padded batches (models that cannot pack) are bucketed by length instead;
+  tightly, and are made as narrow as the packing allows; padded batches (models
+  that cannot pack) are bucketed by length instead;
 - two forward passes per pair (chosen, then rejected, as TRL does): we run one
   over the concatenation, so each batch pays the Python/kernel-launch cost once;
 - the prompt computed once per response: packed rows hold each prompt ONCE with
@@ -173,8 +173,7 @@ def pack_rows(units: list[Unit], width: int,
     width = max(width, *sizes)
     rows = first_fit_decreasing(sizes, width)
     # Balance: keep that many rows but make them as narrow as first-fit still allows. A batch's
-    # leftover space then spreads over every row as a few tokens, instead of one half-empty last
-    # row (corpus pairs in shuffled batches: 7.3 % of the tokens were padding, 2.5 % balanced).
+    # leftover space then spreads over every row as a few tokens, instead of one half-empty last row.
     for narrower in range(max(max(sizes), -(-sum(sizes) // len(rows))), width):
         candidate = first_fit_decreasing(sizes, narrower)
         if len(candidate) == len(rows):
@@ -488,8 +487,7 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
     masters, optimizer, params = model_optimizer(model, config.lr, config.weight_decay, precision)
     scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
     # Padded batches want items of similar length together; packed rows want a mix, whose short
-    # items fill the gaps that long ones leave (corpus pairs: 13.5 % of the tokens were padding
-    # in length-sorted packed batches, 2.5 % in shuffled ones).
+    # items fill the gaps that long ones leave.
     mega = 1 if pack_width else 32
 
     def micro_batches() -> Iterator[list[int]]:
