@@ -53,20 +53,19 @@ def generate(model: Path = typer.Option(..., help="HF causal LM directory."),
              temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = 32,
              seed: int = 0, greedy: bool = False, device: str = "auto", precision: str = "auto"):
     """Batched generation from any local model."""
-    from .device import choose_precision, resolve_device, set_cpu_threads
     from .generation import SamplingSettings, generate as run
     from .jsonl import write_jsonl
     from .modeling import check_model_dir, load_causal_lm, load_tokenizer
     from .prompts import read_prompts
+    from .stage import StageContext
 
-    set_cpu_threads()
     settings = SamplingSettings(temperature, top_p, max_new_tokens, batch_size, seed, greedy)
     check_model_dir(model)
     prompt_list = read_prompts(prompts)
-    dev = resolve_device(device)
+    dev, precision_used = StageContext().resolve(device, precision)
     tokenizer = load_tokenizer(model)
     lm = load_causal_lm(model, dev, tokenizer)
-    completions = run(lm, tokenizer, prompt_list, settings, choose_precision(dev, precision))
+    completions = run(lm, tokenizer, prompt_list, settings, precision_used)
     write_jsonl(out, ({"prompt": c.prompt, "completion": c.completion, "finished": c.finished} for c in completions))
     print_summary({"out": str(out), "completions": len(completions),
                    "eos_rate": sum(c.finished for c in completions) / len(completions)})

@@ -68,8 +68,12 @@ class StageContext:
         set_cpu_threads()
 
     def device_and_precision(self, config: StageConfig) -> tuple[torch.device, str]:
-        device = resolve_device(getattr(config, "device", "auto"))
-        return device, choose_precision(device, getattr(config, "precision", "auto"))
+        return self.resolve(getattr(config, "device", "auto"), getattr(config, "precision", "auto"))
+
+    def resolve(self, device: str = "auto", precision: str = "auto") -> tuple[torch.device, str]:
+        """The torch device and the matmul precision ('fp32' or 'bf16') for these settings."""
+        resolved = resolve_device(device)
+        return resolved, choose_precision(resolved, precision)
 
     def progress(self, **kwargs):
         return progress(**kwargs)
@@ -152,28 +156,31 @@ def finished_summary(stage: Stage, config: StageConfig, fingerprint: str) -> dic
 
 def run_stage(stage: Stage, config: StageConfig, ctx: StageContext | None = None, label: str | None = None,
               reuse: bool = False) -> dict[str, Any]:
-    """Run `stage` (or, with `reuse`, take its finished output); write its config and summary."""
+    """Run `stage` (or, with `reuse`, take its finished output); write its config and summary.
+
+    With a `label` (the pipeline's "round1/ppo"), the start, the end and any reuse are logged.
+    """
     ctx = ctx or StageContext()
-    label = label or stage.name
+    say = ctx.log if label is not None else (lambda message: None)
     done = summary_path(stage, config)
     fingerprint = config_fingerprint(config)
     if reuse and (summary := finished_summary(stage, config, fingerprint)) is not None:
-        ctx.log(f"{label}: reusing {done.parent} (took {_seconds(summary.get('seconds'))} when it ran)")
-        ctx.timings.append({"stage": label, "seconds": summary.get("seconds"), "reused": True})
+        say(f"{label}: reusing {done.parent} (took {_seconds(summary.get('seconds'))} when it ran)")
+        ctx.timings.append({"stage": label or stage.name, "seconds": summary.get("seconds"), "reused": True})
         return summary
     if reuse and done.is_file():
-        ctx.log(f"{label}: its config or inputs changed since {done} was written: running it again")
+        say(f"{label}: its config or inputs changed since {done} was written: running it again")
     before, start = load_average(), time.time()
-    ctx.log(f"{label}: running (load average {before})")
+    say(f"{label}: running (load average {before})")
     summary = stage.run(config, ctx)
     seconds = time.time() - start
     summary = {"stage": stage.name, **summary, "seconds": seconds, "fingerprint": fingerprint}
-    config.save(config.out_dir, f"alignloop_{stage.name}_config.yaml")
+    config.save(config.out_dir)
     atomic_write_json(done, summary)
     after = load_average()
-    ctx.log(f"{label}: done in {_seconds(seconds)} (load average {before} -> {after})")
-    ctx.timings.append({"stage": label, "seconds": round(seconds, 2), "load_before": before, "load_after": after,
-                        "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "reused": False})
+    say(f"{label}: done in {_seconds(seconds)} (load average {before} -> {after})")
+    ctx.timings.append({"stage": label or stage.name, "seconds": round(seconds, 2), "load_before": before,
+                        "load_after": after, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "reused": False})
     return summary
 
 

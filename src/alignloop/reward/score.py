@@ -6,9 +6,9 @@ import statistics
 import time
 from pathlib import Path
 
-from ..device import choose_precision, resolve_device, set_cpu_threads
 from ..errors import InputError
 from ..jsonl import read_records, write_jsonl
+from ..stage import StageContext
 from .model import RewardModel
 
 
@@ -29,9 +29,7 @@ def read_responses(path: Path) -> list[dict]:
 def score_file(reward_model: Path, data: Path, out: Path, normalize: bool = True, batch_size: int = 64,
                device: str = "auto", precision: str = "auto") -> dict:
     start = time.time()
-    set_cpu_threads()
-    dev = resolve_device(device)
-    rm = RewardModel.from_pretrained(reward_model, dev, choose_precision(dev, precision))
+    rm = RewardModel.from_pretrained(reward_model, *StageContext().resolve(device, precision))
     rows = read_responses(Path(data))
     rewards = rm.score([r["prompt"] for r in rows], [r["_response"] for r in rows], batch_size, normalize)
     write_jsonl(out, ({**r, "reward": s} for r, s in zip(rows, rewards)))
