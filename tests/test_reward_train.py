@@ -45,7 +45,7 @@ def trained(tmp_path_factory, tiny_lm_dir, fortunes):
     held = write_jsonl(tmp / "held.jsonl", sentiment_pairs(fortunes, 96, 1))
     config = RewardTrainConfig(model=tiny_lm_dir, data=train, held_out_data=held, out_dir=tmp / "rm",
                                epochs=2, batch_size=16, gradient_accumulation_steps=2, lr=3e-3, max_length=96,
-                               save_every=10, normalize_samples=64, precision="fp32", device="cpu")
+                               checkpoint_every=10, normalize_samples=64, precision="fp32", device="cpu")
     return config, train_reward_model(config), held
 
 
@@ -67,7 +67,7 @@ def test_output_loads_as_hf_sequence_classifier_and_reward_model(trained):
     config, summary, _ = trained
     out = Path(config.out_dir)
     assert (out / "reward_summary.json").is_file() and (out / NORMALIZATION_FILE).is_file()
-    assert (out / "checkpoint" / "config.json").is_file()
+    assert not (out / "checkpoint").exists()  # a finished run leaves no mid-run state behind
     hf = AutoModelForSequenceClassification.from_pretrained(out)
     assert hf.config.num_labels == 1 and hf.config.pad_token_id is not None
     assert all(v == 0.0 for k, v in hf.config.to_dict().items() if "pdrop" in k)

@@ -8,10 +8,11 @@ in the first second, with a sentence naming the key and what to change.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -23,6 +24,10 @@ C = TypeVar("C", bound="StageConfig")
 
 @dataclasses.dataclass
 class StageConfig:
+    # Keys that were renamed: old name -> new name. A file or --set with the old name still works,
+    # with a note on stderr, so configs written for an earlier version keep running.
+    RENAMED: ClassVar[dict[str, str]] = {}
+
     def __post_init__(self) -> None:
         self._coerce_types()
         self.validate()
@@ -32,9 +37,13 @@ class StageConfig:
 
     # -- construction ---------------------------------------------------
     @classmethod
+    def known_keys(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls) if f.init} | set(cls.RENAMED)
+
+    @classmethod
     def from_dict(cls: type[C], values: dict[str, Any], source: str = "config",
                   key_lines: dict[str, int] | None = None) -> C:
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        known = cls.known_keys()
         unknown = sorted(set(values) - known)
         if unknown:
             key = unknown[0]
@@ -42,6 +51,11 @@ class StageConfig:
             if key_lines and key in key_lines:  # it came from the YAML file: name file, line and key
                 raise InputError(source, message, line=key_lines[key], field=key)
             raise ConfigError(f"{source}: unknown key '{key}' ({message})")
+        values = dict(values)
+        for old, new in cls.RENAMED.items():
+            if old in values:
+                print(f"[alignloop] {source}: '{old}' is now called '{new}'; please rename it", file=sys.stderr)
+                values.setdefault(new, values.pop(old))
         try:
             return cls(**values)
         except TypeError as e:  # e.g. a wrong type the coercion could not fix

@@ -97,7 +97,7 @@ def check_sections(sections: dict[str, Any], source: str = "pipeline", lines: di
             raise InputError(source, "expected a mapping of this stage's config keys", line=lines.get(name),
                              field=name)
         cls = section_class(name)
-        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        known = cls.known_keys()
         for key in values:
             if key not in known:
                 raise InputError(source, f"unknown key for {cls.__name__}; known keys: {', '.join(sorted(known))}",

@@ -18,7 +18,7 @@ from .config import StageConfig
 from .corpus import load_corpus, split_corpus
 from .modeling import build_causal_lm, count_matmul_params, save_model_dir
 from .tokenizer import train_tokenizer
-from .stage import RoundState, StageContext, run_stage
+from .stage import RoundState, StageContext, run_stage, stage_checkpointer
 from .training import LMBatch, perplexity, train_lm
 
 
@@ -40,6 +40,7 @@ class PretrainConfig(StageConfig):
     warmup_steps: int = 100
     grad_clip: float = 1.0
     held_out_fraction: float = 0.05
+    checkpoint_every: int = 100  # optimiser steps between checkpoints a killed run resumes from (0: none)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -50,6 +51,7 @@ class PretrainConfig(StageConfig):
         self.require(self.block_size >= 8, "block_size must be >= 8")
         self.require(self.batch_size >= 1 and self.epochs > 0, "batch_size and epochs must be positive")
         self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
+        self.require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: no checkpoints)")
 
 
 def pack_documents(token_lists: list[list[int]], block_size: int) -> torch.Tensor:
@@ -79,7 +81,7 @@ class PretrainStage:
         return {"out_dir": state.out / "base", **user}
 
     def run(self, config: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
-        return train_base_model(config, *ctx.device_and_precision(config))
+        return train_base_model(config, ctx)
 
 
 STAGE = PretrainStage()
@@ -90,7 +92,8 @@ def pretrain(config: PretrainConfig, ctx: StageContext | None = None) -> dict[st
     return run_stage(STAGE, config, ctx)
 
 
-def train_base_model(config: PretrainConfig, device, precision: str) -> dict[str, Any]:
+def train_base_model(config: PretrainConfig, ctx: StageContext) -> dict[str, Any]:
+    device, precision = ctx.device_and_precision(config)
     docs = load_corpus(config.corpus)
     train_docs, held_docs = split_corpus(docs, config.held_out_fraction, config.seed)
 
@@ -111,11 +114,13 @@ def train_base_model(config: PretrainConfig, device, precision: str) -> dict[str
             epoch += 1
 
     held_batches = list(block_batches(held_blocks, 64, device, None))
+    checkpointer = stage_checkpointer(config, ctx)
     losses = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
-                      config.grad_clip, precision, desc="pretrain")
+                      config.grad_clip, precision, desc="pretrain", checkpointer=checkpointer)
     held_ppl = perplexity(model, held_batches, precision)
 
     save_model_dir(model, tokenizer, config.out_dir)
+    checkpointer.remove()
     return {
         "out_dir": str(config.out_dir),
         "documents": {"train": len(train_docs), "held_out": len(held_docs)},

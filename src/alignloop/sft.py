@@ -24,7 +24,7 @@ from .jsonl import read_records, write_jsonl
 from .modeling import check_model_dir, load_causal_lm, load_tokenizer, save_model_dir
 from .prompts import encode_prompt, encode_response, pad_right
 from .splits import shuffled_split
-from .stage import RoundState, StageContext, run_stage
+from .stage import RoundState, StageContext, run_stage, stage_checkpointer
 from .tokenizer import CONTINUATION_TEMPLATE
 from .training import IGNORE, LMBatch, perplexity, train_lm
 
@@ -47,6 +47,7 @@ class SFTConfig(StageConfig):
     warmup_steps: int = 30
     grad_clip: float = 1.0
     held_out_fraction: float = 0.05
+    checkpoint_every: int = 100  # optimiser steps between checkpoints a killed run resumes from (0: none)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -59,6 +60,7 @@ class SFTConfig(StageConfig):
                      "need 1 <= prompt_words_min <= prompt_words_max")
         self.require(self.batch_size >= 1 and self.epochs > 0 and self.lr > 0, "batch_size, epochs and lr must be positive")
         self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
+        self.require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: no checkpoints)")
 
 
 def prompt_cuts(words: list[str], min_words: int, max_words: int) -> range:
@@ -137,7 +139,7 @@ class SFTStage:
         return {**wired, **user}
 
     def run(self, config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
-        return fine_tune(config, *ctx.device_and_precision(config))
+        return fine_tune(config, ctx)
 
 
 STAGE = SFTStage()
@@ -165,7 +167,8 @@ def split_pairs(config: SFTConfig, rng: random.Random) -> tuple[list[dict], list
     return train_pairs, held_pairs
 
 
-def fine_tune(config: SFTConfig, device, precision: str) -> dict[str, Any]:
+def fine_tune(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
+    device, precision = ctx.device_and_precision(config)
     train_pairs, held_pairs = split_pairs(config, random.Random(config.seed))
     tokenizer = load_tokenizer(config.model)
     if not getattr(tokenizer, "chat_template", None):
@@ -187,12 +190,14 @@ def fine_tune(config: SFTConfig, device, precision: str) -> dict[str, Any]:
             yield from pair_batches(train_enc, config.batch_size, tokenizer.pad_token_id, device, config.seed + epoch)
             epoch += 1
 
+    checkpointer = stage_checkpointer(config, ctx)
     losses = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
-                      config.grad_clip, precision, desc="sft")
+                      config.grad_clip, precision, desc="sft", checkpointer=checkpointer)
     held_ppl_after = perplexity(model, held_batches, precision)
 
     out = Path(config.out_dir)
     save_model_dir(model, tokenizer, out)
+    checkpointer.remove()
     outputs = STAGE.outputs(config)
     write_jsonl(outputs["held_out_prompts"], held_pairs)
     write_jsonl(outputs["train_prompts"], ({"prompt": p["prompt"]} for p in train_pairs))

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .checkpoint import Checkpointer
 from .config import StageConfig
 from .device import choose_precision, resolve_device, set_cpu_threads
 from .errors import ConfigError
@@ -131,6 +132,12 @@ class Stage(Protocol):
     def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]: ...
 
     def run(self, config: Any, ctx: StageContext) -> dict[str, Any]: ...
+
+
+def stage_checkpointer(config: StageConfig, ctx: StageContext) -> Checkpointer:
+    """The stage's mid-run checkpoints: `<out_dir>/checkpoint`, every `config.checkpoint_every` steps."""
+    return Checkpointer(Path(config.out_dir) / "checkpoint", config_fingerprint(config),
+                        getattr(config, "checkpoint_every", 0), ctx.log)
 
 
 def summary_path(stage: Stage, config: StageConfig) -> Path:

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from transformers import PreTrainedModel
 
+from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .device import autocast
 from .mixed_precision import MasterWeights
 from .progress import progress
@@ -156,14 +157,33 @@ def perplexity(model: PreTrainedModel, batches: list[LMBatch], precision: str) -
 
 
 def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: int, lr: float,
-             weight_decay: float, warmup_steps: int, grad_clip: float, precision: str, desc: str) -> list[float]:
-    """One optimiser step per batch; returns the per-step mean token loss."""
+             weight_decay: float, warmup_steps: int, grad_clip: float, precision: str, desc: str,
+             checkpointer: Checkpointer | None = None) -> list[float]:
+    """One optimiser step per batch; returns the per-step mean token loss.
+
+    With a `checkpointer`, the run's state is saved every `checkpointer.every` steps and an
+    interrupted run of the same config resumes from it: the batch stream is seeded, so skipping
+    the batches already trained on puts it where it was, and the result is the uninterrupted one.
+    """
     model.train()
     masters, optimizer, params = model_optimizer(model, lr, weight_decay, precision)
     scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
-    losses = []
-    bar = progress(total=total_steps, desc=desc)
-    for step, batch in zip(range(total_steps), batches):
+    losses: list[float] = []
+    start = 0
+    state = checkpointer.load(next(model.parameters()).device) if checkpointer is not None else None
+    if state is not None:
+        masters.load_state_dict(0, state["models"]["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        losses, start = list(state["losses"]), state["step"]
+        for _ in range(start):
+            next(batches)
+    bar = progress(total=total_steps, initial=start, desc=desc)
+    for step in range(start, total_steps):
+        batch = next(batches, None)
+        if batch is None:
+            break
         loss_sum, n_tokens = lm_loss_sum(model, batch, precision)
         loss = loss_sum / max(n_tokens, 1)
         loss.backward()
@@ -173,6 +193,10 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if checkpointer is not None and checkpointer.due(step + 1) and step + 1 < total_steps:
+            checkpointer.save({"step": step + 1, "models": {"model": masters.state_dict(0)},
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "rng": rng_state(), "losses": losses})
     bar.close()
     masters.release()  # the caller gets (and saves) the fp32 weights
     model.eval()  # dropout off for whatever comes next (generation, scoring)

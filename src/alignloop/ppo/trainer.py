@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import rng_state, set_rng_state
 from ..errors import ConfigError
 from ..modeling import load_tokenizer, save_model_dir
 from ..prompts import encode_prompt, read_prompts
-from ..stage import RoundState, StageContext, config_fingerprint, run_stage
+from ..stage import RoundState, StageContext, run_stage, stage_checkpointer
 from ..training import make_optimizer, scale_learning_rate
 from .config import PPOConfig
 from .experience import Experience, ExperienceMaker
@@ -68,6 +68,7 @@ class PPOTrainer:
         self.update_seconds = 0.0
         self.steady_seconds, self.steady_episodes = 0.0, 0  # steps after the first (warm-up) one
         self.last_experience: Experience | None = None
+        self.checkpointer = stage_checkpointer(c, self.ctx)
         if c.init_policy is not None:
             load_initial_policy(self.models, c.init_policy, self.device)
 
@@ -166,10 +167,6 @@ class PPOTrainer:
         return None
 
     # ------------------------------------------------------------------------------------- checkpoints
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out_dir / "checkpoint"
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step_index,
@@ -181,7 +178,6 @@ class PPOTrainer:
             "first_eos_rate": self.first_eos_rate,
             "rollbacks": self.rollbacks,
             "timing": self.timing,
-            "fingerprint": config_fingerprint(self.config),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -201,23 +197,18 @@ class PPOTrainer:
         self.update_seconds = timing["update"]
 
     def restore_last_good(self) -> None:
-        """Back to the last checkpoint; the time already spent stays counted."""
+        """Back to the last checkpoint (this run's own); the time already spent stays counted."""
         timing = self.timing
-        self.load_state_dict(load_checkpoint(self.checkpoint_dir, self.device))
+        self.load_state_dict(self.checkpointer.load(self.device))
         self.restore_timing(timing)
 
     def save_checkpoint(self) -> None:
-        save_checkpoint(self.checkpoint_dir, self.state_dict())
+        self.checkpointer.save(self.state_dict())
 
     def resume(self) -> int:
         """Load the checkpoint of an interrupted run of this same config, if any; returns the step it resumes at."""
-        if not self.config.resume:
-            return 0
-        state = load_checkpoint(self.checkpoint_dir, self.device)
+        state = self.checkpointer.load(self.device) if self.config.resume else None
         if state is None:
-            return 0
-        if state.get("fingerprint") != config_fingerprint(self.config):
-            self.ctx.log(f"ppo: {self.checkpoint_dir} was written by another config or other inputs: starting over")
             return 0
         self.load_state_dict(state)
         return self.step_index
@@ -274,7 +265,7 @@ class PPOTrainer:
             logger.log(step, metrics)
         if step % c.sample_every == 0 or step == 1:
             logger.log_table(step, "samples", self.sample_rows(self.last_experience))
-        if c.checkpoint_every and step % c.checkpoint_every == 0:
+        if self.checkpointer.due(step):
             self.save_checkpoint()
 
     def sample_rows(self, exp: Experience, n: int = 4) -> list[dict]:

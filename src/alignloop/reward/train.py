@@ -20,16 +20,18 @@ Dropout is off (as for the policy in PPO: scores must be deterministic).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..checkpoint import Checkpointer, rng_state, set_rng_state
 from ..config import StageConfig
 from ..device import autocast
 from ..errors import ConfigError, InputError
@@ -40,7 +42,7 @@ from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_
 from ..progress import progress
 from ..prompts import encode_prompt, encode_response, pad_right, read_prompts
 from ..splits import hash_split, shuffled_split, split_items
-from ..stage import RoundState, StageContext, run_stage
+from ..stage import RoundState, StageContext, run_stage, stage_checkpointer
 from ..training import model_optimizer, optimizer_step, warmup_cosine
 from .data import Preference, PreferenceData, read_preferences
 from .losses import kway_ranking_loss, pairwise_accuracy
@@ -48,6 +50,8 @@ from .model import RewardModel, init_reward_model
 
 @dataclass
 class RewardTrainConfig(StageConfig):
+    RENAMED: ClassVar[dict[str, str]] = {"save_every": "checkpoint_every"}
+
     model: Path = Path("runs/demo/sft")  # backbone: any local HF causal LM directory (and the reference policy)
     data: Path = Path("runs/demo/preferences.jsonl")  # pairs and/or rankings: a file or a directory of them
     held_out_data: Path | None = None  # None: hold out `held_out_fraction` of the prompts of `data`
@@ -63,7 +67,7 @@ class RewardTrainConfig(StageConfig):
     grad_clip: float = 1.0
     max_length: int = 192  # tokens of prompt + response + EOS; longer items are dropped and counted
     pack_width: int = 256  # pack a batch's items (prompt once + K responses) into rows this wide (0: pad instead)
-    save_every: int = 0  # optimiser steps between checkpoints in out_dir/checkpoint (0: only the final save)
+    checkpoint_every: int = 100  # optimiser steps between checkpoints a killed run resumes from (0: none)
     normalize_prompts: Path | None = None  # prompts to sample reference responses from; None: the data's responses
     normalize_samples: int = 256
     normalize_max_new_tokens: int = MAX_NEW_TOKENS
@@ -86,6 +90,7 @@ class RewardTrainConfig(StageConfig):
         self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
         self.require(self.max_length >= 8, "max_length must be >= 8 tokens")
         self.require(self.pack_width >= 0, "pack_width must be >= 0 (0 turns packing off)")
+        self.require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: no checkpoints)")
         self.require(self.normalize_samples >= 2, "normalize_samples must be >= 2 (a std needs two scores)")
 
 
@@ -386,7 +391,7 @@ class RewardStage:
         return {**wired, **user}
 
     def run(self, config: RewardTrainConfig, ctx: StageContext) -> dict[str, Any]:
-        summary = fit_reward_model(config, *ctx.device_and_precision(config))
+        summary = fit_reward_model(config, ctx)
         if config.held_out_data is not None:  # accuracy and calibration figure on prompts it never saw
             from .evaluate import RewardEvalConfig, evaluate_reward_model
 
@@ -434,9 +439,10 @@ class TrainingRun:
     seconds: float
 
 
-def fit_reward_model(config: RewardTrainConfig, device, precision: str) -> dict[str, Any]:
+def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, Any]:
     from .evaluate import preference_metrics
 
+    device, precision = ctx.device_and_precision(config)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     data, held_data, train_items, held_items = load_splits(config)
@@ -447,7 +453,8 @@ def fit_reward_model(config: RewardTrainConfig, device, precision: str) -> dict[
         raise InputError(config.data, f"every item is longer than max_length={config.max_length} tokens")
     # Checked on the fp32 model, before optimise() gives it bf16 weights.
     pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
-    run = optimise(config, model, tokenizer, train_enc, pack_width, precision, rng)
+    checkpointer = stage_checkpointer(config, ctx)
+    run = optimise(config, model, tokenizer, train_enc, pack_width, precision, rng, checkpointer)
     model.eval()
 
     rm = RewardModel(model, tokenizer, precision=precision)
@@ -455,6 +462,7 @@ def fit_reward_model(config: RewardTrainConfig, device, precision: str) -> dict[
     rm.gain, rm.bias = fit_normalization(rm.score(norm_prompts, norm_responses, config.eval_batch_size, normalize=False))
     held_metrics = preference_metrics(rm, held_items, config.eval_batch_size, config.max_length) if held_items else None
     rm.save_pretrained(config.out_dir)
+    checkpointer.remove()
     held = held_metrics or {}
     return {
         "out_dir": str(config.out_dir),
@@ -479,8 +487,12 @@ def fit_reward_model(config: RewardTrainConfig, device, precision: str) -> dict[
 
 
 def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train_enc: list[EncodedItem],
-             pack_width: int, precision: str, rng: random.Random) -> TrainingRun:
-    """The optimisation loop: shuffled micro-batches, K-way loss, one optimiser step per accumulation."""
+             pack_width: int, precision: str, rng: random.Random, checkpointer: Checkpointer) -> TrainingRun:
+    """The optimisation loop: shuffled micro-batches, K-way loss, one optimiser step per accumulation.
+
+    An interrupted run of the same config resumes from its last checkpoint: the micro-batches are
+    drawn from `rng` alone, so drawing the ones already trained on again puts the stream back.
+    """
     device = next(model.parameters()).device
     step_items = config.batch_size * config.gradient_accumulation_steps
     total_steps = max(1, math.ceil(len(train_enc) * config.epochs / step_items))
@@ -494,13 +506,21 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
         while True:  # epochs, each reshuffled
             yield from length_buckets(train_enc, config.batch_size, rng, mega)
 
-    out = Path(config.out_dir)
     model.eval()  # dropout off (init_reward_model also zeroes it in the config); grads still flow
     batches = micro_batches()
     run = TrainingRun(total_steps, [], 0.0, 0.0, 0, 0, 0, 0.0)
-    bar = progress(total=total_steps, desc="reward")
-    start = time.time()
-    for step in range(total_steps):
+    first = 0
+    if (state := checkpointer.load(device)) is not None:
+        masters.load_state_dict(0, state["models"]["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        run, first = TrainingRun(**state["run"]), state["step"]
+        for _ in range(first * config.gradient_accumulation_steps):
+            next(batches)
+    bar = progress(total=total_steps, initial=first, desc="reward")
+    start = time.time() - run.seconds
+    for step in range(first, total_steps):
         micro = [collate([train_enc[i] for i in next(batches)], tokenizer.pad_token_id, device, pack_width)
                  for _ in range(config.gradient_accumulation_steps)]
         step_loss, c, n = accumulate_gradients(model, micro, precision, masters)
@@ -516,9 +536,11 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
             recent = run.losses[-10:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", acc=f"{run.correct / max(run.compared, 1):.3f}",
                             lr=f"{scheduler.get_last_lr()[0]:.1e}")
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            with masters.fp32_models():
-                RewardModel(model, tokenizer, precision=precision).save_pretrained(out / "checkpoint")
+        if checkpointer.due(step + 1) and step + 1 < total_steps:
+            run.seconds = time.time() - start
+            checkpointer.save({"step": step + 1, "models": {"model": masters.state_dict(0)},
+                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                               "rng": rng_state(), "run": dataclasses.asdict(run)})
     bar.close()
     run.seconds = time.time() - start
     masters.release()  # scored, evaluated and saved in fp32 from here on
