@@ -120,3 +120,13 @@ def test_reward_training_in_bf16_is_the_same_with_or_without_masters(tiny_lm_dir
         assert ours[key] == plain[key], key
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("masters", "autocast"))
     assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_loss_that_turns_non_finite_stops_training_naming_the_step(tiny_tokenizer):
+    from alignloop.training import TrainingDiverged
+
+    model = build_causal_lm(tiny_tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=64, seed=0)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")  # as a blown-up update would leave it
+    with pytest.raises(TrainingDiverged, match=r"sft: non-finite loss at step 1 .*no checkpoint was kept"):
+        train_lm(model, lm_batches(tiny_tokenizer, 3, 0), 3, 1e-3, 0.0, 1, 1.0, "fp32", "sft")

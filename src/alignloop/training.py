@@ -16,10 +16,29 @@ from transformers import PreTrainedModel
 
 from .checkpoint import Checkpointer, rng_state, set_rng_state
 from .device import autocast
+from .errors import AlignloopError
 from .mixed_precision import MasterWeights
 from .progress import progress
 
 IGNORE = -100  # label value that cross-entropy skips (prompt and padding positions)
+
+
+class TrainingDiverged(AlignloopError):
+    """The loss or the gradients stopped being finite numbers: the run stops, its checkpoints untouched."""
+
+
+def check_finite(desc: str, step: int, loss: float, grad_norm: torch.Tensor,
+                 checkpointer: Checkpointer | None) -> None:
+    """Stop a training loop whose step `step` (1-based) gave a non-finite loss or gradient norm.
+
+    Nothing from that step on is saved, so the last checkpoint stays the last good state.
+    """
+    if math.isfinite(loss) and bool(torch.isfinite(grad_norm)):
+        return
+    kept = (f"the last good state is the checkpoint in {checkpointer.directory}"
+            if checkpointer is not None and checkpointer.every else "no checkpoint was kept (checkpoint_every: 0)")
+    raise TrainingDiverged(f"{desc}: non-finite {'loss' if not math.isfinite(loss) else 'gradients'} at step "
+                           f"{step} (loss {loss}); {kept}: lower lr or check the data, then rerun")
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
@@ -188,8 +207,9 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
         loss = loss_sum / max(n_tokens, 1)
         loss.backward()
         masters.accumulate_grads()
-        optimizer_step(optimizer, scheduler, masters, params, grad_clip)
+        grad_norm = optimizer_step(optimizer, scheduler, masters, params, grad_clip)
         losses.append(loss.item())
+        check_finite(desc, step + 1, losses[-1], grad_norm, checkpointer)
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")

@@ -43,7 +43,7 @@ from ..progress import progress
 from ..prompts import encode_prompt, encode_response, pad_right, read_prompts
 from ..splits import hash_split, shuffled_split, split_items
 from ..stage import RoundState, StageContext, run_stage, stage_checkpointer
-from ..training import model_optimizer, optimizer_step, warmup_cosine
+from ..training import check_finite, model_optimizer, optimizer_step, warmup_cosine
 from .data import Preference, PreferenceData, read_preferences
 from .losses import kway_ranking_loss, pairwise_accuracy
 from .model import RewardModel, init_reward_model
@@ -529,8 +529,9 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
             run.real_tokens += b.real_tokens
             run.pad_tokens += b.input_ids.numel() - b.real_tokens
         run.items_seen += sum(b.size for b in micro)
-        optimizer_step(optimizer, scheduler, masters, params, config.grad_clip)
+        grad_norm = optimizer_step(optimizer, scheduler, masters, params, config.grad_clip)
         run.losses.append(step_loss)
+        check_finite("reward", step + 1, step_loss, grad_norm, checkpointer)
         bar.update(1)
         if step % 10 == 0 or step == total_steps - 1:
             recent = run.losses[-10:]
