@@ -185,6 +185,10 @@ def check_model_config(config_file: Path) -> dict:
                          field="model_type")
     if model_type not in CONFIG_MAPPING:
         raise InputError(config_file, f"unknown model type {model_type!r} (not in this transformers)", field="model_type")
+    try:  # the config class validates its fields (a string where a layer count goes); no weights are read
+        CONFIG_MAPPING[model_type].from_dict(config)
+    except Exception as e:  # transformers raises several types here; the message says which field
+        raise InputError(config_file, f"transformers rejects it ({type(e).__name__}: {short_reason(e)}): {RESAVE_HINT}") from None
     return config
 
 
@@ -234,7 +238,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # tokenizers/transformers raise many types for a broken file; say which and why
-        raise InputError(path, f"cannot load its tokenizer ({type(e).__name__}: {first_line(e)}): "
+        raise InputError(path, f"cannot load its tokenizer ({type(e).__name__}: {short_reason(e)}): "
                                "save a working tokenizer into it") from None
     if tokenizer.eos_token_id is None:
         # Without EOS a response never ends: training cannot teach stopping and sampling cannot detect it.
@@ -245,9 +249,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no message"
+def short_reason(error: BaseException) -> str:
+    """A third-party error's message on one line: its first two non-blank lines, at most 300 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] or "no message"
 
 
 def check_tokenizer_fits(path: Path, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
@@ -303,8 +308,11 @@ def load_pretrained(auto_class: type, path: Path, **kwargs) -> PreTrainedModel:
     """`from_pretrained` in fp32, with a failure the checks above did not foresee named by directory."""
     try:
         return auto_class.from_pretrained(path, dtype=torch.float32, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise InputError(path, f"cannot load the model ({type(e).__name__}: {first_line(e)}): {RESAVE_HINT}") from None
+    except Exception as e:  # whatever transformers raises for a directory it cannot build a model from
+        # Its size-mismatch error points at a report it does not print: say what it means.
+        reason = ("the weights' shapes do not match config.json" if "mismatched_sizes" in str(e)
+                  else f"{type(e).__name__}: {short_reason(e)}")
+        raise InputError(path, f"cannot load the model ({reason}): {RESAVE_HINT}") from None
 
 
 def fit_to_tokenizer(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
