@@ -460,6 +460,8 @@ def read_chatterbot_file(path: str | Path, skipped: list[str] | None = None) -> 
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise InputError(path, f"not valid YAML ({getattr(e, 'problem', e)})", line=None if mark is None else mark.line + 1) from None
+    except RecursionError:
+        raise InputError(path, "not usable YAML (nested too deeply)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("conversations"), list):
         raise InputError(path, "expected a mapping with a 'conversations' list", field="conversations")
     categories = doc.get("categories") or [path.stem]
