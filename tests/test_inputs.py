@@ -182,6 +182,10 @@ def config_from_a_larger_model(d: Path) -> None:
     edit_json(d / "config.json", n_embd=128)
 
 
+def config_with_more_layers_than_weights(d: Path) -> None:
+    edit_json(d / "config.json", n_layer=10 ** 12)  # would hang building the model, or load random layers
+
+
 def empty_safetensors(d: Path) -> None:
     (d / "model.safetensors").write_bytes(b"")
 
@@ -223,6 +227,7 @@ BROKEN_MODEL_DIRS = [
     (config_without_model_type, "config.json: field 'model_type': missing"),
     (config_with_mistyped_field, "config.json: transformers rejects it"),
     (config_from_a_larger_model, "the weights' shapes do not match config.json"),
+    (config_with_more_layers_than_weights, "config.json: field 'n_layer': says 1000000000000 layers but the weights hold 2"),
     (empty_safetensors, "model.safetensors: corrupt or truncated safetensors file"),
     (truncated_bin, "pytorch_model.bin: corrupt or truncated PyTorch weights"),
     (index_names_missing_shard, "names shard 'model-00002-of-00002.safetensors', which is missing"),
@@ -270,14 +275,41 @@ def test_sibling_tmp_of_missing_dir_is_named(tmp_path, tiny_lm_dir):
         check_model_dir(tmp_path / "policy")
 
 
-def test_pad_equal_to_eos_gets_a_distinct_pad_that_the_model_embeds(tmp_path, tiny_lm_dir):
-    model_dir = copy_model(tiny_lm_dir, tmp_path / "model")
-    edit_json(model_dir / "tokenizer_config.json", pad_token="<|endoftext|>")
-    tokenizer, model = load_for_generation(model_dir)
-    assert tokenizer.pad_token_id not in (None, tokenizer.eos_token_id)
-    assert model.config.pad_token_id == tokenizer.pad_token_id < model.get_input_embeddings().num_embeddings
-    scalar = load_scalar_model(model_dir)  # a reward model directory gets the same pad and embedding
-    assert scalar.config.pad_token_id == tokenizer.pad_token_id < scalar.get_input_embeddings().num_embeddings
+def without_a_pad_token(d: Path) -> None:
+    """The tokenizer pads with EOS and has no pad token of its own, like GPT-2's."""
+    tokenizer_json = d / "tokenizer.json"
+    tokenizer_json.write_text(tokenizer_json.read_text().replace("<|pad|>", "<|unused|>"))
+    edit_json(d / "tokenizer_config.json", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tmp_path_factory, tiny_lm_dir) -> Path:
+    from alignloop.reward.model import RewardModel, init_reward_model
+
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    out = tmp_path_factory.mktemp("tiny_rm")
+    return RewardModel(init_reward_model(tiny_lm_dir, tokenizer), tokenizer).save_pretrained(out)
+
+
+LOADERS = {"tiny_lm_dir": lambda d, tokenizer: load_causal_lm(d, "cpu", tokenizer),
+           "tiny_rm_dir": lambda d, tokenizer: load_scalar_model(d)}  # the scalar loader reads the tokenizer itself
+
+
+@pytest.mark.parametrize("source_fixture", list(LOADERS))
+def test_pad_equal_to_eos_gets_a_distinct_pad_that_the_model_embeds(tmp_path, request, source_fixture):
+    source = request.getfixturevalue(source_fixture)
+    model_dir = copy_model(source, tmp_path / "model")
+    without_a_pad_token(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    assert tokenizer.pad_token == "<|pad|>" and tokenizer.pad_token_id == 512 != tokenizer.eos_token_id
+    model = LOADERS[source_fixture](model_dir, tokenizer)
+    assert model.get_input_embeddings().num_embeddings == 513  # a row for the new pad
+    assert model.config.pad_token_id == 512
+
+
+def test_language_model_is_no_reward_model(tiny_lm_dir):
+    with pytest.raises(InputError, match=r"holds no reward/value head \(score.weight or classifier.weight\)"):
+        load_scalar_model(tiny_lm_dir)
 
 
 def test_tokenizer_of_another_model_refused(tmp_path, tiny_lm_dir, fortunes):

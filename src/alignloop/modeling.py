@@ -8,6 +8,7 @@ Everything the toolkit writes loads with `AutoModelForCausalLM.from_pretrained`
 from __future__ import annotations
 
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from transformers import (
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -123,6 +125,11 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 TOKENIZER_VOCAB_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",))
 # What an interrupted write leaves: our writers' `*.tmp`, huggingface_hub's `*.incomplete`.
 PARTIAL_SUFFIXES = (".tmp", ".incomplete", ".part")
+# A transformer block's tensors are named `<prefix>.<blocks>.<index>.<...>`: GPT-2's `transformer.h.3`,
+# Llama's `model.layers.3`, BERT's `encoder.layer.3`.
+LAYER_INDEX = re.compile(r"\.(?:h|layers|layer|blocks)\.(\d+)\.")
+# Where AutoModelForSequenceClassification keeps its output layer: `score` (GPT-2, Llama, Qwen...), `classifier` (BERT).
+SCALAR_HEADS = ("score", "classifier")
 RESAVE_HINT = "re-save the model (save_pretrained) or rerun the stage that wrote it"
 
 
@@ -148,11 +155,12 @@ def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
     if not (path / "config.json").is_file():
         detail = f"has {weights[0].name} but no config.json" if weights else "no config.json"
         raise InputError(path, f"not a Hugging Face model directory ({detail}): {RESAVE_HINT}")
-    check_model_config(path / "config.json")
+    config = check_model_config(path / "config.json")
     if not weights:
         raise InputError(path, f"no weight files ({' or '.join(WEIGHT_FILES)}): {RESAVE_HINT}")
-    for file in weights:
-        check_weight_file(file)
+    names = [check_weight_file(file) for file in weights]
+    if all(n is not None for n in names):
+        check_layer_count(path / "config.json", config, {name for group in names for name in group})
     if tokenizer and not has_tokenizer_files(path):
         raise InputError(path, "no tokenizer files (tokenizer.json, vocab.json + merges.txt, tokenizer.model or "
                                "vocab.txt): save the model's tokenizer into it (tokenizer.save_pretrained)")
@@ -173,7 +181,7 @@ def read_json_file(path: Path) -> object:
         raise InputError(path, f"not usable JSON ({type(e).__name__}): {RESAVE_HINT}") from None
 
 
-def check_model_config(config_file: Path) -> dict:
+def check_model_config(config_file: Path) -> PretrainedConfig:
     from transformers import CONFIG_MAPPING
 
     config = read_json_file(config_file)
@@ -186,10 +194,24 @@ def check_model_config(config_file: Path) -> dict:
     if model_type not in CONFIG_MAPPING:
         raise InputError(config_file, f"unknown model type {model_type!r} (not in this transformers)", field="model_type")
     try:  # the config class validates its fields (a string where a layer count goes); no weights are read
-        CONFIG_MAPPING[model_type].from_dict(config)
+        return CONFIG_MAPPING[model_type].from_dict(config)
     except Exception as e:  # transformers raises several types here; the message says which field
         raise InputError(config_file, f"transformers rejects it ({type(e).__name__}: {short_reason(e)}): {RESAVE_HINT}") from None
-    return config
+
+
+def check_layer_count(config_file: Path, config: PretrainedConfig, tensor_names: set[str]) -> None:
+    """The config's layer count is the one the weights hold.
+
+    More layers than weights would load with the extra ones randomly initialised (transformers only
+    warns), and a huge count (1e12) would hang building the model before any weight is read.
+    """
+    layers = getattr(config, "num_hidden_layers", None)
+    indices = {int(m.group(1)) for name in tensor_names if (m := LAYER_INDEX.search(name))}
+    if not isinstance(layers, int) or not indices or layers == max(indices) + 1:
+        return
+    field = getattr(config, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")  # GPT-2: n_layer
+    raise InputError(config_file, f"says {layers} layers but the weights hold {max(indices) + 1}: the config and "
+                                  f"the weights come from different models; {RESAVE_HINT}", field=field)
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -210,22 +232,36 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def check_weight_file(file: Path) -> None:
-    """A safetensors file whose header parses and covers the file, or a torch zip whose directory reads."""
+def check_weight_file(file: Path) -> list[str] | None:
+    """A safetensors file whose header parses and covers the file (its tensor names are returned),
+    or a torch zip whose directory reads (names unknown without unpickling: None)."""
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
-            with safe_open(str(file), framework="pt"):  # memory-maps and checks the header; reads no tensor
-                pass
+            with safe_open(str(file), framework="pt") as f:  # memory-maps and checks the header; reads no tensor
+                return list(f.keys())
         except Exception as e:  # SafetensorError, OSError: the reason goes into the message
             raise InputError(file, f"corrupt or truncated safetensors file ({e}): {RESAVE_HINT}") from None
-        return
     try:
         with zipfile.ZipFile(file) as archive:  # torch.save's format; truncation loses the central directory
             archive.infolist()
     except (zipfile.BadZipFile, OSError) as e:
         raise InputError(file, f"corrupt or truncated PyTorch weights ({e}): {RESAVE_HINT}") from None
+    return None
+
+
+def check_has_scalar_head(path: Path) -> None:
+    """A reward model or critic directory holds its one-output head; a plain LM's would be random.
+
+    transformers initialises a missing head at random with only a warning: a policy directory
+    passed as the reward model would then score every response with noise.
+    """
+    names = [check_weight_file(file) for file in weight_files(path)]
+    if all(n is not None for n in names) and not any(
+            name.split(".")[0] in SCALAR_HEADS for group in names for name in group):
+        raise InputError(path, f"holds no reward/value head ({' or '.join(h + '.weight' for h in SCALAR_HEADS)}): "
+                               "it is a language model; give a directory written by alignloop reward train")
 
 
 def has_tokenizer_files(path: Path) -> bool:
@@ -299,6 +335,7 @@ def load_scalar_model(path: str | Path, tokenizer: PreTrainedTokenizerBase | Non
     Without `tokenizer`, the directory's own (as `load_tokenizer` gives it) sets the embedding size and pad id.
     """
     path = check_model_dir(path)
+    check_has_scalar_head(path)
     model = load_pretrained(AutoModelForSequenceClassification, path, num_labels=1)
     fit_to_tokenizer(path, model, tokenizer or load_tokenizer(path))
     return use_fast_kernels(model)
