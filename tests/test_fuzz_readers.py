@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import os
+import struct
 import tarfile
 import tempfile
 from pathlib import Path
@@ -29,6 +30,7 @@ from alignloop.annotate import service
 from alignloop.annotate.db import get_sessionmaker
 from alignloop.corpus import load_corpus
 from alignloop.errors import InputError
+from alignloop.gguf_import import import_gguf
 from alignloop.realdata import INNER_ARCHIVE, parse_ratings_file, parse_text_file, read_chatterbot_file, read_human_ratings
 from alignloop.reward.data import read_preferences
 from alignloop.sampling import read_prompts
@@ -251,3 +253,19 @@ def test_fuzz_chatterbot_file(content):
     rows = fuzz_file(content, read_chatterbot_file, name="greetings.yml", line_level=False)
     if rows is not None:
         assert all(isinstance(r["prompt"], str) and r["prompt"] and r["response"] for r in rows)
+
+
+gguf_files = st.one_of(
+    st.binary(max_size=64),
+    st.tuples(st.integers(0, 4), st.integers(0, 2 ** 64 - 1), st.integers(0, 2 ** 64 - 1), st.binary(max_size=300)).map(
+        lambda t: b"GGUF" + struct.pack("<IQQ", *t[:3]) + t[3]),  # a header whose counts and sizes are noise
+)
+
+
+@FUZZ
+@given(gguf_files)
+def test_fuzz_gguf_file(content):
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "out"
+        fuzz_file(content, lambda path: import_gguf(path, out), name="m.gguf", line_level=False)
+        assert not out.exists()  # nothing written for a file that did not load

@@ -336,6 +336,13 @@ def test_write_jsonl_leaves_nothing_when_rows_fail(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_write_jsonl_to_a_directory_is_one_line(tmp_path):
+    (tmp_path / "out.jsonl").mkdir()
+    with pytest.raises(InputError, match=r"out.jsonl: cannot write it \(it is a directory; give a file name\)"):
+        write_jsonl(tmp_path / "out.jsonl", [{"prompt": "a"}])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+
+
 # ---- the same through the real `alignloop generate`, as a user runs it --------------------------------
 # (the cases and a half-written directory; the runs go concurrently: each pays torch's import)
 

@@ -147,18 +147,26 @@ def read_records(path: str | Path, required: Required | None = None) -> list[dic
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write rows (dropping private `_`-prefixed keys); returns how many were written."""
+    """Write rows (dropping private `_`-prefixed keys); returns how many were written.
+
+    Atomic: the rows go to `path.tmp`, renamed over `path` once all are written; a failure (a bad
+    row, a full disk, `path` a directory) removes the `.tmp`, so `path` is never half-written.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     tmp = path.with_suffix(path.suffix + ".tmp")
+    if path.is_dir():
+        raise InputError(path, "cannot write it (it is a directory; give a file name)")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
                 n += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # rows that fail half-way (a bad input line) leave nothing behind
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise InputError(path, f"cannot write it ({e.strerror or e})") from None
         raise
-    tmp.replace(path)  # atomic: a crash never leaves half a file behind
     return n
