@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    CONFIG_MAPPING,
     AttentionInterface,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -142,12 +143,15 @@ def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
     interrupted write. Reads a few kilobytes, so every stage can afford it up front.
     """
     path = Path(path)
-    partial = path.with_name(path.name + ".tmp")
     if not path.is_dir():
-        if partial.exists():
+        partial = path.with_name(path.name + ".tmp") if path.name else None  # ".", "/" have no sibling
+        if partial is not None and partial.exists():
             raise InputError(path, f"no such model directory, but {partial.name} beside it is a half-written copy: {RESAVE_HINT}")
         raise InputError(path, "no such model directory" if not path.exists() else "not a directory")
-    leftovers = sorted(p.name for p in path.iterdir() if p.name.endswith(PARTIAL_SUFFIXES))
+    try:
+        leftovers = sorted(p.name for p in path.iterdir() if p.name.endswith(PARTIAL_SUFFIXES))
+    except OSError as e:
+        raise InputError(path, f"cannot list it ({e.strerror or e})") from None
     if leftovers:
         raise InputError(path, f"half-written model directory (holds {', '.join(leftovers)}): {RESAVE_HINT}, "
                                "or delete the leftover if the directory is complete")
@@ -182,8 +186,6 @@ def read_json_file(path: Path) -> object:
 
 
 def check_model_config(config_file: Path) -> PretrainedConfig:
-    from transformers import CONFIG_MAPPING
-
     config = read_json_file(config_file)
     if not isinstance(config, dict):
         raise InputError(config_file, f"expected a JSON object, got {json_type_name(config)}: {RESAVE_HINT}")
@@ -329,15 +331,16 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu",
     return use_fast_kernels(model).to(device).eval()
 
 
-def load_scalar_model(path: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+def load_scalar_model(path: str | Path) -> PreTrainedModel:
     """A sequence classifier with one output (a reward model or critic directory), fp32, fast kernels.
 
-    Without `tokenizer`, the directory's own (as `load_tokenizer` gives it) sets the embedding size and pad id.
+    The directory's own tokenizer (as `load_tokenizer` gives it) sets the embedding size and pad id,
+    so a pad token added at load time has its row here as in the causal LM.
     """
     path = check_model_dir(path)
     check_has_scalar_head(path)
     model = load_pretrained(AutoModelForSequenceClassification, path, num_labels=1)
-    fit_to_tokenizer(path, model, tokenizer or load_tokenizer(path))
+    fit_to_tokenizer(path, model, load_tokenizer(path))
     return use_fast_kernels(model)
 
 
