@@ -5,7 +5,7 @@ InputError line that starts with the directory (or a file in it). Breakages: fil
 overwritten with random bytes or with one byte flipped; config.json and tokenizer_config.json fields
 set to wrong types, NaN, negative or huge numbers; leftovers of an interrupted write.
 
-Derandomized and bounded like test_fuzz_readers (FUZZ_EXAMPLES, 40 unless ALIGNLOOP_FUZZ_EXAMPLES says).
+Derandomized and bounded like test_fuzz_readers (FUZZ_EXAMPLES, 30 unless ALIGNLOOP_FUZZ_EXAMPLES says).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from alignloop.errors import InputError
 from alignloop.modeling import load_causal_lm, load_scalar_model, load_tokenizer
 
-FUZZ_EXAMPLES = int(os.environ.get("ALIGNLOOP_FUZZ_EXAMPLES", "40"))
+FUZZ_EXAMPLES = int(os.environ.get("ALIGNLOOP_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

@@ -344,38 +344,44 @@ def test_write_jsonl_to_a_directory_is_one_line(tmp_path):
 
 
 # ---- the same through the real `alignloop generate`, as a user runs it --------------------------------
-# (the cases and a half-written directory; the runs go concurrently: each pays torch's import)
+# (the cases, a half-written directory and a good run; the runs go concurrently: each pays
+# torch's import)
 
-def not_utf8_prompts(tmp_path: Path, model_dir: Path) -> Path:
-    prompts = tmp_path / "p.jsonl"
+def good_prompts(case_dir: Path) -> Path:
+    prompts = case_dir / "p.jsonl"
+    prompts.write_text('{"prompt": "The"}\n{"prompt": "A"}\n')
+    return prompts
+
+
+def not_utf8_prompts(case_dir: Path) -> Path:
+    prompts = case_dir / "p.jsonl"
     prompts.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
     return prompts
 
 
-CLI_CASES = {
-    "prompts_not_utf8": (None, "p.jsonl:2: not UTF-8 text (byte 0xe9 at column 16)"),
-    "config_without_weights": (config_without_weights, "no weight files"),
-    "truncated_safetensors": (truncated_safetensors, "corrupt or truncated safetensors file"),
-    "no_tokenizer_files": (no_tokenizer_files, "no tokenizer files"),
-    "tmp_leftover": (tmp_leftover, "half-written model directory"),
+# name: (what breaks the model directory, what writes the prompts, what the one error line says)
+GENERATE_ERRORS = {
+    "prompts_not_utf8": (None, not_utf8_prompts, "p.jsonl:2: not UTF-8 text (byte 0xe9 at column 16)"),
+    "config_without_weights": (config_without_weights, good_prompts, "no weight files"),
+    "truncated_safetensors": (truncated_safetensors, good_prompts, "corrupt or truncated safetensors file"),
+    "no_tokenizer_files": (no_tokenizer_files, good_prompts, "no tokenizer files"),
+    "tmp_leftover": (tmp_leftover, good_prompts, "half-written model directory"),
 }
+GOOD_RUN = (None, good_prompts, None)
 
 
 @pytest.fixture(scope="module")
 def generate_runs(tmp_path_factory, tiny_lm_dir) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     procs = {}
-    for name, (breaker, _) in CLI_CASES.items():
+    for name, (breaker, write_prompts, _) in {**GENERATE_ERRORS, "good": GOOD_RUN}.items():
         case = tmp_path_factory.mktemp(name)
-        good_prompts = case / "p.jsonl"
-        good_prompts.write_text('{"prompt": "hello"}\n')
-        if breaker is None:
-            model_dir, prompts = tiny_lm_dir, not_utf8_prompts(case, tiny_lm_dir)
-        else:
-            model_dir, prompts = copy_model(tiny_lm_dir, case / "model"), good_prompts
+        model_dir = tiny_lm_dir
+        if breaker is not None:
+            model_dir = copy_model(tiny_lm_dir, case / "model")
             breaker(model_dir)
         out = case / "out" / "o.jsonl"
-        args = [ALIGNLOOP, "generate", "--model", str(model_dir), "--prompts", str(prompts), "--out", str(out),
-                "--max-new-tokens", "4"]
+        args = [ALIGNLOOP, "generate", "--model", str(model_dir), "--prompts", str(write_prompts(case)),
+                "--out", str(out), "--max-new-tokens", "4", "--greedy"]
         procs[name] = (subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
     runs = {}
     for name, (proc, out) in procs.items():
@@ -384,20 +390,15 @@ def generate_runs(tmp_path_factory, tiny_lm_dir) -> dict[str, tuple[subprocess.C
     return runs
 
 
-@pytest.mark.parametrize("case", list(CLI_CASES))
+@pytest.mark.parametrize("case", list(GENERATE_ERRORS))
 def test_cli_generate_bad_input_one_line_nothing_written(generate_runs, case):
     result, out = generate_runs[case]
-    assert_one_line_error(result, "error:", CLI_CASES[case][1])
+    assert_one_line_error(result, "error:", GENERATE_ERRORS[case][2])
     assert result.stderr.startswith("error:")
     assert not out.parent.exists() or list(out.parent.iterdir()) == []  # no output, not even a .tmp
 
 
-def test_cli_generate_good_input_still_works(tmp_path, tiny_lm_dir):
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "The"}\n{"prompt": "A"}\n')
-    out = tmp_path / "o.jsonl"
-    result = subprocess.run([ALIGNLOOP, "generate", "--model", str(tiny_lm_dir), "--prompts", str(prompts),
-                             "--out", str(out), "--max-new-tokens", "4", "--greedy"],
-                            capture_output=True, text=True, timeout=240)
+def test_cli_generate_good_input_still_works(generate_runs):
+    result, out = generate_runs["good"]
     assert result.returncode == 0, result.stderr
     assert [r["prompt"] for r in read_jsonl(out)] == ["The", "A"]
