@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError
-from .jsonl import read_jsonl
+from .jsonl import read_jsonl, read_text
 from .splits import shuffled_split
 
 DEFAULT_FORTUNES_DIR = Path(os.environ.get("ALIGNLOOP_FORTUNES_DIR", "/usr/share/games/fortunes"))
@@ -29,15 +29,15 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _read_fortune_file(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+def _fortune_records(text: str) -> list[str]:
     return [_normalise(r) for r in re.split(r"^%\s*$", text, flags=re.M) if r.strip()]
 
 
 def _read_txt(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    # Strict UTF-8: replacing undecodable bytes would train on text the user never wrote.
+    text = read_text(path)
     if re.search(r"^%\s*$", text, flags=re.M):
-        return _read_fortune_file(path)
+        return _fortune_records(text)
     return [_normalise(p) for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 

@@ -6,11 +6,20 @@ input never surfaces as a traceback from deep inside torch.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
+def one_line(message: str) -> str:
+    """Line breaks (often inside a library's reason quoted in the message) become single spaces."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", message).strip()
+
+
 class AlignloopError(Exception):
-    """An error the user can fix: the message says what and where."""
+    """An error the user can fix: the message says what and where, on one line (the CLI prints one line)."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(one_line(str(message)))
 
 
 class InputError(AlignloopError):

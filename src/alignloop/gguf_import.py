@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import AlignloopError, InputError
-from .modeling import count_matmul_params, save_model_dir
+from .modeling import count_matmul_params, save_model_dir, short_reason
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -73,8 +73,10 @@ def import_gguf(gguf: str | Path, out_dir: str | Path, max_new_tokens: int = 128
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (ValueError, KeyError, RuntimeError) as e:  # e.g. an architecture transformers cannot de-quantize
-        raise InputError(gguf, f"transformers cannot load it ({type(e).__name__}: {e})") from None
+    # An architecture transformers cannot de-quantize (ValueError), or a damaged file: the gguf reader
+    # raises struct.error, IndexError, OverflowError... for sizes and offsets past the end.
+    except Exception as e:
+        raise InputError(gguf, f"transformers cannot load it ({type(e).__name__}: {short_reason(e)})") from None
     pad = choose_pad_token(tokenizer)
     if pad not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"pad_token": pad})

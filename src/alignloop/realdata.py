@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 
 from .config import StageConfig
 from .errors import AlignloopError, InputError
-from .jsonl import read_jsonl, write_jsonl
+from .jsonl import decode_utf8, read_jsonl, read_text, write_jsonl
 from .splits import shuffled_split, split_items
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
@@ -105,7 +105,7 @@ def _inner_archive_bytes(path: Path) -> bytes:
                 return outer.extractfile(inner[0]).read()
             if any(n.endswith("_anonDataRatings.txt") for n in names):
                 return path.read_bytes()
-    except (tarfile.TarError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError) as e:  # EOFError: a gzip stream cut short
         raise InputError(path, f"not a readable tar archive ({e})") from None
     raise InputError(path, f"holds neither {INNER_ARCHIVE} nor *_anonDataRatings.txt files")
 
@@ -113,11 +113,7 @@ def _inner_archive_bytes(path: Path) -> bytes:
 # -- parsing ------------------------------------------------------------------
 def _lines(data: bytes, where: str) -> list[tuple[int, list[str]]]:
     """(1-based line, tab-separated fields) of each non-blank line; a BOM and CRLFs are tolerated."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(where, f"not UTF-8 (byte {data[e.start]:#x})", line=line) from None
+    text = decode_utf8(data, where)
     return [(i, ln.rstrip("\r").split("\t")) for i, ln in enumerate(text.split("\n"), start=1) if ln.strip()]
 
 
@@ -146,7 +142,8 @@ def parse_ratings_file(data: bytes, where: str) -> dict[str, tuple[int, float, l
         _float(where, line, "sd", sd_raw)
         try:
             ratings = ast.literal_eval(ratings_raw)
-        except (ValueError, SyntaxError):
+        # literal_eval also raises TypeError ({[]: 1}), MemoryError and RecursionError (deep nesting)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             raise InputError(where, f"expected a list like [1, -2, 0], got {ratings_raw[:40]!r}", line=line, field="ratings") from None
         if not isinstance(ratings, list) or not ratings:
             raise InputError(where, "expected a non-empty list of ratings", line=line, field="ratings")
@@ -187,7 +184,14 @@ def read_human_ratings(archive: str | Path) -> tuple[list[Sentence], dict[str, i
     """
     archive = Path(archive)
     blob = _inner_archive_bytes(archive)
-    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+    try:
+        return _read_ratings_tar(archive, tarfile.open(fileobj=io.BytesIO(blob)))
+    except (tarfile.TarError, EOFError, OSError) as e:  # a damaged inner archive, or a member cut short
+        raise InputError(archive, f"the ratings archive inside it is damaged ({e})") from None
+
+
+def _read_ratings_tar(archive: Path, tar: tarfile.TarFile) -> tuple[list[Sentence], dict[str, int]]:
+    with tar:
         members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
         sentences: list[Sentence] = []
         dropped: dict[str, int] = {}
@@ -452,15 +456,20 @@ def read_chatterbot_file(path: str | Path, skipped: list[str] | None = None) -> 
     import yaml
 
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise InputError(path, f"not valid YAML ({getattr(e, 'problem', e)})", line=None if mark is None else mark.line + 1) from None
+    except RecursionError:
+        raise InputError(path, "not usable YAML (nested too deeply)") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("conversations"), list):
         raise InputError(path, "expected a mapping with a 'conversations' list", field="conversations")
-    category = ",".join(map(str, doc.get("categories") or [path.stem]))
+    categories = doc.get("categories") or [path.stem]
+    if not isinstance(categories, list):
+        raise InputError(path, f"expected a list, got {type(categories).__name__}", field="categories")
+    category = ",".join(map(str, categories))
     rows = []
     for n, conv in enumerate(doc["conversations"], start=1):
         if not isinstance(conv, list) or not all(isinstance(t, (str, int, float)) for t in conv):

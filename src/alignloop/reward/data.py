@@ -21,6 +21,7 @@ a reason and counted in the summary, never silently dropped.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,14 @@ def _split_conversations(path: Path, line: int, chosen: Any, rejected: Any) -> t
 def _number(path: Path, line: int, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InputError(path, f"expected a number, got {type(value).__name__}", line=line, field=name)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past 1e308
+        raise InputError(path, f"expected a number below 1e308, got an integer of {len(str(value))} digits",
+                         line=line, field=name) from None
+    if not math.isfinite(number):
+        raise InputError(path, f"expected a finite number, got {value}", line=line, field=name)
+    return number
 
 
 def _optional_str(row: dict, key: str) -> str | None:
