@@ -402,3 +402,53 @@ def test_cli_generate_good_input_still_works(generate_runs):
     result, out = generate_runs["good"]
     assert result.returncode == 0, result.stderr
     assert [r["prompt"] for r in read_jsonl(out)] == ["The", "A"]
+
+
+# -- limits the stages check against the model they run on -----------------------------------------
+
+def test_generate_refuses_a_prompt_longer_than_the_context_in_one_line(tmp_path, tiny_lm_dir):
+    prompts = tmp_path / "p.jsonl"
+    write_jsonl(prompts, [{"prompt": "short"}, {"prompt": " ".join(["word"] * 400)}])
+    out = tmp_path / "o.jsonl"
+    result = run_cli("generate", "--model", str(tiny_lm_dir), "--prompts", str(prompts), "--out", str(out))
+    assert_one_line_error(result, "prompt 2", "128-token context", "max_new_tokens=")
+    assert not out.exists()
+
+
+def test_sft_max_length_past_the_model_context_is_refused_up_front(tiny_lm_dir):
+    with pytest.raises(ConfigError, match=r"max_length \(192\) is longer than .*context \(128 tokens\)"):
+        SFTConfig(model=tiny_lm_dir, max_length=192)
+
+
+def test_ppo_refuses_a_reward_model_with_another_tokenizer_of_the_same_size(tmp_path, tiny_lm_dir, fortunes):
+    import torch
+
+    from alignloop.modeling import build_causal_lm, save_model_dir
+    from alignloop.ppo import PPOConfig, PPOTrainer
+    from alignloop.reward.model import RewardModel, init_reward_model
+
+    tok = load_tokenizer(tiny_lm_dir)
+    other_tok = train_tokenizer([d.upper() for d in fortunes[:3000]], vocab_size=512)
+    assert len(other_tok) == len(tok) and other_tok.get_vocab() != tok.get_vocab()
+    other_lm = save_model_dir(build_causal_lm(other_tok, n_layer=1, n_embd=32, n_head=2, n_positions=128),
+                              other_tok, tmp_path / "other_lm")
+    torch.manual_seed(0)
+    rm_dir = RewardModel(init_reward_model(other_lm), load_tokenizer(other_lm)).save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "p.jsonl"
+    write_jsonl(prompts, [{"prompt": "Life is"}])
+    config = PPOConfig(policy=tiny_lm_dir, reward_model=rm_dir, prompts=prompts, out_dir=tmp_path / "ppo", steps=1,
+                       batch_size=2, mini_batch_size=2, max_new_tokens=4, precision="fp32", tensorboard=False)
+    with pytest.raises(InputError, match="tokenizer differs"):
+        PPOTrainer(config)
+
+
+def test_reward_score_refuses_a_broken_normalization_file_in_one_line(tmp_path, tiny_rm_dir):
+    rm = copy_model(tiny_rm_dir, tmp_path / "rm")
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"prompt": "p", "response": "r"}])
+    for text, fragment in (('{"gain": 1.0,', "not valid JSON"), ('{"gain": NaN, "bias": 0}', "field 'gain'"),
+                           ('{"gain": 1.0, "bias": "0"}', "field 'bias'")):
+        (rm / "reward_normalization.json").write_text(text)
+        result = run_cli("reward", "score", "--reward-model", str(rm), "--data", str(data), "--out",
+                         str(tmp_path / "o.jsonl"))
+        assert_one_line_error(result, "reward_normalization.json", fragment)

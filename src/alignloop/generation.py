@@ -10,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .errors import ConfigError
 from .progress import progress
+from .modeling import context_length
 from .prompts import encode_prompt
 from .rollout import finished_rows, left_pad, sample_responses
 
@@ -49,6 +50,19 @@ class Completion:
     token_ids: list[int]  # the response tokens, EOS included when finished
 
 
+def check_prompts_fit(prompts: list[str], prompt_ids: list[list[int]], max_new_tokens: int,
+                      context: int | None) -> None:
+    """Every prompt must leave room for `max_new_tokens` in the model's context."""
+    if context is None:
+        return
+    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_new_tokens > context]
+    if too_long:
+        i = too_long[0]
+        raise ConfigError(f"{len(too_long)} prompt(s) do not leave room for max_new_tokens={max_new_tokens} in the "
+                          f"model's {context}-token context; the first, prompt {i + 1} ({prompts[i][:40]!r}...), is "
+                          f"{len(prompt_ids[i])} tokens: shorten them or lower max_new_tokens")
+
+
 @torch.no_grad()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
              settings: SamplingSettings, precision: str = "fp32", show_progress: bool = True,
@@ -59,13 +73,15 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    check_prompts_fit(prompts, prompt_ids, settings.max_new_tokens, context_length(model.config))
     # Sorting by prompt length keeps left padding (and wasted compute) small; order restored below.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: dict[int, Completion] = {}
     eos = tokenizer.eos_token_id
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     for batch in progress(batches, desc="generate", disable=not show_progress):
-        ids, mask = left_pad([encode_prompt(tokenizer, prompts[i]) for i in batch], tokenizer.pad_token_id, device)
+        ids, mask = left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id, device)
         out = sample_responses(model, ids, mask, settings.max_new_tokens, eos, tokenizer.pad_token_id,
                                settings.temperature, settings.top_p, settings.greedy, generator, precision,
                                compact_fraction)

@@ -182,6 +182,18 @@ def read_json_file(path: Path) -> object:
         raise InputError(path, f"not usable JSON ({type(e).__name__}): {RESAVE_HINT}") from None
 
 
+def context_length(config: PretrainedConfig | dict) -> int | None:
+    """Tokens the model attends over (GPT-2's n_positions, Llama's max_position_embeddings), if it says."""
+    get = config.get if isinstance(config, dict) else (lambda key: getattr(config, key, None))
+    return get("n_positions") or get("max_position_embeddings")
+
+
+def model_context_length(path: str | Path) -> int | None:
+    """`context_length` of the model directory at `path` (its config.json, read without the weights)."""
+    config = read_json_file(Path(path) / "config.json")
+    return context_length(config) if isinstance(config, dict) else None
+
+
 def check_model_config(config_file: Path) -> PretrainedConfig:
     config = read_json_file(config_file)
     if not isinstance(config, dict):

@@ -21,7 +21,7 @@ from .config import StageConfig
 from .corpus import load_corpus, split_corpus
 from .errors import InputError
 from .jsonl import read_records, write_jsonl
-from .modeling import check_model_dir, load_causal_lm, load_tokenizer, save_model_dir
+from .modeling import check_model_dir, load_causal_lm, load_tokenizer, model_context_length, save_model_dir
 from .prompts import encode_prompt, encode_response, pad_right
 from .splits import shuffled_split
 from .stage import RoundState, StageContext, run_stage, stage_checkpointer
@@ -54,6 +54,10 @@ class SFTConfig(StageConfig):
 
     def validate(self) -> None:
         check_model_dir(self.model)
+        context = model_context_length(self.model)
+        self.require(context is None or self.max_length <= context,
+                     f"max_length ({self.max_length}) is longer than {self.model}'s context ({context} tokens): "
+                     f"set max_length <= {context}")
         if self.data is not None and not Path(self.data).exists():
             raise InputError(self.data, "no such data file")
         self.require(1 <= self.prompt_words_min <= self.prompt_words_max,

@@ -18,10 +18,9 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..device import autocast
-from ..errors import ConfigError
 from ..logprobs import token_logprobs
 from ..mixed_precision import MasterWeights, cast_frozen_matmul_weights
-from ..modeling import disable_dropout, load_causal_lm, load_scalar_model
+from ..modeling import check_same_tokenizer, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
 from ..reward.model import RewardModel
 from ..rollout import TokenBatch, response_logits, scalar_head_outputs, sequence_scores
 from .config import PPOConfig
@@ -101,9 +100,10 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
     c = config
     policy = load_causal_lm(c.policy, device, tokenizer)
     reward = RewardModel.from_pretrained(c.reward_model, device, precision)
-    if len(reward.tokenizer) != len(tokenizer):
-        raise ConfigError(f"the reward model ({c.reward_model}) and the policy ({c.policy}) must share a "
-                          f"tokenizer: vocabularies of {len(reward.tokenizer)} and {len(tokenizer)} tokens")
+    # The policy's token ids go straight into the reward model and the critic: one tokenizer for all.
+    check_same_tokenizer(Path(c.policy), tokenizer, Path(c.reward_model), reward.tokenizer)
+    if c.value_model is not None:
+        check_same_tokenizer(Path(c.policy), tokenizer, Path(c.value_model), load_tokenizer(c.value_model))
     reference = None
     if c.lora_r > 0:
         from peft import LoraConfig, get_peft_model

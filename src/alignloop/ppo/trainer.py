@@ -12,7 +12,6 @@ log-probs of the update match those of the rollout exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import statistics
@@ -24,7 +23,7 @@ import torch
 
 from ..checkpoint import rng_state, set_rng_state
 from ..errors import ConfigError
-from ..modeling import load_tokenizer, save_model_dir
+from ..modeling import load_tokenizer, model_context_length, save_model_dir
 from ..prompts import encode_prompt, read_prompts
 from ..stage import RoundState, StageContext, run_stage, stage_checkpointer
 from ..training import make_optimizer, scale_learning_rate
@@ -88,8 +87,7 @@ class PPOTrainer:
         c, tok = self.config, self.tokenizer
         prompts = read_prompts(Path(c.prompts))
         ids = [encode_prompt(tok, p) for p in prompts]
-        model_config = json.loads((Path(c.policy) / "config.json").read_text())
-        context = model_config.get("n_positions") or model_config.get("max_position_embeddings") or 2048
+        context = model_context_length(c.policy) or 2048
         limit = context - c.max_new_tokens
         kept = [i for i, p in enumerate(ids) if len(p) <= limit]
         if not kept:

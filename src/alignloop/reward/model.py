@@ -11,13 +11,15 @@ PPO's KL coefficient then means the same thing whatever the RM's raw scale.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..device import autocast
-from ..modeling import check_model_dir, load_scalar_model, load_tokenizer, use_fast_kernels
+from ..errors import InputError
+from ..modeling import check_model_dir, load_scalar_model, load_tokenizer, read_json_file, use_fast_kernels
 from ..prompts import encode_prompt, encode_response, pad_right
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -56,8 +58,7 @@ class RewardModel:
         path = check_model_dir(path)
         tokenizer = load_tokenizer(path)
         model = load_scalar_model(path).to(device)
-        norm_file = path / NORMALIZATION_FILE
-        norm = json.loads(norm_file.read_text()) if norm_file.is_file() else {"gain": 1.0, "bias": 0.0}
+        norm = read_normalization(path / NORMALIZATION_FILE)
         for p in model.parameters():
             p.requires_grad_(False)  # frozen during PPO
         return cls(model, tokenizer, norm["gain"], norm["bias"], precision)
@@ -101,3 +102,18 @@ class RewardModel:
             for i, s in zip(idx, scores.tolist()):
                 out[i] = s
         return out
+
+
+def read_normalization(path: Path) -> dict[str, float]:
+    """The gain and bias of `path` (identity when the model has none); refuses anything but two finite numbers."""
+    if not path.is_file():
+        return {"gain": 1.0, "bias": 0.0}
+    norm = read_json_file(path)
+    if not isinstance(norm, dict):
+        raise InputError(path, "expected a JSON object with 'gain' and 'bias'")
+    for key in ("gain", "bias"):
+        value = norm.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InputError(path, f"expected a finite number, got {value!r}: retrain or re-save the reward model",
+                             field=key)
+    return {"gain": float(norm["gain"]), "bias": float(norm["bias"])}

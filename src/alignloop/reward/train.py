@@ -38,7 +38,7 @@ from ..errors import ConfigError, InputError
 from ..generation import MAX_NEW_TOKENS, SamplingSettings, generate
 from ..jsonl import read_jsonl, write_jsonl
 from ..mixed_precision import MasterWeights
-from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer
+from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer, model_context_length
 from ..progress import progress
 from ..prompts import encode_prompt, encode_response, pad_right, read_prompts
 from ..splits import hash_split, shuffled_split, split_items
@@ -78,6 +78,10 @@ class RewardTrainConfig(StageConfig):
 
     def validate(self) -> None:
         check_model_dir(self.model)
+        context = model_context_length(self.model)
+        self.require(context is None or self.max_length <= context,
+                     f"max_length ({self.max_length}) is longer than {self.model}'s context ({context} tokens): "
+                     f"set max_length <= {context}")
         if self.init_from is not None:
             check_model_dir(self.init_from)
         for path in (self.data, self.held_out_data, self.normalize_prompts):
