@@ -150,10 +150,13 @@ def check_spec(spec: PipelineSpec) -> None:
 
 # -- the loop ---------------------------------------------------------------------------------------
 
-def build_config(stage: Stage, state: RoundState, source: str) -> StageConfig:
-    """The stage's config for this round: wired from earlier outputs, the user's section over them."""
+def run_wired(stage: Stage, state: RoundState, ctx: StageContext, source: str, label: str) -> tuple[dict, dict]:
+    """Build the stage's config for this round (wired from earlier outputs, the user's section over them),
+    record its outputs for the stages after it, and run or reuse it; returns (config, summary)."""
     values = stage.wire(state, state.sections.get(stage.name, {}))
-    return stage.config_class.from_dict(values, source=f"{source} [{stage.name}]")
+    config = stage.config_class.from_dict(values, source=f"{source} [{stage.name}]")
+    state.outputs[stage.name] = stage.outputs(config)
+    return config.to_dict(), run_stage(stage, config, ctx, label=label, reuse=True)
 
 
 def run_pipeline(spec: PipelineSpec) -> dict:
@@ -171,21 +174,17 @@ def run_pipeline(spec: PipelineSpec) -> dict:
         policy = PolicyConfig.from_dict(sections["policy"], source=f"{spec.source} [policy]")
         configs["policy"], state.outputs["policy"] = policy.to_dict(), {"model": Path(policy.model)}
     for name in (n for n in ONCE if n in sections):
-        stage = registry[name]
-        cfg = build_config(stage, state, spec.source)
-        configs[name], state.outputs[name] = cfg.to_dict(), stage.outputs(cfg)
-        summaries[name] = run_stage(stage, cfg, ctx, label=name, reuse=True)
+        configs[name], summaries[name] = run_wired(registry[name], state, ctx, spec.source, label=name)
     rounds: list[dict] = []
     for n in range(1, spec.rounds + 1):
         state.round = n
         record: dict[str, Any] = {"round": n}
         configs[f"round{n}"] = {}
         for name in PER_ROUND:
-            stage = registry[name]
-            cfg = build_config(stage, state, spec.source)
-            configs[f"round{n}"][name], state.outputs[name] = cfg.to_dict(), stage.outputs(cfg)
-            record[name] = run_stage(stage, cfg, ctx, label=f"round{n}/{name}", reuse=True)
-        record.update(ppo_metrics=str(state.outputs["ppo"]["metrics"]), eval_dir=str(state.outputs["evaluate"]["samples"].parent),
+            configs[f"round{n}"][name], record[name] = run_wired(registry[name], state, ctx, spec.source,
+                                                                 label=f"round{n}/{name}")
+        record.update(ppo_metrics=str(state.outputs["ppo"]["metrics"]),
+                      eval_dir=str(state.outputs["evaluate"]["samples"].parent),
                       reward_dir=str(state.outputs["reward"]["model"]))
         rounds.append(record)
         publish_round(state)

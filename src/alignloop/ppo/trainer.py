@@ -246,7 +246,6 @@ class PPOTrainer:
                             eos=f"{metrics['eos_rate']:.2f}")
         bar.close()
         logger.close()
-        self.save_checkpoint()
         return self.finish(history, start, resumed_from, stopped)
 
     def roll_back(self) -> None:
@@ -293,6 +292,7 @@ class PPOTrainer:
     def finish(self, history: list[dict], start: float, resumed_from: int, stopped: str | None) -> dict[str, Any]:
         c = self.config
         self.save_models()
+        self.checkpointer.remove()
         tail = history[-max(1, len(history) // 5):] if history else []
         mean = (lambda key: statistics.fmean(m[key] for m in tail) if tail else None)
         episodes = (self.step_index - resumed_from) * c.batch_size
@@ -326,7 +326,7 @@ class PPOStage:
 
     def outputs(self, config: PPOConfig) -> dict[str, Path]:
         out = Path(config.out_dir)
-        return {"model": out, "metrics": out / "metrics.jsonl", "checkpoint": out / "checkpoint"}
+        return {"model": out, "metrics": out / "metrics.jsonl"}
 
     def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
         """From the last round's policy (the SFT model in round 1); the reference stays the SFT model."""
