@@ -101,7 +101,11 @@ class RoundState:
         return self.out / f"round{self.round}"
 
     def seed(self, user: dict[str, Any], default: int = 0) -> int:
-        return int(user.get("seed", default)) + ROUND_SEED_STRIDE * (self.round - 1)
+        """This round's seed: the section's own (the one round 1 uses) + ROUND_SEED_STRIDE per round after it."""
+        seed = user.get("seed", default)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"seed must be a whole number, got {seed!r}")
+        return seed + ROUND_SEED_STRIDE * (self.round - 1)
 
     def policy_dir(self) -> Path:
         """The supervised policy: the SFT stage's model, or the user's own (a `policy` section)."""
