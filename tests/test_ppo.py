@@ -244,15 +244,17 @@ def first_update_gradients(config: PPOConfig) -> dict[str, torch.Tensor]:
     return captured
 
 
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
 def test_gradient_accumulation_gives_the_same_gradient_as_one_big_micro_batch(tiny_lm_dir, rm_dir, prompts_file,
-                                                                                tmp_path):
-    """Token-mean over the mini-batch: splitting it into micro-batches changes memory, not the update.
+                                                                                tmp_path, aggregation):
+    """The mean over the mini-batch: splitting it into micro-batches changes memory, not the update.
 
     The unsplit side also takes the path that reuses the rollout's forwards for the first update."""
+    common = dict(mini_batch_size=4, ppo_epochs=1, loss_aggregation=aggregation, kl_loss_coef=0.1)
     whole = first_update_gradients(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "a",
-                                                mini_batch_size=4, gradient_accumulation_steps=1, ppo_epochs=1))
+                                                gradient_accumulation_steps=1, **common))
     split = first_update_gradients(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "b",
-                                                mini_batch_size=4, gradient_accumulation_steps=4, ppo_epochs=1))
+                                                gradient_accumulation_steps=4, **common))
     assert whole.keys() == split.keys() and whole
     assert any(g.abs().sum() > 0 for g in whole.values())
     for name in whole:
@@ -275,3 +277,19 @@ def test_config_checks_the_batch_algebra_up_front(tiny_lm_dir, rm_dir, prompts_f
         small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path, mini_batch_size=2, gradient_accumulation_steps=3)
     with pytest.raises(ConfigError, match="kl_estimator"):
         small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path, kl_estimator="k2")
+
+
+def test_groups_of_samples_per_prompt_and_a_kl_loss_term(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    """The seam critic-free methods plug into: G responses per prompt side by side, KL as a loss term."""
+    cfg = small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "groups", samples_per_prompt=2, kl_coef=0.0,
+                       kl_loss_coef=0.1, loss_aggregation="sequence_mean", steps=2)
+    trainer = PPOTrainer(cfg)
+    chosen = trainer.experience.step_prompts(0)
+    assert len(chosen) == cfg.batch_size and chosen[0::2] == chosen[1::2]  # each prompt twice, in a row
+    exp = trainer.rollout(0)
+    prompts = exp.batch.input_ids[:, :exp.batch.prompt_width]
+    assert torch.equal(prompts[0], prompts[1]) and torch.equal(prompts[2], prompts[3])
+    summary = trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "groups" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and all("kl_loss" in r and r["kl_loss"] >= 0 for r in rows)
+    assert all(r["non_score_reward"] == 0.0 for r in rows)  # beta 0: no KL in the reward, only in the loss

@@ -9,6 +9,7 @@ import torch
 
 from alignloop.ppo.kl_control import KLController
 from alignloop.ppo.losses import (
+    aggregation_weights,
     clipped_value_loss,
     entropy_from_logits,
     gae,
@@ -146,3 +147,22 @@ def test_draw_tokens_on_cuda_takes_a_cpu_generator_and_draws_what_the_cpu_draws(
     assert on_gpu.device.type == "cuda"
     # The cumulative sums may round differently on the GPU: a draw on an interval's edge may move.
     assert (on_gpu.cpu() == on_cpu).float().mean() >= 0.95
+
+
+def test_loss_aggregation_weighs_tokens_or_responses():
+    mask = t([1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0])  # a 4-token response and a 1-token one
+    assert aggregation_weights(mask, "token_mean").tolist() == mask.tolist()
+    # sequence_mean: each response's tokens share one unit, so the short response weighs as much as the long one
+    assert aggregation_weights(mask, "sequence_mean").tolist() == [[0.25] * 4, [1.0, 0.0, 0.0, 0.0]]
+    per_token_loss = t([1.0, 1.0, 1.0, 1.0], [5.0, 9.0, 9.0, 9.0])  # padding values must not count
+    w = aggregation_weights(mask, "sequence_mean")
+    assert float((per_token_loss * w).sum() / w.sum()) == pytest.approx((1.0 + 5.0) / 2)
+    w = aggregation_weights(mask, "token_mean")
+    assert float((per_token_loss * w).sum() / w.sum()) == pytest.approx((4 * 1.0 + 5.0) / 5)
+
+
+def test_policy_loss_ratio_max_ignores_weights_but_the_sum_uses_them():
+    logp, old, adv = t([0.0, 0.0]), t([-1.0, 0.0]), t([1.0, 1.0])  # ratios e and 1
+    loss, stats = ppo_policy_loss(logp, old, adv, t([0.5, 0.5]), cliprange=0.2)
+    assert float(stats["ratio_max"]) == pytest.approx(math.e)
+    assert float(loss) == pytest.approx(0.5 * -1.2 + 0.5 * -1.0)  # min(r*A, clip(r)*A) per token, weighted

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..config import StageConfig
 from ..errors import InputError
 from ..generation import MAX_NEW_TOKENS
+from .losses import LOSS_AGGREGATIONS
 from ..modeling import check_model_dir
 
 
@@ -46,6 +47,8 @@ class PPOConfig(StageConfig):
     gamma: float = 1.0  # no discount: the score arrives once, at the end
     lam: float = 0.95
     whiten_advantages: bool = True
+    loss_aggregation: str = "token_mean"  # or 'sequence_mean': every response weighs the same (losses.aggregation_weights)
+    kl_loss_coef: float = 0.0  # > 0: also a k3 KL(policy || reference) term in the loss (GRPO); kl_coef is the reward's
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
@@ -109,6 +112,9 @@ class PPOConfig(StageConfig):
 
         r(self.advantage_estimator in ADVANTAGE_ESTIMATORS,
           f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got '{self.advantage_estimator}'")
+        r(self.loss_aggregation in LOSS_AGGREGATIONS,
+          f"loss_aggregation must be one of {', '.join(LOSS_AGGREGATIONS)}, got '{self.loss_aggregation}'")
+        r(self.kl_loss_coef >= 0, "kl_loss_coef must be >= 0")
         r(self.temperature > 0, "temperature must be > 0")
         r(0 < self.top_p <= 1, "top_p must be in (0, 1]")
         r(self.kl_coef >= 0, "kl_coef must be >= 0")

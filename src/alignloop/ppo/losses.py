@@ -97,7 +97,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     """PPO's clipped surrogate, summed over the masked tokens (the caller divides).
 
     Summing rather than averaging here lets gradient accumulation weight every
-    token of a mini-batch equally however the micro-batches split it.
+    token of a mini-batch equally however the micro-batches split it. `mask` may hold
+    weights (`aggregation_weights`): the sums are then weighted, the ratio's max is not.
     Returns (loss_sum, stats) with stats summed the same way: clipped-token count and
     approx-KL sum (k3 between old and new policy, Schulman's estimator).
     """
@@ -110,7 +111,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         stats = {
             "clipped_tokens": masked_sum((clipped > unclipped).float(), mask),
             "approx_kl_sum": masked_sum(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio_max": (ratio * mask).max(),
+            "ratio_max": (ratio * (mask > 0)).max(),
         }
     return loss_sum, stats
 
@@ -136,3 +137,20 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     p = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+
+
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean")
+
+
+def aggregation_weights(mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Per-token weights whose sum over a mini-batch is the loss's divisor.
+
+    token_mean: every token weighs 1, so long responses weigh more (PPO as OpenAI and TRL run it).
+    sequence_mean: each response's tokens share a weight of 1, so every response weighs the same
+    (GRPO's original form). Either way the weights are 0 on padding.
+    """
+    if aggregation == "token_mean":
+        return mask
+    if aggregation == "sequence_mean":
+        return mask / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    raise ValueError(f"unknown loss aggregation '{aggregation}' (use one of {', '.join(LOSS_AGGREGATIONS)})")

@@ -1,8 +1,9 @@
 """The PPO update: `ppo_epochs` passes of clipped policy and value losses over one `Experience`.
 
 Each pass shuffles the episodes into mini-batches; each mini-batch is one optimiser step,
-optionally split into micro-batches for memory. Losses are token sums divided by the
-mini-batch's token count, so however the micro-batches split it, every token weighs the same.
+optionally split into micro-batches for memory. Losses are weighted token sums divided by the
+mini-batch's total weight (`loss_aggregation`: per token, or per response), so however the
+micro-batches split a mini-batch, the update is the same.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 from ..training import optimizer_step
 from .config import PPOConfig
 from .experience import Experience
-from .losses import clipped_value_loss, entropy_from_logits, ppo_policy_loss
+from .losses import aggregation_weights, clipped_value_loss, entropy_from_logits, kl_penalty, ppo_policy_loss
 from .models import RLModels
 
-STAT_SUMS = ("pg_loss", "vf_loss", "clipped", "vf_clipped", "approx_kl", "tokens", "entropy", "entropy_tokens")
+STAT_SUMS = ("pg_loss", "vf_loss", "kl_loss", "clipped", "vf_clipped", "approx_kl", "tokens", "entropy",
+             "entropy_tokens")
 
 
 class PPOUpdate:
@@ -34,28 +36,31 @@ class PPOUpdate:
         m.critic_module.train()
         sums = dict.fromkeys(STAT_SUMS, 0.0)
         ratio_max, grad_norm = 0.0, torch.zeros(())
+        weights = aggregation_weights(exp.mask, c.loss_aggregation)  # (B, R): what each token counts for
         for epoch in range(c.ppo_epochs):
             order = torch.randperm(exp.size, generator=self.generator)
             for mb_start in range(0, exp.size, c.mini_batch_size):
                 mb_rows = order[mb_start:mb_start + c.mini_batch_size]
-                # Token-mean over the whole mini-batch, however the micro-batches split it.
-                mb_tokens = exp.mask[mb_rows].sum().clamp(min=1.0)
+                # The mean over the whole mini-batch, however the micro-batches split it.
+                mb_weight = weights[mb_rows].sum().clamp(min=1.0)
                 for mc_start in range(0, c.mini_batch_size, c.micro_batch_size):
                     rows = mb_rows[mc_start:mc_start + c.micro_batch_size]
-                    ratio_max = max(ratio_max, self.micro_batch(exp, rows, mb_tokens, train_policy, epoch, sums))
+                    ratio_max = max(ratio_max, self.micro_batch(exp, rows, weights, mb_weight, train_policy, epoch,
+                                                                sums))
                 frozen = () if train_policy else self.policy_params  # critic warm-up: the policy must not move
                 grad_norm = optimizer_step(self.optimizer, self.scheduler, m.masters, self.trained_params,
                                            c.max_grad_norm, frozen)
         m.policy.eval()
         m.critic_module.eval()
         n = max(sums["tokens"], 1.0)
-        return {"pg_loss": sums["pg_loss"] / n, "vf_loss": sums["vf_loss"] / n, "clipfrac": sums["clipped"] / n,
+        kl_loss = {"kl_loss": sums["kl_loss"] / n} if c.kl_loss_coef else {}
+        return {"pg_loss": sums["pg_loss"] / n, "vf_loss": sums["vf_loss"] / n, **kl_loss, "clipfrac": sums["clipped"] / n,
                 "vf_clipfrac": sums["vf_clipped"] / n, "approx_kl": sums["approx_kl"] / n,
                 "entropy_mean": sums["entropy"] / max(sums["entropy_tokens"], 1.0), "ratio_max": ratio_max,
                 "grad_norm": float(grad_norm)}
 
-    def micro_batch(self, exp: Experience, rows: torch.Tensor, mb_tokens: torch.Tensor, train_policy: bool,
-                    epoch: int, sums: dict[str, float]) -> float:
+    def micro_batch(self, exp: Experience, rows: torch.Tensor, weights: torch.Tensor, mb_weight: torch.Tensor,
+                    train_policy: bool, epoch: int, sums: dict[str, float]) -> float:
         """Forward, loss and backward of one micro-batch; adds its statistics to `sums`; returns its max ratio."""
         c, m = self.config, self.models
         if exp.live is not None:  # the rollout's forwards, for the whole batch in its own order
@@ -63,11 +68,16 @@ class PPOUpdate:
             (logprobs, logits, values), exp.live = exp.live, None
         else:
             logprobs, logits, values = m.policy_and_values(exp.batch.select(rows))
-        mask = exp.mask[rows]
-        pg_sum, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[rows], exp.advantages[rows], mask, c.cliprange)
-        vf_sum, vf_clipped = clipped_value_loss(values, exp.values[rows], exp.returns[rows], mask, c.cliprange_value)
-        loss = (pg_sum if train_policy else 0.0) + c.vf_coef * vf_sum
-        (loss / mb_tokens).backward()
+        mask, w = exp.mask[rows], weights[rows]
+        pg_sum, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[rows], exp.advantages[rows], w, c.cliprange)
+        vf_sum, vf_clipped = clipped_value_loss(values, exp.values[rows], exp.returns[rows], w, c.cliprange_value)
+        policy_loss = pg_sum
+        if c.kl_loss_coef:  # k3: unbiased and >= 0 on the policy's own samples, as GRPO uses it
+            kl_sum = (kl_penalty(logprobs, exp.ref_logprobs[rows], "k3") * w).sum()
+            policy_loss = policy_loss + c.kl_loss_coef * kl_sum
+            sums["kl_loss"] += float(kl_sum)
+        loss = (policy_loss if train_policy else 0.0) + c.vf_coef * vf_sum
+        (loss / mb_weight).backward()
         m.masters.accumulate_grads()  # bf16: weight grads -> fp32 master grads
         with torch.no_grad():
             if epoch == 0:  # entropy of the rollout policy, measured once
@@ -78,5 +88,5 @@ class PPOUpdate:
             sums["clipped"] += float(pg_stats["clipped_tokens"])
             sums["vf_clipped"] += float(vf_clipped)
             sums["approx_kl"] += float(pg_stats["approx_kl_sum"])
-            sums["tokens"] += float(mask.sum())
+            sums["tokens"] += float(w.sum())
         return float(pg_stats["ratio_max"])
