@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy import select, update
 
 from alignloop.annotate import campaign_progress, service
-from alignloop.annotate.db import Annotator, Answer, Lease, get_sessionmaker
+from alignloop.annotate.db import Annotator, Answer, Lease, get_sessionmaker, write_transaction
 from alignloop.annotate.export import ranking_rows, write_exports
 from alignloop.annotate.simulate import run_simulated_annotation
 from alignloop.errors import InputError
@@ -44,8 +44,8 @@ def test_overlap_is_exact_with_leases_and_expiry(db):
         assert service.next_item(s, p["cat"], cid)["item"] != first  # both slots leased: cat gets another
         assert service.next_item(s, p["ann"], cid)["item"] == first  # asking again returns the held item
         # bob's lease runs out: the slot returns to the pool, and bob's answer is refused if it was taken.
-        s.execute(update(Lease).where(Lease.annotator_id == p["bob"].id).values(expires=time.time() - 1))
-        s.commit()
+        with write_transaction(s):
+            s.execute(update(Lease).where(Lease.annotator_id == p["bob"].id).values(expires=time.time() - 1))
         service.submit_answer(s, p["cat"], cid, service.next_item(s, p["cat"], cid)["item"], [0, 1, 2])
         assert service.next_item(s, p["cat"], cid)["item"] == first
         with pytest.raises(service.Refused) as e:

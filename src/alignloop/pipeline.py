@@ -315,13 +315,12 @@ def human_annotation(cfg: AnnotateConfig, campaign_file: Path, out_dir: Path, db
     from .annotate.app import BackgroundServer
     from .annotate.db import Annotator, Campaign, get_sessionmaker
     from .annotate.export import ranking_rows, write_exports
-    from .annotate.simulate import _campaign_name  # same naming as the simulated path: a rerun finds it
 
     start = time.time()
     Session = get_sessionmaker(db_url)
     tokens: dict[str, str] = {}
     with Session() as s:
-        name = _campaign_name(campaign_file)
+        name = service.campaign_name(campaign_file)  # same naming as the simulated path: a rerun finds it
         camp = s.scalar(select(Campaign).where(Campaign.name == name))
         if camp is None:
             camp = service.create_campaign(s, name, service.read_campaign_file(campaign_file), cfg.mode,
