@@ -16,6 +16,7 @@ service call (one short transaction) and closes it before the response is sent.
 # No `from __future__ import annotations`: FastAPI must resolve the Annotated aliases made inside create_app.
 
 import logging
+import re
 import threading
 import time
 from pathlib import Path as FilePath
@@ -64,6 +65,14 @@ SECURITY_HEADERS = [
 def safe_text(value: Any, limit: int = 100) -> str:
     """Shortened, always-encodable text for error messages (a lone surrogate would make the error a 500)."""
     return str(value)[:limit].encode("utf-8", "replace").decode("utf-8")
+
+
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,39}")
+
+
+def error_location(loc: tuple) -> list:
+    """Where a validation error is: field names and list positions; any other key sent is not repeated."""
+    return [part if isinstance(part, int) or FIELD_NAME.fullmatch(str(part)) else "(a key not shown)" for part in loc]
 
 
 def no_bad_text(value: str) -> str:
@@ -279,7 +288,7 @@ def create_app(db_url: str) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, e: RequestValidationError):
         # Where and what, never the input itself: it may be huge, or not encodable as JSON (NaN, surrogates).
-        shown = [{"loc": [safe_text(part) for part in err.get("loc", ())], "msg": safe_text(err.get("msg"), 200)}
+        shown = [{"loc": error_location(err.get("loc", ())), "msg": safe_text(err.get("msg"), 200)}
                  for err in e.errors()[:MAX_ERRORS_SHOWN]]
         return JSONResponse({"detail": shown}, status_code=422)
 

@@ -238,7 +238,7 @@ def create_campaign(s: Session, name: str, items: Sequence[dict], mode: str = "r
         raise InputError(source, f"at most {MAX_ITEMS} items per campaign (got {len(items)})")
     rows, seen = [], set()
     for n, row in enumerate(items, start=1):
-        line = row.get("_line", n) if isinstance(row, dict) else n
+        line = row["_line"] if isinstance(row, dict) and valid_count(row.get("_line"), 1, MAX_ID) else n
         item = item_row(source, line, row, mode)
         if item.item_id in seen:
             raise InputError(source, "duplicate item_id", line=line, field="item_id")
