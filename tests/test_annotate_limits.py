@@ -81,8 +81,10 @@ def test_a_burst_from_one_token_is_answered_fast_and_others_are_served_meanwhile
             assert set(codes) <= {200, 429}, sorted(set(map(str, codes)))
             assert codes.count(200) >= MAX_IN_FLIGHT_PER_TOKEN  # refused only past the per-person cap
             assert seconds < 15, f"200 concurrent {path} took {seconds:.1f} s"
+            print(f"burst of 200 {path}: {codes.count(200)} x 200, {codes.count(429)} x 429 in {seconds:.2f} s")
         bob.join(timeout=60)
         other.close()
+    print(f"meanwhile bob: {len(served)} items fetched and answered, slowest GET /next {max(s for *_, s in served):.2f} s")
     assert [(a, b) for a, b, _ in served] == [(200, 201)] * 5
     assert max(s for _, _, s in served) < 5  # nobody else waits on the burst
     with Session() as s:
@@ -92,7 +94,7 @@ def test_a_burst_from_one_token_is_answered_fast_and_others_are_served_meanwhile
 def test_a_reader_that_never_reads_an_export_blocks_nobody(server_db):
     """Issue: an admin export left unread for 15 s made every annotator's GET /next time out."""
     url, Session, auth, cid = server_db
-    big = "w" * 20_000  # 40 items x 3 responses x 20 kB x 2 answers: a ~5 MB export, past any socket buffer
+    big = "w" * 60_000  # 40 items x 3 responses x 60 kB x 2 answers: a 14 MB export, past any socket buffer
     with Session() as s:
         items = [{"item_id": f"b{i}", "prompt": "p", "responses": [big + str(j) for j in range(3)]} for i in range(40)]
         big_cid = service.create_campaign(s, "big", items, overlap=2).id
@@ -116,29 +118,34 @@ def test_a_reader_that_never_reads_an_export_blocks_nobody(server_db):
                 timings.append(seconds)
                 assert (view.status_code, r.status_code) == (200, 201)
         assert max(timings) < 2, timings
+        print(f"export unread: 5 x GET /next + answer by another person, slowest {max(timings):.2f} s")
         # and the export, read at last, is whole and is the snapshot taken when it was asked for
         slow.settimeout(30)
-        data = b""
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        received = bytearray()
         while chunk := slow.recv(1 << 20):
-            data += chunk
-            if data.endswith(b"0\r\n\r\n"):
+            received += chunk
+            if received.endswith(b"0\r\n\r\n"):
                 break
         slow.close()
+        data = bytes(received)
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     lines = dechunk(body).decode().splitlines()
+    print(f"export read at last: {len(data) / 1e6:.1f} MB, {len(lines)} lines")
     assert len(lines) == 80 and all(json.loads(line)["campaign"] == "big" for line in lines)
 
 
 def dechunk(body: bytes) -> bytes:
-    out, rest = b"", body
-    while rest:
-        size, _, rest = rest.partition(b"\r\n")
-        n = int(size, 16)
+    """The payload of an HTTP/1.1 chunked body."""
+    out, at = bytearray(), 0
+    while True:
+        end = body.index(b"\r\n", at)
+        n = int(body[at:end], 16)
         if n == 0:
-            break
-        out, rest = out + rest[:n], rest[n + 2:]
-    return out
+            return bytes(out)
+        out += body[end + 2:end + 2 + n]
+        at = end + 2 + n + 2
 
 
 def raw_request(base: str, head: str, body: bytes = b"", read_timeout: float = 10) -> tuple[int, bytes, float]:
