@@ -201,3 +201,25 @@ def test_simulated_rounds_and_exports(tmp_path, db_url):
     ds = datasets.load_from_disk(summary["dataset"])
     assert ds.num_rows == summary["pairs"] == second["all_pairs"]
     assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+
+
+def test_campaign_name_and_open_campaign_resume_by_file_contents(db, tmp_path):
+    """The pipeline's entry points: same file contents -> same campaign; another round's file -> a new one."""
+    url, Session, p, cid = db
+    first = write_campaign(tmp_path / "round.jsonl", 4, tag="a")
+    (tmp_path / "copy").mkdir()
+    same = tmp_path / "copy" / "round.jsonl"
+    same.write_bytes(first.read_bytes())
+    assert service.campaign_name(first) == service.campaign_name(same)
+    assert service.campaign_name(first).startswith("round-")
+    with Session() as s:
+        opened = service.open_campaign(s, first, "rank", 2)
+        again = service.open_campaign(s, same, "pairwise", 1)  # found by name: made as it was the first time
+        assert (again.id, again.mode, again.overlap) == (opened.id, "rank", 2)
+        assert [c["items"] for c in service.list_campaigns(s) if c["id"] == opened.id] == [4]
+        second = service.open_campaign(s, write_campaign(tmp_path / "round.jsonl", 5, tag="b"), "rank", 1)
+        assert second.id != opened.id
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"item_id": "a", "prompt": "p", "responses": ["x", "\\u0000"]}\n')
+    with Session() as s, pytest.raises(InputError, match=r"bad.jsonl:1: field 'responses'"):
+        service.open_campaign(s, bad, "rank", 1)
