@@ -223,3 +223,19 @@ def test_campaign_name_and_open_campaign_resume_by_file_contents(db, tmp_path):
     bad.write_text('{"item_id": "a", "prompt": "p", "responses": ["x", "\\u0000"]}\n')
     with Session() as s, pytest.raises(InputError, match=r"bad.jsonl:1: field 'responses'"):
         service.open_campaign(s, bad, "rank", 1)
+
+
+def test_model_output_with_nul_is_kept_exactly(db, tmp_path):
+    """Sampled responses may hold NUL (a tiny model emits any byte): stored and exported as they were.
+    NUL stays refused where a database cannot keep it (prompts and names are text columns)."""
+    url, Session, p, cid = db
+    odd = ["a\x00b", "plain", "\x00"]
+    with Session() as s:
+        nul = service.create_campaign(s, "nul", [{"item_id": "n", "prompt": "say", "responses": odd,
+                                                  "meta": {"k\x00": "v\x00"}}])
+        view = service.next_item(s, p["ann"], nul.id)
+        service.submit_answer(s, p["ann"], nul.id, view["item"], [0, 1, 2])
+        rows = ranking_rows(s, [nul.id])
+        with pytest.raises(InputError, match="field 'prompt': must not contain NUL"):
+            service.create_campaign(s, "nul2", [{"item_id": "n", "prompt": "a\x00", "responses": ["x", "y"]}])
+    assert rows[0]["responses"] == odd

@@ -56,14 +56,15 @@ class Refused(AlignloopError):
 
 # ---- checks shared by the routes, the campaign files and the CLI ----------------------------------
 
-def text_problem(value: Any, max_chars: int) -> str | None:
-    """Why `value` cannot be stored as text (None if it can): not a string, too long, a lone
-    surrogate (no UTF-8 encoding exists) or NUL (PostgreSQL refuses it). Never quotes the value."""
+def text_problem(value: Any, max_chars: int, nul_ok: bool = False) -> str | None:
+    """Why `value` cannot be stored (None if it can): not a string, too long, a lone surrogate (no
+    UTF-8 encoding exists) or, unless `nul_ok`, NUL. PostgreSQL's text columns refuse NUL; its JSON
+    columns (responses, meta) keep it escaped, and model output may hold it. Never quotes the value."""
     if not isinstance(value, str):
         return f"expected text, got {type(value).__name__}"
     if len(value) > max_chars:
         return f"at most {max_chars} characters (got {len(value)})"
-    if "\x00" in value:
+    if not nul_ok and "\x00" in value:
         return "must not contain NUL characters"
     try:
         value.encode("utf-8")
@@ -83,11 +84,12 @@ def json_problem(value: Any, depth: int = 0) -> str | None:
     if isinstance(value, float):
         return None if math.isfinite(value) else "holds NaN or infinity"
     if isinstance(value, str):
-        return text_problem(value, MAX_META_CHARS)
+        return text_problem(value, MAX_META_CHARS, nul_ok=True)
     if isinstance(value, list):
         return next((p for p in (json_problem(v, depth + 1) for v in value) if p), None)
     if isinstance(value, dict):
-        return next((p for p in (text_problem(k, MAX_NAME) or json_problem(v, depth + 1) for k, v in value.items())
+        return next((p for p in (text_problem(k, MAX_NAME, nul_ok=True) or json_problem(v, depth + 1)
+                                 for k, v in value.items())
                      if p), None)
     return f"holds a {type(value).__name__}, which is not JSON"
 
@@ -206,7 +208,7 @@ def item_row(source: str, line: int, row: Any, mode: str) -> Item:
     if not 2 <= len(responses) <= MAX_RESPONSES:
         raise InputError(source, f"expected 2-{MAX_RESPONSES} responses, got {len(responses)}", line=line,
                          field="responses")
-    if problem := next((p for p in (text_problem(r, MAX_TEXT) for r in responses) if p), None):
+    if problem := next((p for p in (text_problem(r, MAX_TEXT, nul_ok=True) for r in responses) if p), None):
         raise InputError(source, f"each response: {problem}", line=line, field="responses")
     meta = row.get("meta") or {}
     if not isinstance(meta, dict):
