@@ -220,7 +220,7 @@ def test_campaign_name_and_open_campaign_resume_by_file_contents(db, tmp_path):
         second = service.open_campaign(s, write_campaign(tmp_path / "round.jsonl", 5, tag="b"), "rank", 1)
         assert second.id != opened.id
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"item_id": "a", "prompt": "p", "responses": ["x", "\\u0000"]}\n')
+    bad.write_text('{"item_id": "a", "prompt": "p", "responses": ["x", "\\ud800"]}\n')
     with Session() as s, pytest.raises(InputError, match=r"bad.jsonl:1: field 'responses'"):
         service.open_campaign(s, bad, "rank", 1)
 
