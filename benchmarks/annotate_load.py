@@ -1,12 +1,14 @@
 """Load test of the annotation app on loopback: N concurrent simulated people submit M answers over HTTP.
 
-The server is a real `alignloop annotate serve` (uvicorn, SQLite WAL) in its own process on
-127.0.0.1; the people are threads here, each with its own HTTP connection, answering with a
-random ranking (ties now and then). Afterwards the database is checked: every acknowledged
-answer is stored, none twice, no item over its overlap.
+The server is a real `alignloop annotate serve` (uvicorn; SQLite WAL by default, or any
+database URL given with --db) in its own process on 127.0.0.1; the people are threads here,
+each with its own HTTP connection, answering with a random ranking (ties now and then).
+Afterwards the database is checked: every acknowledged answer is stored, none twice, no item
+over its overlap (only this run's campaign is counted, so --db may hold other data).
 
     flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/annotate_load.py \
         --answers 2000 --annotators 20 --out runs/annotate_load
+    scripts/with-postgres.sh sh -c '.venv/bin/python benchmarks/annotate_load.py --db "$ALIGNLOOP_TEST_PG_URL" ...'
 
 Figures come from whatever machine runs it (ours: a shared 2-core CPU); they include the
 client threads' own time, so they understate what the server alone could do.
@@ -50,19 +52,24 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="responses per item")
     ap.add_argument("--deadline", type=float, default=300.0, help="seconds before the people stop, done or not")
     ap.add_argument("--out", type=Path, default=Path("runs/annotate_load"))
+    ap.add_argument("--db", help="database URL (default: a fresh SQLite file in --out)")
     args = ap.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    db = args.out / "load.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    url = f"sqlite:///{db}"
+    if args.db:
+        url = args.db
+    else:
+        db = args.out / "load.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+        url = f"sqlite:///{db}"
+    run = time.strftime("%Y%m%d-%H%M%S")  # names of this run's campaign and people: --db may be reused
     items = [{"item_id": f"i{i}", "prompt": f"Prompt {i}: say something about the sea.",
               "responses": [f"Response {j} to prompt {i}. " * 8 for j in range(args.k)], "meta": {}}
              for i in range(-(-args.answers // args.overlap))]
     with get_sessionmaker(url)() as s:
-        tokens = [service.create_annotator(s, f"load{n}") for n in range(args.annotators)]
-        cid = service.create_campaign(s, "load", items, overlap=args.overlap).id
+        tokens = [service.create_annotator(s, f"load{n}-{run}") for n in range(args.annotators)]
+        cid = service.create_campaign(s, f"load-{run}", items, overlap=args.overlap).id
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "alignloop", "annotate", "serve", "--db", url,
@@ -88,14 +95,14 @@ def main() -> None:
     acknowledged = sorted(a for p in people for a in p.acknowledged)
     latencies = [x for p in people for x in p.latencies]
     with get_sessionmaker(url)() as s:
-        stored = sorted(s.scalars(select(Answer.id)))
-        pairs = s.execute(select(Answer.item_pk, Answer.annotator_id)).all()
+        stored = sorted(s.scalars(select(Answer.id).where(Answer.campaign_id == cid)))
+        pairs = s.execute(select(Answer.item_pk, Answer.annotator_id).where(Answer.campaign_id == cid)).all()
     per_item: dict[int, int] = {}
     for item, _who in pairs:
         per_item[item] = per_item.get(item, 0) + 1
     most = max(per_item.values(), default=0)
     result = {
-        "annotators": args.annotators, "answers_requested": args.answers, "overlap": args.overlap, "k": args.k,
+        "database": url.split(":", 1)[0], "annotators": args.annotators, "answers_requested": args.answers, "overlap": args.overlap, "k": args.k,
         "acknowledged": len(acknowledged), "stored": len(stored),
         "lost": len(set(acknowledged) - set(stored)), "unacknowledged_stored": len(set(stored) - set(acknowledged)),
         "duplicates": len(pairs) - len(set(pairs)), "max_answers_per_item": most, "errors": errors,

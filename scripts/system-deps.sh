@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# System packages from Debian: the default corpus (fortunes) and, for the browser tests, chromium.
-# Usage: scripts/system-deps.sh [corpus] [browser]
+# System packages from Debian: the default corpus (fortunes), chromium for the browser tests, and
+# postgresql for the annotation tests' PostgreSQL runs (scripts/with-postgres.sh starts a server).
+# Usage: scripts/system-deps.sh [corpus] [browser] [postgres]
 set -euo pipefail
 need=()
 for what in "$@"; do
   case "$what" in
     corpus)  [ -d /usr/share/games/fortunes ] || [ -n "${ALIGNLOOP_FORTUNES_DIR:-}" ] || need+=(fortunes) ;;
     browser) [ -x /usr/bin/chromium ] || need+=(chromium) ;;
+    postgres) compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql) ;;
   esac
 done
 [ ${#need[@]} -eq 0 ] && exit 0

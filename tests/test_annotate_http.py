@@ -1,4 +1,5 @@
-"""HTTP routes: roles, refusals that leave the database unchanged, and concurrent answers on real uvicorn."""
+"""HTTP routes: roles, refusals that leave the database unchanged, and concurrent answers on real uvicorn
+(SQLite and PostgreSQL)."""
 
 import json
 import time
@@ -11,6 +12,8 @@ from alignloop.annotate import service
 from alignloop.annotate.app import BackgroundServer, create_app
 from alignloop.annotate.db import Base, get_sessionmaker
 from alignloop.annotate.simulate import run_http_annotators
+
+from test_annotate_service import db_url  # noqa: F401  (the SQLite / PostgreSQL fixture)
 
 
 def campaign_items(n, k=3):
@@ -109,8 +112,8 @@ def test_malformed_submissions_are_refused_and_change_nothing(setup):
     assert client.post(url, headers=auth["ann"], json={"item": item, "ranking": [0, 1, 2]}).status_code == 409
 
 
-def test_concurrent_answers_on_uvicorn_none_lost_or_duplicated(tmp_path):
-    url = f"sqlite:///{tmp_path / 'load.db'}"
+def test_concurrent_answers_on_uvicorn_none_lost_or_duplicated(db_url):  # noqa: F811
+    url = db_url
     Session = get_sessionmaker(url)
     with Session() as s:
         tokens = [service.create_annotator(s, f"sim{n}") for n in range(20)]

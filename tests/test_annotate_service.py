@@ -1,13 +1,20 @@
-"""The annotation service: exact overlap, skips, undo, round trips, simulated rounds, exports."""
+"""The annotation service: exact overlap, skips, undo, round trips, simulated rounds, exports.
+
+Every test here runs on SQLite and on PostgreSQL. PostgreSQL needs ALIGNLOOP_TEST_PG_URL, a URL
+of a server where this user may create databases (`make test` and .ci/run start one and set it);
+each test gets a fresh database there. Without it those runs skip, except in CI, where they fail.
+"""
 
 import json
+import os
 import time
+import uuid
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, make_url, select, update
 
 from alignloop.annotate import campaign_progress, service
-from alignloop.annotate.db import Annotator, Answer, Lease, get_sessionmaker
+from alignloop.annotate.db import Annotator, Answer, Lease, get_engine, get_sessionmaker, write_transaction
 from alignloop.annotate.export import ranking_rows, write_exports
 from alignloop.annotate.simulate import run_simulated_annotation
 from alignloop.errors import InputError
@@ -22,9 +29,46 @@ def write_campaign(path, n, k=3, tag="r"):
     return path
 
 
+PG_ENV = "ALIGNLOOP_TEST_PG_URL"
+
+
+def fresh_postgres_database():
+    """(url of a new empty database, a function that drops it) on the server named by ALIGNLOOP_TEST_PG_URL."""
+    base = os.environ.get(PG_ENV)
+    if not base:
+        reason = f"PostgreSQL runs need {PG_ENV} (make test starts a server and sets it)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI must run them")
+        pytest.skip(reason)
+    name = f"alignloop_test_{uuid.uuid4().hex[:12]}"
+    server = create_engine(base, isolation_level="AUTOCOMMIT")
+    with server.connect() as c:
+        c.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = make_url(base).set(database=name).render_as_string(hide_password=False)
+
+    def drop():
+        get_engine(url).dispose()
+        with server.connect() as c:
+            c.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        server.dispose()
+
+    return url, drop
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh, empty annotation database: SQLite in tmp_path, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'a.db'}"
+        return
+    url, drop = fresh_postgres_database()
+    yield url
+    drop()
+
+
 @pytest.fixture
-def db(tmp_path):
-    url = f"sqlite:///{tmp_path / 'a.db'}"
+def db(db_url, tmp_path):
+    url = db_url
     Session = get_sessionmaker(url)
     with Session() as s:
         names = ["ann", "bob", "cat"]
@@ -44,8 +88,8 @@ def test_overlap_is_exact_with_leases_and_expiry(db):
         assert service.next_item(s, p["cat"], cid)["item"] != first  # both slots leased: cat gets another
         assert service.next_item(s, p["ann"], cid)["item"] == first  # asking again returns the held item
         # bob's lease runs out: the slot returns to the pool, and bob's answer is refused if it was taken.
-        s.execute(update(Lease).where(Lease.annotator_id == p["bob"].id).values(expires=time.time() - 1))
-        s.commit()
+        with write_transaction(s):
+            s.execute(update(Lease).where(Lease.annotator_id == p["bob"].id).values(expires=time.time() - 1))
         service.submit_answer(s, p["cat"], cid, service.next_item(s, p["cat"], cid)["item"], [0, 1, 2])
         assert service.next_item(s, p["cat"], cid)["item"] == first
         with pytest.raises(service.Refused) as e:
@@ -126,13 +170,13 @@ def test_campaign_file_errors_name_line_and_field(tmp_path, db):
         service.read_campaign_file(bad)
 
 
-def test_simulated_rounds_and_exports(tmp_path):
+def test_simulated_rounds_and_exports(tmp_path, db_url):
     lf = tmp_path / "lf.py"
     lf.write_text("def length(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
     spec = f"{lf}:length"
     out = tmp_path / "out"
     first = run_simulated_annotation(write_campaign(tmp_path / "r1.jsonl", 8, k=4, tag="a"), out, spec,
-                                     annotators=3, overlap=2, noise=0.0, seed=1)
+                                     annotators=3, overlap=2, noise=0.0, seed=1, db_url=db_url)
     assert (first["items"], first["answers"], first["new_answers"]) == (8, 16, 16)
     assert first["agreement"]["pairwise"] == 1.0  # noise 0 and a deterministic label function
     rows = [json.loads(line) for line in open(first["rankings"])]
@@ -140,11 +184,12 @@ def test_simulated_rounds_and_exports(tmp_path):
     pairs = [json.loads(line) for line in open(first["preferences"])]
     assert len(pairs) == 16 * 6 and all(len(p["chosen"]) > len(p["rejected"]) for p in pairs)
 
-    again = run_simulated_annotation(tmp_path / "r1.jsonl", out, spec, annotators=3, overlap=2, noise=0.0)
+    again = run_simulated_annotation(tmp_path / "r1.jsonl", out, spec, annotators=3, overlap=2, noise=0.0,
+                                     db_url=db_url)
     assert again["campaign"] == first["campaign"] and again["new_answers"] == 0  # same file: resumed, nothing new
 
     second = run_simulated_annotation(write_campaign(tmp_path / "r2.jsonl", 5, k=2, tag="b"), out, spec,
-                                      annotators=3, overlap=1, noise=0.5, mode="pairwise", seed=2)
+                                      annotators=3, overlap=1, noise=0.5, mode="pairwise", seed=2, db_url=db_url)
     assert second["campaign"] != first["campaign"] and second["answers"] == 5
     assert sum(1 for _ in open(second["rankings"])) == 5  # this round only
     assert sum(1 for _ in open(second["all_rankings"])) == 21  # every round so far
@@ -156,3 +201,41 @@ def test_simulated_rounds_and_exports(tmp_path):
     ds = datasets.load_from_disk(summary["dataset"])
     assert ds.num_rows == summary["pairs"] == second["all_pairs"]
     assert {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+
+
+def test_campaign_name_and_open_campaign_resume_by_file_contents(db, tmp_path):
+    """The pipeline's entry points: same file contents -> same campaign; another round's file -> a new one."""
+    url, Session, p, cid = db
+    first = write_campaign(tmp_path / "round.jsonl", 4, tag="a")
+    (tmp_path / "copy").mkdir()
+    same = tmp_path / "copy" / "round.jsonl"
+    same.write_bytes(first.read_bytes())
+    assert service.campaign_name(first) == service.campaign_name(same)
+    assert service.campaign_name(first).startswith("round-")
+    with Session() as s:
+        opened = service.open_campaign(s, first, "rank", 2)
+        again = service.open_campaign(s, same, "pairwise", 1)  # found by name: made as it was the first time
+        assert (again.id, again.mode, again.overlap) == (opened.id, "rank", 2)
+        assert [c["items"] for c in service.list_campaigns(s) if c["id"] == opened.id] == [4]
+        second = service.open_campaign(s, write_campaign(tmp_path / "round.jsonl", 5, tag="b"), "rank", 1)
+        assert second.id != opened.id
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"item_id": "a", "prompt": "p", "responses": ["x", "\\ud800"]}\n')
+    with Session() as s, pytest.raises(InputError, match=r"bad.jsonl:1: field 'responses'"):
+        service.open_campaign(s, bad, "rank", 1)
+
+
+def test_model_output_with_nul_is_kept_exactly(db, tmp_path):
+    """Sampled responses may hold NUL (a tiny model emits any byte): stored and exported as they were.
+    NUL stays refused where a database cannot keep it (prompts and names are text columns)."""
+    url, Session, p, cid = db
+    odd = ["a\x00b", "plain", "\x00"]
+    with Session() as s:
+        nul = service.create_campaign(s, "nul", [{"item_id": "n", "prompt": "say", "responses": odd,
+                                                  "meta": {"k\x00": "v\x00"}}])
+        view = service.next_item(s, p["ann"], nul.id)
+        service.submit_answer(s, p["ann"], nul.id, view["item"], [0, 1, 2])
+        rows = ranking_rows(s, [nul.id])
+        with pytest.raises(InputError, match="field 'prompt': must not contain NUL"):
+            service.create_campaign(s, "nul2", [{"item_id": "n", "prompt": "a\x00", "responses": ["x", "y"]}])
+    assert rows[0]["responses"] == odd

@@ -37,6 +37,26 @@ def add_annotator(name: str, db: str = DbOpt, admin: bool = typer.Option(False, 
     _print({"name": name, "admin": admin, "token": token})
 
 
+@app.command()
+def revoke(name: str, db: str = DbOpt):
+    """Revoke a person's token: it stops working at once, their held items return to the pool, answers stay."""
+    from . import service
+    from .db import get_sessionmaker
+
+    with get_sessionmaker(db)() as s:
+        _print(service.revoke_token(s, name))
+
+
+@app.command("new-token")
+def new_token(name: str, db: str = DbOpt):
+    """Give an existing person a fresh token (the old one stops working); printed once, only its hash is kept."""
+    from . import service
+    from .db import get_sessionmaker
+
+    with get_sessionmaker(db)() as s:
+        _print({"name": name, "token": service.new_token(s, name)})
+
+
 @app.command("create-campaign")
 def create_campaign(campaign: Path, db: str = DbOpt, name: Optional[str] = None,
                     mode: str = typer.Option("rank", help="rank (all K) or pairwise (the first two responses)."),

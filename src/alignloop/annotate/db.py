@@ -1,25 +1,39 @@
-"""Tables of the annotation app and the engine that holds them.
+"""Tables of the annotation app, the engine that holds them, and the one way to write.
 
-SQLite by default (WAL, so readers never wait for the writer), any SQLAlchemy
-URL otherwise. On SQLite every transaction starts with BEGIN IMMEDIATE: it
-takes the write lock up front, so two annotators asking for work at the same
-moment are served one after the other and can never both take an item's last
-slot. Other databases get the same guarantee from a row lock on the campaign
-(`service._lock_campaign`).
+SQLite by default, any SQLAlchemy URL otherwise (PostgreSQL is tested).
+
+Reads and writes are different transactions. A read (`Session()` used as is)
+never takes a lock: on SQLite it is a deferred transaction in WAL mode, which
+reads a snapshot while a writer works, and it is opened `query_only`, so a
+write that forgot `write_transaction` fails loudly instead of racing.
+
+Every write goes through `write_transaction(s)`. On SQLite it takes this
+process's writer lock (bounded wait), then `BEGIN IMMEDIATE`, does its
+statements in the calling thread and commits and releases before it returns:
+the lock is never held across a thread hop, a network send or a client. So two
+annotators asking for work at the same moment are served one after the other
+and can never both take an item's last slot. Other databases get the same
+guarantee from a row lock on the campaign (`service.get_campaign(..., lock=True)`).
 
 Times are Unix seconds (floats): portable across databases, no time zones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import threading
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from ..errors import AlignloopError
 
 
 class Base(DeclarativeBase):
@@ -98,57 +112,124 @@ class Skip(Base):
     created: Mapped[float]
 
 
+MAX_ID = 2**63 - 1  # the largest integer every supported database stores; a bigger id names nothing
+WRITER_WAIT_S = 10.0  # a write that cannot start within this is refused (503), not queued for ever
+# Enough connections for every worker thread of the server (40) at once, so none waits for the pool.
+POOL = {"pool_size": 10, "max_overflow": 40, "pool_timeout": 10}
+WRITE_OPTION = "alignloop_write"  # connection execution option: this transaction may write
+
+
+WRITER_LOCKS: "weakref.WeakKeyDictionary[Engine, threading.Lock]" = weakref.WeakKeyDictionary()  # SQLite engines only
+
+
+class Busy(AlignloopError):
+    """The database could not take a write in time (the routes answer 503 with Retry-After)."""
+
+
+class Conflict(AlignloopError):
+    """A write collided with a concurrent one on a unique constraint (the routes answer 409)."""
+
+
 def normalize_url(db: str | Path) -> str:
     """A SQLAlchemy URL, or a plain file path meaning SQLite."""
     db = str(db)
     return db if "://" in db else f"sqlite:///{db}"
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and for :memory:)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def create_private_file(path: Path) -> None:
+    """Create `path` readable by its owner only, unless it exists (the database holds everyone's answers).
+
+    SQLite gives its -wal and -shm files the main file's permissions, so they are private too.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+
+
+def sqlite_engine(url: str) -> Engine:
+    path = sqlite_path(url)
+    if path is not None:
+        create_private_file(path)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **POOL)
+    # One writer at a time in this process, queued on a lock: SQLite's own busy handler makes
+    # waiters sleep and poll (up to 100 ms a try), which was most of the tail latency under load.
+    WRITER_LOCKS[engine] = threading.Lock()
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # sqlite3 must not BEGIN on its own; `_begin` does
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed answer survives an app crash
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn):
+        writes = bool(conn.get_execution_options().get(WRITE_OPTION))
+        # query_only makes a write outside write_transaction an error instead of an unlocked race.
+        conn.exec_driver_sql(f"PRAGMA query_only={'OFF' if writes else 'ON'}")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writes else "BEGIN")
+
+    return engine
+
+
+def writer_lock(engine: Engine) -> threading.Lock | None:
+    return WRITER_LOCKS.get(engine)
+
+
 @functools.lru_cache(maxsize=16)
 def get_engine(db: str) -> Engine:
     """One engine per URL per process (tables created on first use)."""
     url = normalize_url(db)
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-        @event.listens_for(engine, "connect")
-        def _connect(dbapi_conn, _record):
-            dbapi_conn.isolation_level = None  # sqlite3 must not BEGIN on its own; we do it below
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed answer survives an app crash
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.close()
-
-        # One writer at a time in this process, queued on a lock: SQLite's own busy handler makes
-        # waiters sleep and poll (up to 100 ms a try), which was most of the tail latency under load.
-        # The timeout only guards against a caller nesting two sessions in one thread; then SQLite's
-        # busy timeout decides as before.
-        writer = threading.Lock()
-
-        @event.listens_for(engine, "begin")
-        def _begin(conn):
-            conn.info["writer"] = writer.acquire(timeout=30)
-            try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            except Exception:  # e.g. another process held the file past the busy timeout
-                if conn.info.pop("writer", False):
-                    writer.release()
-                raise
-
-        @event.listens_for(engine, "commit")
-        @event.listens_for(engine, "rollback")
-        def _end(conn):
-            if conn.info.pop("writer", False):
-                writer.release()
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    engine = sqlite_engine(url) if url.startswith("sqlite") else create_engine(url, pool_pre_ping=True, **POOL)
+    with engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
+        Base.metadata.create_all(conn)
     return engine
 
 
 def get_sessionmaker(db: str | Path) -> sessionmaker:
     return sessionmaker(get_engine(normalize_url(db)), expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def write_transaction(s: Session) -> Iterator[Session]:
+    """One write: the writer lock (SQLite), the statements, a commit; rolled back on any error.
+
+    A read transaction still open on `s` is ended first: a write must start from the newest data,
+    and SQLite cannot turn a read snapshot into a write once another writer has committed.
+    A unique-constraint collision raises `Conflict`; a database that stays locked raises `Busy`.
+    """
+    if s.in_transaction():
+        s.commit()
+    lock = writer_lock(s.get_bind())
+    if lock is not None and not lock.acquire(timeout=WRITER_WAIT_S):
+        raise Busy("the database is busy; try again in a moment")
+    try:
+        s.connection(execution_options={WRITE_OPTION: True})
+        yield s
+        s.commit()
+    except IntegrityError:
+        s.rollback()
+        raise Conflict("this conflicts with a change made at the same moment; reload and try again") from None
+    except OperationalError as e:
+        s.rollback()
+        if "locked" in str(e).lower() or "busy" in str(e).lower():
+            raise Busy("the database is busy; try again in a moment") from None
+        raise
+    except BaseException:
+        s.rollback()
+        raise
+    finally:
+        if lock is not None:
+            lock.release()

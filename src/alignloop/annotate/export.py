@@ -16,31 +16,44 @@ An "all bad" answer is one tied group, so it yields pairs only under "half".
 
 from __future__ import annotations
 
+import json
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ..jsonl import write_jsonl
 from .agreement import groups
 from .db import Annotator, Answer, Campaign, Item
 
 PAIR_POLICIES = ("all", "best_vs_rest", "adjacent")
 TIE_POLICIES = ("drop", "half")
+ROWS_PER_FETCH = 500  # answers read from the database at a time: memory stays flat however big the export
+
+
+def iter_ranking_rows(s: Session, campaign_ids: Sequence[int] | None = None) -> Iterator[dict]:
+    """Every answer of the given campaigns (all when None), oldest first, fetched in batches.
+
+    Plain columns, not ORM objects: nothing piles up in the session however big the export.
+    """
+    q = (select(Item.prompt, Item.responses, Answer.ranking, Item.item_id, Annotator.name, Answer.all_bad,
+                Answer.shown_order, Answer.strength, Answer.reason, Answer.seconds, Campaign.name, Answer.id)
+         .join(Item, Answer.item_pk == Item.id).join(Annotator, Answer.annotator_id == Annotator.id)
+         .join(Campaign, Answer.campaign_id == Campaign.id).order_by(Answer.id)
+         .execution_options(yield_per=ROWS_PER_FETCH))
+    if campaign_ids is not None:
+        q = q.where(Answer.campaign_id.in_(list(campaign_ids)))
+    for prompt, responses, ranking, item_id, who, all_bad, order, strength, reason, seconds, campaign, answer_id \
+            in s.execute(q):
+        yield {"prompt": prompt, "responses": responses, "ranking": ranking, "item_id": item_id,
+               "annotator": who, "all_bad": all_bad, "shown_order": order, "strength": strength,
+               "reason": reason, "seconds": round(seconds, 3), "campaign": campaign, "answer_id": answer_id}
 
 
 def ranking_rows(s: Session, campaign_ids: Sequence[int] | None = None) -> list[dict]:
-    """Every answer of the given campaigns (all when None), oldest first."""
-    q = (select(Answer, Item, Annotator.name, Campaign.name)
-         .join(Item, Answer.item_pk == Item.id).join(Annotator, Answer.annotator_id == Annotator.id)
-         .join(Campaign, Answer.campaign_id == Campaign.id).order_by(Answer.id))
-    if campaign_ids is not None:
-        q = q.where(Answer.campaign_id.in_(list(campaign_ids)))
-    return [{"prompt": item.prompt, "responses": item.responses, "ranking": a.ranking, "item_id": item.item_id,
-             "annotator": who, "all_bad": a.all_bad, "shown_order": a.shown_order, "strength": a.strength,
-             "reason": a.reason, "seconds": round(a.seconds, 3), "campaign": campaign, "answer_id": a.id}
-            for a, item, who, campaign in s.execute(q)]
+    """`iter_ranking_rows` as a list (for callers that need them all at once)."""
+    return list(iter_ranking_rows(s, campaign_ids))
 
 
 def ranking_pairs(ranking: Sequence, policy: str = "all") -> list[tuple[int, int, bool]]:
@@ -61,37 +74,92 @@ def ranking_pairs(ranking: Sequence, policy: str = "all") -> list[tuple[int, int
     return [(a, b, False) for a, b in across] + [(a, b, True) for a, b in ties]
 
 
-def expand_pairs(rows: Sequence[dict], pair_policy: str = "all", tie_policy: str = "drop") -> list[dict]:
+def row_pairs(row: dict, pair_policy: str = "all", tie_policy: str = "drop") -> list[dict]:
+    """The TRL pairs of one ranking row."""
     if tie_policy not in TIE_POLICIES:
         raise ValueError(f"tie policy must be one of {TIE_POLICIES}, got {tie_policy!r}")
     out = []
-    for row in rows:
-        extra = {"item_id": row.get("item_id"), "annotator": row.get("annotator")}
-        if row.get("strength") is not None:
-            extra["margin"] = float(row["strength"])
-        for a, b, tied in ranking_pairs(row["ranking"], pair_policy):
-            r = row["responses"]
-            if not tied:
-                out.append({"prompt": row["prompt"], "chosen": r[a], "rejected": r[b], **extra})
-            elif tie_policy == "half":
-                tie = {**extra, "margin": 0.0, "tie": True}
-                out.append({"prompt": row["prompt"], "chosen": r[a], "rejected": r[b], **tie})
-                out.append({"prompt": row["prompt"], "chosen": r[b], "rejected": r[a], **tie})
+    extra = {"item_id": row.get("item_id"), "annotator": row.get("annotator")}
+    if row.get("strength") is not None:
+        extra["margin"] = float(row["strength"])
+    r = row["responses"]
+    for a, b, tied in ranking_pairs(row["ranking"], pair_policy):
+        if not tied:
+            out.append({"prompt": row["prompt"], "chosen": r[a], "rejected": r[b], **extra})
+        elif tie_policy == "half":
+            tie = {**extra, "margin": 0.0, "tie": True}
+            out.append({"prompt": row["prompt"], "chosen": r[a], "rejected": r[b], **tie})
+            out.append({"prompt": row["prompt"], "chosen": r[b], "rejected": r[a], **tie})
     return out
 
 
-def write_exports(rows: Sequence[dict], out_dir: Path, prefix: str = "", pair_policy: str = "all",
-                  tie_policy: str = "drop", dataset: bool = False) -> dict:
-    """Write `<prefix>rankings.jsonl`, `<prefix>preferences.jsonl` and (dataset=True) `<prefix>preferences/`."""
-    out_dir = Path(out_dir)
-    pairs = expand_pairs(rows, pair_policy, tie_policy)
-    paths = {"rankings": out_dir / f"{prefix}rankings.jsonl", "preferences": out_dir / f"{prefix}preferences.jsonl"}
-    write_jsonl(paths["rankings"], rows)
-    write_jsonl(paths["preferences"], pairs)
-    if dataset:
-        import datasets  # slow to import; only when asked
+def iter_pairs(rows: Iterable[dict], pair_policy: str = "all", tie_policy: str = "drop") -> Iterator[dict]:
+    for row in rows:
+        yield from row_pairs(row, pair_policy, tie_policy)
 
-        columns = ["prompt", "chosen", "rejected", "item_id", "annotator"] + (["margin"] if pairs and all("margin" in p for p in pairs) else [])
+
+def expand_pairs(rows: Iterable[dict], pair_policy: str = "all", tie_policy: str = "drop") -> list[dict]:
+    return list(iter_pairs(rows, pair_policy, tie_policy))
+
+
+def jsonl_line(row: dict) -> str:
+    return json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n"
+
+
+def snapshot_jsonl(rows: Iterable[dict]) -> IO[bytes]:
+    """Write `rows` as JSONL into an anonymous temporary file and return it rewound.
+
+    The HTTP export reads its rows inside one short read transaction into this file, closes the
+    session, and only then sends the file: a slow reader holds a file, never a lock or a connection.
+    """
+    f = tempfile.TemporaryFile()
+    try:
+        for row in rows:
+            f.write(jsonl_line(row).encode("utf-8"))
+        f.seek(0)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def write_exports(rows: Iterable[dict], out_dir: Path, prefix: str = "", pair_policy: str = "all",
+                  tie_policy: str = "drop", dataset: bool = False) -> dict:
+    """Write `<prefix>rankings.jsonl`, `<prefix>preferences.jsonl` and (dataset=True) `<prefix>preferences/`.
+
+    One pass over `rows`, written as they come: an export never has to fit in memory.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"rankings": out_dir / f"{prefix}rankings.jsonl", "preferences": out_dir / f"{prefix}preferences.jsonl"}
+    n_rows = n_pairs = 0
+    all_margins = True
+    with open(paths["rankings"], "w", encoding="utf-8") as ranks, open(paths["preferences"], "w", encoding="utf-8") as prefs:
+        for row in rows:
+            ranks.write(jsonl_line(row))
+            n_rows += 1
+            for pair in row_pairs(row, pair_policy, tie_policy):
+                prefs.write(jsonl_line(pair))
+                all_margins &= "margin" in pair
+                n_pairs += 1
+    if dataset:
         paths["dataset"] = out_dir / f"{prefix}preferences"
-        datasets.Dataset.from_dict({c: [p[c] for p in pairs] for c in columns}).save_to_disk(str(paths["dataset"]))
-    return {"rankings": len(rows), "pairs": len(pairs), **{k: str(v) for k, v in paths.items()}}
+        save_pairs_dataset(paths["preferences"], paths["dataset"], with_margin=n_pairs > 0 and all_margins)
+    return {"rankings": n_rows, "pairs": n_pairs, **{k: str(v) for k, v in paths.items()}}
+
+
+def save_pairs_dataset(pairs_jsonl: Path, out: Path, with_margin: bool) -> None:
+    """preferences.jsonl -> a `datasets.save_to_disk` directory, streamed through Arrow in batches."""
+    import datasets  # slow to import; only when asked
+
+    columns = ["prompt", "chosen", "rejected", "item_id", "annotator"] + (["margin"] if with_margin else [])
+
+    def pairs():
+        with open(pairs_jsonl, encoding="utf-8") as f:
+            for line in f:
+                pair = json.loads(line)
+                yield {c: pair[c] for c in columns}
+
+    features = datasets.Features({c: datasets.Value("float64" if c == "margin" else "string") for c in columns})
+    with tempfile.TemporaryDirectory() as cache:  # a fresh cache: never an earlier export's rows
+        datasets.Dataset.from_generator(pairs, features=features, cache_dir=cache).save_to_disk(str(out))

@@ -7,7 +7,6 @@ over HTTP, for the load test and for driving a running server.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import threading
 import time
@@ -18,7 +17,7 @@ from sqlalchemy import select
 
 from ..labelers import load_label_function, noisy_preference, noisy_ranking
 from . import service
-from .db import Annotator, Campaign, get_sessionmaker
+from .db import Annotator, get_sessionmaker
 from .export import ranking_rows, write_exports
 
 Answerer = Callable[[str, Sequence[str], random.Random], list]
@@ -49,12 +48,6 @@ def label_answerer(label_function: str = "vader", noise: float = 0.1, mode: str 
     return answer
 
 
-def _campaign_name(path: Path) -> str:
-    # Same file contents -> same campaign (a rerun resumes it); a new round's file -> a new campaign.
-    digest = hashlib.sha1(path.read_bytes()).hexdigest()[:10]
-    return f"{path.stem}-{digest}"
-
-
 def run_simulated_annotation(campaign: Path, out_dir: Path, label_function: str = "vader", annotators: int = 3,
                              overlap: int = 1, noise: float = 0.1, mode: str = "rank", seed: int = 0,
                              db_url: str | None = None) -> dict:
@@ -70,11 +63,8 @@ def run_simulated_annotation(campaign: Path, out_dir: Path, label_function: str 
     Session = get_sessionmaker(db_url)
     answer = label_answerer(label_function, noise, mode)
     with Session() as s:
-        name = _campaign_name(campaign)
-        camp = s.scalar(select(Campaign).where(Campaign.name == name))
-        if camp is None:
-            camp = service.create_campaign(s, name, service.read_campaign_file(campaign), mode, overlap,
-                                           source=str(campaign))
+        camp = service.open_campaign(s, campaign, mode, overlap)
+        name = camp.name
         people = []
         for n in range(annotators):
             who = f"sim-{n}"
