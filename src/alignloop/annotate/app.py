@@ -255,16 +255,49 @@ def file_chunks(f: IO[bytes]) -> Iterator[bytes]:
         f.close()
 
 
+def error(status: int, detail: str, extra: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=extra)
+
+
+bearer = HTTPBearer(auto_error=False, description="the sign-in token from `alignloop annotate add-annotator`")
+
+
+async def person(request: Request, _token: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Annotator:
+    who = getattr(request.state, "annotator", None)  # set by Guard, which refused a bad token already
+    if who is None:
+        raise HTTPException(401, "sign in with your token", headers={"WWW-Authenticate": "Bearer"})
+    return who
+
+
+async def admin(who: Annotated[Annotator, Depends(person)]) -> Annotator:
+    if not who.is_admin:
+        raise HTTPException(403, "admins only")
+    return who
+
+
+Person = Annotated[Annotator, Depends(person)]
+Admin = Annotated[Annotator, Depends(admin)]
+ServiceCall = Callable[..., Any]  # db(service_function, *args): one call in its own session
+
+
 def create_app(db_url: str) -> FastAPI:
     Session = get_sessionmaker(db_url)
     app = FastAPI(title="alignloop annotate", docs_url=None, redoc_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Guard, sessions=Session)
-    bearer = HTTPBearer(auto_error=False, description="the sign-in token from `alignloop annotate add-annotator`")
+    add_error_handlers(app)
 
-    def error(status: int, detail: str, extra: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"detail": detail}, status_code=status, headers=extra)
+    def db(fn: Callable[..., Any], *args: Any) -> Any:
+        """One service call in its own session, closed before the response is sent."""
+        with Session() as s:
+            return fn(s, *args)
 
+    add_annotator_routes(app, db)
+    add_admin_routes(app, db)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(service.Refused)
     async def refused(_request: Request, e: service.Refused):
         return error(e.status, str(e))
@@ -292,26 +325,26 @@ def create_app(db_url: str) -> FastAPI:
                  for err in e.errors()[:MAX_ERRORS_SHOWN]]
         return JSONResponse({"detail": shown}, status_code=422)
 
-    async def person(request: Request,
-                     _token: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Annotator:
-        who = getattr(request.state, "annotator", None)  # set by Guard, which refused a bad token already
-        if who is None:
-            raise HTTPException(401, "sign in with your token", headers={"WWW-Authenticate": "Bearer"})
-        return who
 
-    async def admin(who: Annotated[Annotator, Depends(person)]) -> Annotator:
-        if not who.is_admin:
-            raise HTTPException(403, "admins only")
-        return who
+def campaigns_with_progress(s, who: Annotator) -> list[dict]:
+    return [{**c, "progress": service.progress(s, who, c["id"])} for c in service.list_campaigns(s)]
 
-    Person = Annotated[Annotator, Depends(person)]
-    Admin = Annotated[Annotator, Depends(admin)]
 
-    def db(fn: Callable[..., Any], *args: Any) -> Any:
-        """One service call in its own session, closed before the response is sent."""
-        with Session() as s:
-            return fn(s, *args)
+def answers_for(s, who: Annotator, cid: int, name: str | None) -> list[dict]:
+    if name is None or name == who.name:
+        return service.answers_of(s, who, cid)
+    if not who.is_admin:
+        raise HTTPException(403, "you can see only your own answers")
+    return service.answers_of(s, service.find_annotator(s, name), cid)
 
+
+def export_snapshot(s, cid: int, kind: str, pair_policy: str, tie_policy: str) -> IO[bytes]:
+    service.get_campaign(s, cid)  # 404 for an unknown campaign
+    rows = iter_ranking_rows(s, [cid])
+    return snapshot_jsonl(iter_pairs(rows, pair_policy, tie_policy) if kind == "pairs" else rows)
+
+
+def add_annotator_routes(app: FastAPI, db: ServiceCall) -> None:
     @app.get("/", include_in_schema=False)
     def annotate_page():
         return FileResponse(STATIC / "annotate.html")
@@ -323,9 +356,6 @@ def create_app(db_url: str) -> FastAPI:
     @app.get("/api/me")
     async def me(who: Person):
         return {"name": who.name, "admin": who.is_admin}
-
-    def campaigns_with_progress(s, who: Annotator) -> list[dict]:
-        return [{**c, "progress": service.progress(s, who, c["id"])} for c in service.list_campaigns(s)]
 
     @app.get("/api/campaigns")
     def campaigns(who: Person):
@@ -348,20 +378,14 @@ def create_app(db_url: str) -> FastAPI:
     def undo(cid: CampaignId, who: Person):
         return db(service.undo_last, who, cid)
 
-    def answers_for(s, who: Annotator, cid: int, name: str | None) -> list[dict]:
-        if name is None or name == who.name:
-            return service.answers_of(s, who, cid)
-        if not who.is_admin:
-            raise HTTPException(403, "you can see only your own answers")
-        return service.answers_of(s, service.find_annotator(s, name), cid)
-
     @app.get("/api/campaigns/{cid}/answers")
     def answers(cid: CampaignId, who: Person,
                 annotator: Annotated[str | None, Query(max_length=service.MAX_NAME)] = None):
         """Your own answers; an admin may name anyone."""
         return db(answers_for, who, cid, annotator)
 
-    # ---- admin ----
+
+def add_admin_routes(app: FastAPI, db: ServiceCall) -> None:
     @app.post("/api/admin/campaigns", status_code=201)
     def create_campaign(body: CampaignIn, _: Admin):
         c = db(service.create_campaign, body.name, body.items, body.mode, body.overlap, body.lease_seconds,
@@ -377,11 +401,6 @@ def create_app(db_url: str) -> FastAPI:
     def stats(cid: CampaignId, _: Admin):
         return db(service.campaign_stats, cid)
 
-    def export_snapshot(s, cid: int, kind: str, pair_policy: str, tie_policy: str) -> IO[bytes]:
-        service.get_campaign(s, cid)  # 404 for an unknown campaign
-        rows = iter_ranking_rows(s, [cid])
-        return snapshot_jsonl(iter_pairs(rows, pair_policy, tie_policy) if kind == "pairs" else rows)
-
     @app.get("/api/admin/campaigns/{cid}/export")
     def export(cid: CampaignId, _: Admin, kind: Literal["rankings", "pairs"] = "rankings",
                pair_policy: Literal[PAIR_POLICIES] = "all",  # type: ignore[valid-type]
@@ -394,8 +413,6 @@ def create_app(db_url: str) -> FastAPI:
     @app.post("/api/admin/annotators", status_code=201)
     def add_annotator(body: AnnotatorIn, _: Admin):
         return {"name": body.name, "token": db(service.create_annotator, body.name, body.admin)}
-
-    return app
 
 
 def serve(db_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:
