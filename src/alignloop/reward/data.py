@@ -61,12 +61,6 @@ class PreferenceData:
         if len(self.rejected_examples) < 5:
             self.rejected_examples.append(f"{where}: {reason}")
 
-    def extend(self, other: "PreferenceData") -> None:
-        self.items += other.items
-        self.rows += other.rows
-        self.rejected.update(other.rejected)
-        self.rejected_examples += other.rejected_examples[: max(0, 5 - len(self.rejected_examples))]
-
     def summary(self) -> dict[str, Any]:
         return {
             "rows": self.rows,
