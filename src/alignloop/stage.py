@@ -148,11 +148,14 @@ def summary_path(stage: Stage, config: StageConfig) -> Path:
     return Path(config.out_dir) / f"{stage.name}_summary.json"
 
 
+OUTPUT_KEYS = ("out_dir", "out")  # where a stage writes (sample's `out`: the deprecated name of its campaign file)
+
+
 def config_fingerprint(config: StageConfig) -> str:
     """A hash of the config and of what each input path holds (output directories excluded)."""
     values = config.to_dict()
     inputs = {name: path_fingerprint(value) for name, value in sorted(values.items())
-              if name != "out_dir" and isinstance(getattr(config, name), Path)}
+              if name not in OUTPUT_KEYS and isinstance(getattr(config, name), Path)}
     payload = json.dumps({"config": values, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
