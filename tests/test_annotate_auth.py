@@ -15,7 +15,7 @@ from alignloop.annotate import service
 from alignloop.annotate.app import create_app
 from alignloop.annotate.db import get_sessionmaker
 
-from test_annotate_http import campaign_items, snapshot
+from test_annotate_http import admin_and_two_annotators, campaign_items, snapshot
 
 
 @pytest.fixture
@@ -24,8 +24,7 @@ def world(tmp_path):
     url = f"sqlite:///{tmp_path / 'auth.db'}"
     Session = get_sessionmaker(url)
     with Session() as s:
-        tokens = {"admin": service.create_annotator(s, "admin", admin=True),
-                  "ann": service.create_annotator(s, "ann"), "bob": service.create_annotator(s, "bob")}
+        tokens = admin_and_two_annotators(s)
         cid = service.create_campaign(s, "c", campaign_items(6), overlap=1).id
         ann = service.find_annotator(s, "ann")
         answered = service.next_item(s, ann, cid)["item"]

@@ -28,13 +28,18 @@ def snapshot(Session):
                 for t in Base.metadata.sorted_tables}
 
 
+def admin_and_two_annotators(s) -> dict[str, str]:
+    """Sign-in tokens of an admin ('admin') and two annotators ('ann', 'bob')."""
+    return {"admin": service.create_annotator(s, "admin", admin=True),
+            "ann": service.create_annotator(s, "ann"), "bob": service.create_annotator(s, "bob")}
+
+
 @pytest.fixture
 def setup(tmp_path):
     url = f"sqlite:///{tmp_path / 'h.db'}"
     Session = get_sessionmaker(url)
     with Session() as s:
-        tokens = {"admin": service.create_annotator(s, "admin", admin=True),
-                  "ann": service.create_annotator(s, "ann"), "bob": service.create_annotator(s, "bob")}
+        tokens = admin_and_two_annotators(s)
     client = TestClient(create_app(url))
     auth = {n: {"Authorization": f"Bearer {t}"} for n, t in tokens.items()}
     r = client.post("/api/admin/campaigns", headers=auth["admin"],

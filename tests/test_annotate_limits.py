@@ -25,7 +25,7 @@ from alignloop.annotate.cli import app as annotate_cli
 from alignloop.annotate.db import Answer, Busy, Lease, get_sessionmaker, write_transaction
 from alignloop.annotate import db as annotate_db
 
-from test_annotate_http import campaign_items, snapshot
+from test_annotate_http import admin_and_two_annotators, campaign_items, snapshot
 
 
 @pytest.fixture
@@ -34,8 +34,7 @@ def server_db(tmp_path):
     url = f"sqlite:///{tmp_path / 'srv.db'}"
     Session = get_sessionmaker(url)
     with Session() as s:
-        tokens = {"admin": service.create_annotator(s, "admin", admin=True),
-                  "ann": service.create_annotator(s, "ann"), "bob": service.create_annotator(s, "bob")}
+        tokens = admin_and_two_annotators(s)
         cid = service.create_campaign(s, "c", campaign_items(40), overlap=2).id
     auth = {n: {"Authorization": f"Bearer {t}"} for n, t in tokens.items()}
     return url, Session, auth, cid
