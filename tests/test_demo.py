@@ -235,3 +235,17 @@ def test_report_renders_in_chromium_with_every_image(tiny_run):
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
     assert shot.stat().st_size > 10_000
+
+
+def test_wiring_refuses_bad_section_values_in_one_line(tmp_path, tiny_lm_dir):
+    """Values the pipeline's wiring reads itself are checked as strictly as the configs check theirs."""
+    f, prompts = tmp_path / "p.yaml", tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Life is"}\n')
+    head = f"policy:\n  model: {tiny_lm_dir}\nsample:\n  prompts: {prompts}\n"
+    for text, message in ((f"rounds: 1000000\n{head}", r"rounds must be in \[1, 1000\]"),
+                          (f"{head}  num_prompts: lots\n", "sample.num_prompts: expected a whole number"),
+                          (f"{head}  num_prompts: 0\n", r"sample.num_prompts \(prompts per round\) must be >= 1"),
+                          (f"{head}  seed: x\n", "seed must be a whole number")):
+        f.write_text(text)
+        with pytest.raises(AlignloopError, match=message):
+            run_pipeline(load_pipeline_file(f, out=tmp_path / "o"))

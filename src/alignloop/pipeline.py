@@ -45,6 +45,7 @@ ONCE = ("pretrain", "sft")
 PER_ROUND = ("sample", "annotate", "reward", "ppo", "evaluate")
 SECTIONS = ("pretrain", "sft", "policy") + PER_ROUND
 TOP_LEVEL = ("out", "rounds")
+MAX_ROUNDS = 1000  # each round writes models and data under out/: more is a typo, not a plan
 
 
 @dataclass
@@ -136,8 +137,8 @@ def load_pipeline_file(path: Path, out: Path | None = None, rounds: int | None =
 
 def check_spec(spec: PipelineSpec) -> None:
     check_sections(spec.sections, spec.source)
-    if spec.rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {spec.rounds}")
+    if not 1 <= spec.rounds <= MAX_ROUNDS:
+        raise ConfigError(f"rounds must be in [1, {MAX_ROUNDS}], got {spec.rounds}")
     if spec.rounds > 1:
         for name in PER_ROUND:
             for key in ("out_dir", "out"):  # sample's `out` is the deprecated name of its output

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import StageConfig
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .generation import MAX_NEW_TOKENS, SamplingSettings, generate
 from .jsonl import write_jsonl
 from .modeling import check_model_dir, load_causal_lm, load_tokenizer
 from .prompts import read_prompts
-from .stage import RoundState, StageContext, log, run_stage
+from .stage import RoundState, StageContext, log, run_stage, section_number
 
 
 @dataclass
@@ -83,7 +83,10 @@ class SampleStage:
     def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
         """From the latest policy, on this round's slice of the training prompts (`num_prompts` per round)."""
         user = dict(user)
-        per_round = user.pop("num_prompts", None)
+        per_round = section_number("sample", user, "num_prompts", int, None)
+        user.pop("num_prompts", None)
+        if per_round is not None and per_round < 1:
+            raise ConfigError(f"sample.num_prompts (prompts per round) must be >= 1, got {per_round}")
         source = state.prompts("sample", "train_prompts")
         user.pop("prompts", None)
         slice_file = round_prompts(source, state.dir / "prompts.jsonl", state.round, per_round)

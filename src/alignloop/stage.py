@@ -127,6 +127,16 @@ class RoundState:
         return {"max_new_tokens": self.response_tokens}
 
 
+def section_number(stage: str, user: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    """A number a stage's wiring reads from the user's section before its config checks it."""
+    value = user.get(key, default)
+    if value is None or (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+        return value if value is None else float(value)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{stage}.{key}: expected {'a whole number' if kind is int else 'a number'}, got {value!r}")
+    return value
+
+
 class Stage(Protocol):
     name: str
     config_class: type[StageConfig]

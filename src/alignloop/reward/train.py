@@ -42,7 +42,7 @@ from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_
 from ..progress import progress
 from ..prompts import encode_prompt, encode_response, pad_right, read_prompts
 from ..splits import hash_split, shuffled_split, split_items
-from ..stage import RoundState, StageContext, run_stage, stage_checkpointer
+from ..stage import RoundState, StageContext, run_stage, section_number, stage_checkpointer
 from ..training import check_finite, model_optimizer, optimizer_step, warmup_cosine
 from .data import Preference, PreferenceData, read_preferences
 from .losses import kway_ranking_loss, pairwise_accuracy
@@ -389,7 +389,7 @@ class RewardStage:
         if state.response_tokens is not None:
             wired["normalize_max_new_tokens"] = state.response_tokens
         if "data" not in user:
-            fraction = float(user.get("held_out_fraction", RewardTrainConfig.held_out_fraction))
+            fraction = section_number("reward", user, "held_out_fraction", float, RewardTrainConfig.held_out_fraction)
             rows = read_jsonl(state.outputs["annotate"]["all_rankings"])
             wired["data"], wired["held_out_data"] = split_rankings(rows, state.dir / "reward_data", fraction)
         return {**wired, **user}
