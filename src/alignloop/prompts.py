@@ -16,6 +16,11 @@ from .errors import InputError
 from .jsonl import read_records
 
 
+# Tokens of prompt + response the training stages (SFT, reward model) keep by default: a quotation
+# and its prompt, or a chat turn; a model with a shorter context caps it at its context.
+DEFAULT_MAX_LENGTH = 192
+
+
 def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(

@@ -22,7 +22,7 @@ from .corpus import load_corpus, split_corpus
 from .errors import InputError
 from .jsonl import read_records, write_jsonl
 from .modeling import check_model_dir, load_causal_lm, load_tokenizer, model_context_length, save_model_dir
-from .prompts import encode_prompt, encode_response, pad_right
+from .prompts import DEFAULT_MAX_LENGTH, encode_prompt, encode_response, pad_right
 from .splits import shuffled_split
 from .stage import RoundState, StageContext, run_stage, stage_checkpointer
 from .tokenizer import CONTINUATION_TEMPLATE
@@ -39,7 +39,7 @@ class SFTConfig(StageConfig):
     max_response_chars: int = 280  # corpus-derived pairs: quotations short enough to finish in ~64 tokens
     prompt_words_min: int = 2
     prompt_words_max: int = 6
-    max_length: int = 192  # prompt + response tokens; longer pairs are dropped and counted
+    max_length: int | None = None  # prompt + response tokens (None: 192, or the model's context if shorter); longer pairs are dropped and counted
     batch_size: int = 32
     epochs: float = 1.0
     lr: float = 5e-4
@@ -55,6 +55,8 @@ class SFTConfig(StageConfig):
     def validate(self) -> None:
         check_model_dir(self.model)
         context = model_context_length(self.model)
+        if self.max_length is None:
+            self.max_length = min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
         self.require(context is None or self.max_length <= context,
                      f"max_length ({self.max_length}) is longer than {self.model}'s context ({context} tokens): "
                      f"set max_length <= {context}")

@@ -40,7 +40,7 @@ from ..jsonl import read_jsonl, write_jsonl
 from ..mixed_precision import MasterWeights
 from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer, model_context_length
 from ..progress import progress
-from ..prompts import encode_prompt, encode_response, pad_right, read_prompts
+from ..prompts import DEFAULT_MAX_LENGTH, encode_prompt, encode_response, pad_right, read_prompts
 from ..splits import hash_split, shuffled_split, split_items
 from ..stage import RoundState, StageContext, run_stage, section_number, stage_checkpointer
 from ..training import check_finite, model_optimizer, optimizer_step, warmup_cosine
@@ -65,7 +65,7 @@ class RewardTrainConfig(StageConfig):
     weight_decay: float = 0.0
     warmup: float = 0.05  # fraction of the optimiser steps with a linear warm-up; cosine decay after
     grad_clip: float = 1.0
-    max_length: int = 192  # tokens of prompt + response + EOS; longer items are dropped and counted
+    max_length: int | None = None  # tokens of prompt + response + EOS (None: 192, or the model's context if shorter)
     pack_width: int = 256  # pack a batch's items (prompt once + K responses) into rows this wide (0: pad instead)
     checkpoint_every: int = 100  # optimiser steps between checkpoints a killed run resumes from (0: none)
     normalize_prompts: Path | None = None  # prompts to sample reference responses from; None: the data's responses
@@ -79,6 +79,8 @@ class RewardTrainConfig(StageConfig):
     def validate(self) -> None:
         check_model_dir(self.model)
         context = model_context_length(self.model)
+        if self.max_length is None:
+            self.max_length = min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
         self.require(context is None or self.max_length <= context,
                      f"max_length ({self.max_length}) is longer than {self.model}'s context ({context} tokens): "
                      f"set max_length <= {context}")
