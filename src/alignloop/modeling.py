@@ -29,7 +29,7 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .jsonl import decode_utf8, json_type_name
 
 
@@ -192,6 +192,18 @@ def model_context_length(path: str | Path) -> int | None:
     """`context_length` of the model directory at `path` (its config.json, read without the weights)."""
     config = read_json_file(Path(path) / "config.json")
     return context_length(config) if isinstance(config, dict) else None
+
+
+def max_length_for(model: str | Path, max_length: int | None, default: int, owner: str) -> int:
+    """A training stage's token budget per item on `model`: `max_length` as given, refused when past the
+    model's context, or (None) `default` capped at that context."""
+    context = model_context_length(model)
+    if max_length is None:
+        return min(default, context or default)
+    if context is not None and max_length > context:
+        raise ConfigError(f"{owner}: max_length ({max_length}) is longer than {model}'s context ({context} tokens): "
+                          f"set max_length <= {context}")
+    return max_length
 
 
 def check_model_config(config_file: Path) -> PretrainedConfig:

@@ -21,7 +21,7 @@ from .config import StageConfig
 from .corpus import load_corpus, split_corpus
 from .errors import InputError
 from .jsonl import read_records, write_jsonl
-from .modeling import check_model_dir, load_causal_lm, load_tokenizer, model_context_length, save_model_dir
+from .modeling import check_model_dir, load_causal_lm, load_tokenizer, max_length_for, save_model_dir
 from .prompts import DEFAULT_MAX_LENGTH, encode_prompt, encode_response, pad_right
 from .splits import shuffled_split
 from .stage import RoundState, StageContext, run_stage, stage_checkpointer
@@ -54,12 +54,7 @@ class SFTConfig(StageConfig):
 
     def validate(self) -> None:
         check_model_dir(self.model)
-        context = model_context_length(self.model)
-        if self.max_length is None:
-            self.max_length = min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
-        self.require(context is None or self.max_length <= context,
-                     f"max_length ({self.max_length}) is longer than {self.model}'s context ({context} tokens): "
-                     f"set max_length <= {context}")
+        self.max_length = max_length_for(self.model, self.max_length, DEFAULT_MAX_LENGTH, type(self).__name__)
         if self.data is not None and not Path(self.data).exists():
             raise InputError(self.data, "no such data file")
         self.require(1 <= self.prompt_words_min <= self.prompt_words_max,

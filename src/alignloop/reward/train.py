@@ -38,7 +38,7 @@ from ..errors import ConfigError, InputError
 from ..generation import MAX_NEW_TOKENS, SamplingSettings, generate
 from ..jsonl import read_jsonl, write_jsonl
 from ..mixed_precision import MasterWeights
-from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer, model_context_length
+from ..modeling import check_model_dir, load_causal_lm, load_scalar_model, load_tokenizer, max_length_for
 from ..progress import progress
 from ..prompts import DEFAULT_MAX_LENGTH, encode_prompt, encode_response, pad_right, read_prompts
 from ..splits import hash_split, shuffled_split, split_items
@@ -78,12 +78,7 @@ class RewardTrainConfig(StageConfig):
 
     def validate(self) -> None:
         check_model_dir(self.model)
-        context = model_context_length(self.model)
-        if self.max_length is None:
-            self.max_length = min(DEFAULT_MAX_LENGTH, context or DEFAULT_MAX_LENGTH)
-        self.require(context is None or self.max_length <= context,
-                     f"max_length ({self.max_length}) is longer than {self.model}'s context ({context} tokens): "
-                     f"set max_length <= {context}")
+        self.max_length = max_length_for(self.model, self.max_length, DEFAULT_MAX_LENGTH, type(self).__name__)
         if self.init_from is not None:
             check_model_dir(self.init_from)
         for path in (self.data, self.held_out_data, self.normalize_prompts):
