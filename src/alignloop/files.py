@@ -8,27 +8,47 @@ rerun would parse.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, TextIO
+
+from .errors import InputError
 
 # Files larger than this are fingerprinted by size and modification time, not by content:
 # hashing a multi-GB weight file on every pipeline rerun would cost more than the check saves.
 CONTENT_HASH_LIMIT = 256 * 2**20
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[TextIO]:
+    """A text file to write `path` through: it is `path.tmp` until the block ends, then flushed to
+    disk and renamed over `path`. A failure (a bad row, a full disk, `path` a directory) removes the
+    `.tmp` and leaves `path` as it was; an OS error is one InputError line naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
+    if path.is_dir():
+        raise InputError(path, "cannot write it (it is a directory; give a file name)")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise InputError(path, f"cannot write it ({e.strerror or e})") from None
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def atomic_write_json(path: str | Path, value: Any) -> Path:

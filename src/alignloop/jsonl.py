@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import InputError
+from .files import atomic_open
 
 
 Required = dict[str, type | tuple[type, ...]]
@@ -149,24 +150,12 @@ def read_records(path: str | Path, required: Required | None = None) -> list[dic
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows (dropping private `_`-prefixed keys); returns how many were written.
 
-    Atomic: the rows go to `path.tmp`, renamed over `path` once all are written; a failure (a bad
-    row, a full disk, `path` a directory) removes the `.tmp`, so `path` is never half-written.
+    Atomic (`files.atomic_open`): the rows go to `path.tmp`, renamed over `path` once all are written,
+    so `path` is never half-written.
     """
-    path = Path(path)
     n = 0
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    if path.is_dir():
-        raise InputError(path, "cannot write it (it is a directory; give a file name)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
-                n += 1
-        tmp.replace(path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise InputError(path, f"cannot write it ({e.strerror or e})") from None
-        raise
+    with atomic_open(path) as f:
+        for row in rows:
+            f.write(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, ensure_ascii=False) + "\n")
+            n += 1
     return n
