@@ -28,7 +28,6 @@ adds one round. Each stage's time and the machine's load average are printed and
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import time

@@ -29,7 +29,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import io
-import json
 import math
 import random
 import statistics
@@ -42,6 +41,7 @@ from typing import Callable, Sequence
 
 from .config import StageConfig
 from .errors import AlignloopError, InputError
+from .files import atomic_write_json
 from .jsonl import decode_utf8, read_jsonl, read_text, write_jsonl
 from .splits import shuffled_split, split_items
 
@@ -421,7 +421,7 @@ def human_sentiment(config: HumanSentimentConfig) -> dict:
                                           "split": "held_out" if (s.domain, s.id) in held_ids else "train",
                                           "votes": s.ratings} for s in sentences))
     table = agreement_table(out / "held_out_pairs.jsonl", config.scorers)
-    (out / "agreement.json").write_text(json.dumps(table, indent=2))
+    atomic_write_json(out / "agreement.json", table)
     config.save(out)
     summary = {
         "out_dir": str(out), "archive": str(archive),

@@ -10,7 +10,6 @@ PPO's KL coefficient then means the same thing whatever the RM's raw scale.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 
 from ..device import autocast
 from ..errors import InputError
+from ..files import atomic_write_json
 from ..modeling import check_model_dir, load_scalar_model, load_tokenizer, read_json_file, use_fast_kernels
 from ..prompts import encode_prompt, encode_response, pad_right
 
@@ -67,7 +67,7 @@ class RewardModel:
         out_dir = Path(out_dir)
         self.model.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
-        (out_dir / NORMALIZATION_FILE).write_text(json.dumps({"gain": self.gain, "bias": self.bias}, indent=2))
+        atomic_write_json(out_dir / NORMALIZATION_FILE, {"gain": self.gain, "bias": self.bias})
         return out_dir
 
     @property
