@@ -53,3 +53,31 @@ def test_evaluate_policy_equal_to_reference_gives_zero_kl_and_even_win_rate(tmp_
     assert s["policy"] == s["sft"]
     assert s["policy_perplexity_under_reference"] > 1
     assert (tmp_path / "eval" / "samples.jsonl").is_file()
+
+
+def test_best_of_n_picks_the_rm_best_sample_and_reports_its_kl_bound(tmp_path, tiny_lm_dir):
+    """Best-of-4 of the reference by an RM: it beats the reference by that RM, and a gold RM scores both sides."""
+    import math
+
+    from alignloop.evaluate import best_of_n_kl
+
+    tok = load_tokenizer(tiny_lm_dir)
+    torch.manual_seed(0)
+    rm_dir, gold_dir = tmp_path / "rm", tmp_path / "gold"
+    RewardModel(init_reward_model(tiny_lm_dir), tok).save_pretrained(rm_dir)
+    RewardModel(init_reward_model(tiny_lm_dir), tok).save_pretrained(gold_dir)  # another random head
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{p} {i}"}) + "\n"
+                               for p in ["Love is", "The sky", "Never", "Why"] for i in range(4)))
+    s = evaluate(EvaluateConfig(policy=tiny_lm_dir, reference=tiny_lm_dir, reward_model=rm_dir,
+                                gold_reward_model=gold_dir, best_of_n=4, prompts=prompts, out_dir=tmp_path / "eval",
+                                max_new_tokens=8, precision="fp32"))
+    assert best_of_n_kl(1) == 0.0 and best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    # the policy is the reference itself, so the whole KL is the selection's
+    assert s["kl_to_reference_mean"] == pytest.approx(math.log(4) - 0.75, abs=1e-5)
+    assert s["best_of_n"] == 4 and s["policy"]["rm_score_mean"] > s["sft"]["rm_score_mean"]
+    assert s["win_rate_policy_over_sft"]["by_rm"] > 0.5
+    assert set(s["win_rate_policy_over_sft"]) == {"by_rm", "by_judge", "by_gold"}
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all("policy_gold" in r and "sft_gold" in r for r in rows)
+    assert s["policy"]["gold_score_mean"] == pytest.approx(sum(r["policy_gold"] for r in rows) / 16)

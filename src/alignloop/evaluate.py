@@ -6,6 +6,12 @@ judge's score of each (a label function, VADER by default, standing in for
 people), win rate of policy over SFT by the RM and by the judge (ties count
 half), KL(policy || reference) per response, response length, EOS rate, and
 the perplexity of the policy's responses under the reference (fluency).
+
+A gold reward model (`gold_reward_model`: any RM directory the policy was never trained
+against) scores both sides too: the held-out judge of Gao et al.'s over-optimisation study.
+With `best_of_n` > 1 the policy side is the best of N samples of `policy` by the reward model,
+a baseline that trains nothing; its KL to the policy it samples is log N - (N - 1) / N
+(Stiennon et al. 2020, appendix), reported in place of the measured one.
 """
 
 from __future__ import annotations
@@ -27,11 +33,16 @@ from .reward.model import RewardModel
 from .stage import RoundState, StageContext, run_stage
 
 
+MAX_BEST_OF_N = 1024  # samples per prompt held in memory at once
+
+
 @dataclass
 class EvaluateConfig(StageConfig):
     policy: Path = Path("runs/demo/policy")
     reference: Path = Path("runs/demo/sft")
     reward_model: Path = Path("runs/demo/reward_model")
+    gold_reward_model: Path | None = None  # a held-out RM never used for training the policy
+    best_of_n: int = 1  # > 1: the policy side is the RM-best of this many samples of `policy`
     prompts: Path = Path("runs/demo/sft/held_out_pairs.jsonl")
     out_dir: Path = Path("runs/demo/eval")
     judge: str = "vader"  # label function: 'vader', 'module:function' or 'file.py:function'
@@ -46,9 +57,11 @@ class EvaluateConfig(StageConfig):
     precision: str = "auto"
 
     def validate(self) -> None:
-        for path in (self.policy, self.reference, self.reward_model):
-            check_model_dir(path)
+        for path in (self.policy, self.reference, self.reward_model, self.gold_reward_model):
+            if path is not None:
+                check_model_dir(path)
         self.require(self.num_prompts >= 1, "num_prompts must be >= 1")
+        self.require(1 <= self.best_of_n <= MAX_BEST_OF_N, f"best_of_n must be in [1, {MAX_BEST_OF_N}]")
         load_label_function(self.judge)  # fail now, not after sampling
 
 
@@ -66,6 +79,23 @@ def win_rate_stderr(a: list[float], b: list[float]) -> float:
     if len(outcomes) < 2:
         return 0.0
     return statistics.stdev(outcomes) / len(outcomes) ** 0.5
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) in nats: log n - (n - 1) / n, for samples with distinct scores."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(policy, tokenizer, prompts: list[str], settings: SamplingSettings, precision: str,
+              rm: RewardModel, n: int) -> list[Completion]:
+    """For each prompt, of `n` samples of `policy`, the one the reward model scores highest (first on a tie)."""
+    candidates = generate(policy, tokenizer, [p for p in prompts for _ in range(n)], settings, precision)
+    scores = rm.score([c.prompt for c in candidates], [c.completion for c in candidates])
+    best = []
+    for i in range(len(prompts)):
+        group = range(i * n, (i + 1) * n)
+        best.append(candidates[max(group, key=lambda j: scores[j])])
+    return best
 
 
 def _side(completions: list[Completion], rm_scores: list[float], judge_scores: list[float]) -> dict:
@@ -111,12 +141,20 @@ def compare_with_reference(config: EvaluateConfig, device, precision: str) -> di
     tokenizer = load_tokenizer(config.reference)
     reference = load_causal_lm(config.reference, device, tokenizer)
     policy = load_causal_lm(config.policy, device, tokenizer)
-    ref_out = generate(reference, tokenizer, prompts, settings, precision)
-    pol_out = generate(policy, tokenizer, prompts, settings, precision)
-
     rm = RewardModel.from_pretrained(config.reward_model, device, precision)
+    ref_out = generate(reference, tokenizer, prompts, settings, precision)
+    if config.best_of_n > 1:
+        pol_out = best_of_n(policy, tokenizer, prompts, settings, precision, rm, config.best_of_n)
+    else:
+        pol_out = generate(policy, tokenizer, prompts, settings, precision)
+
     ref_rm = rm.score(prompts, [c.completion for c in ref_out])
     pol_rm = rm.score(prompts, [c.completion for c in pol_out])
+    gold = {}
+    if config.gold_reward_model is not None:
+        gold_rm = RewardModel.from_pretrained(config.gold_reward_model, device, precision)
+        gold = {"sft_gold": gold_rm.score(prompts, [c.completion for c in ref_out]),
+                "policy_gold": gold_rm.score(prompts, [c.completion for c in pol_out])}
     ref_judge = [float(s) for s in judge(prompts, [c.completion for c in ref_out])]
     pol_judge = [float(s) for s in judge(prompts, [c.completion for c in pol_out])]
 
@@ -134,16 +172,27 @@ def compare_with_reference(config: EvaluateConfig, device, precision: str) -> di
 
     write_jsonl(STAGE.outputs(config)["samples"], (
         {"prompt": p, "sft": r.completion, "policy": q.completion, "sft_rm": a, "policy_rm": b,
-         "sft_judge": c, "policy_judge": d, "kl": k}
-        for p, r, q, a, b, c, d, k in zip(prompts, ref_out, pol_out, ref_rm, pol_rm, ref_judge, pol_judge, kl)))
+         "sft_judge": c, "policy_judge": d, "kl": k, **{key: values[i] for key, values in gold.items()}}
+        for i, (p, r, q, a, b, c, d, k) in enumerate(zip(prompts, ref_out, pol_out, ref_rm, pol_rm, ref_judge,
+                                                         pol_judge, kl))))
+    by = {"by_rm": (pol_rm, ref_rm), "by_judge": (pol_judge, ref_judge)}
+    if gold:
+        by["by_gold"] = (gold["policy_gold"], gold["sft_gold"])
+    sft_side, policy_side = _side(ref_out, ref_rm, ref_judge), _side(pol_out, pol_rm, pol_judge)
+    if gold:
+        sft_side["gold_score_mean"] = statistics.fmean(gold["sft_gold"])
+        policy_side["gold_score_mean"] = statistics.fmean(gold["policy_gold"])
     return {
         "prompts": len(prompts),
-        "sft": _side(ref_out, ref_rm, ref_judge),
-        "policy": _side(pol_out, pol_rm, pol_judge),
-        "win_rate_policy_over_sft": {"by_rm": win_rate(pol_rm, ref_rm), "by_judge": win_rate(pol_judge, ref_judge)},
-        "win_rate_stderr": {"by_rm": win_rate_stderr(pol_rm, ref_rm),
-                            "by_judge": win_rate_stderr(pol_judge, ref_judge)},
-        "kl_to_reference_mean": statistics.fmean(kl),
+        "sft": sft_side,
+        "policy": policy_side,
+        "win_rate_policy_over_sft": {name: win_rate(a, b) for name, (a, b) in by.items()},
+        "win_rate_stderr": {name: win_rate_stderr(a, b) for name, (a, b) in by.items()},
+        # best-of-n b of policy pi: KL(b || ref) = E_b[log pi/ref] (measured on b's samples) + KL(b || pi)
+        "kl_to_reference_mean": statistics.fmean(kl) + (best_of_n_kl(config.best_of_n) if config.best_of_n > 1
+                                                        else 0.0),
+        "best_of_n": config.best_of_n,
         "policy_perplexity_under_reference": ppl_ref,
         "judge": config.judge,
+        "gold_reward_model": str(config.gold_reward_model) if config.gold_reward_model else None,
     }
