@@ -163,6 +163,16 @@ def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
 
 
 @app.command()
+def compare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+            out_dir: Optional[Path] = typer.Option(None, help="Where compare.json, compare.html and every run go.")):
+    """PPO, GRPO, RLOO, REINFORCE++, DPO and best-of-N on the same SFT model, RM and prompts, at several KL budgets."""
+    from .compare import CompareConfig, compare as run
+
+    summary = run(CompareConfig.load(config, set_ or [], out_dir=out_dir))
+    print_summary({"out_dir": summary["out_dir"], "winners": summary["winners"]})
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Where everything goes (a rerun resumes)."),
          rounds: int = typer.Option(1, help="Rounds of sample -> annotate -> reward -> PPO -> evaluate."),
          human: bool = typer.Option(False, help="People rank in the annotation app instead of simulated ones."),

@@ -149,6 +149,26 @@ def plot_eval_frontier(path: Path, sft_point: tuple[float, float], policy_points
     return save_figure(fig, path)
 
 
+def plot_frontiers(path: Path, fronts: dict[str, list[dict[str, Any]]], y: str, y_err: str | None,
+                   ylabel: str) -> Path:
+    """One line per method through its points (KL to the SFT model, `y`), with error bars where given."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.0), dpi=100)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    for method, points in fronts.items():
+        points = sorted((p for p in points if y in p), key=lambda p: p["kl"])
+        if not points:
+            continue
+        xs, ys = [p["kl"] for p in points], [p[y] for p in points]
+        errors = [p[y_err] for p in points] if y_err else None
+        ax.errorbar(xs, ys, yerr=errors, marker="o", ms=4, capsize=3, label=method)
+    ax.set_xlabel("KL(method || SFT), nats / response (held-out prompts)")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title("Win rate over the SFT model vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>(none)</p>"
@@ -201,13 +221,15 @@ th{background:#f3f3f3} img{max-width:48%;margin:.3em;border:1px solid #eee;verti
 """
 
 
-def write_report(out_dir: Path, report: dict[str, Any], images: list[Path], examples: list[dict[str, Any]]) -> tuple[Path, Path]:
-    """report.json with every figure; report.html to read them. Images are linked relative to out_dir."""
+def write_report(out_dir: Path, report: dict[str, Any], images: list[Path], examples: list[dict[str, Any]],
+                 name: str = "report") -> tuple[Path, Path]:
+    """<name>.json with every figure; <name>.html to read them. Images are linked relative to out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "report.json"
+    json_path = out_dir / f"{name}.json"
     atomic_write_json(json_path, report)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>alignloop report</title><style>{STYLE}</style></head><body>",
-             "<h1>alignloop report</h1>"]
+    title = "alignloop report" if name == "report" else f"alignloop {name}"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style></head><body>",
+             f"<h1>{title}</h1>"]
     plots_html = ""
     if images:
         plots_html = "<h2>Plots</h2>" + "".join(
@@ -235,7 +257,7 @@ def write_report(out_dir: Path, report: dict[str, Any], images: list[Path], exam
         parts.append("<h2>Configs</h2><details><summary>every stage's config, as run</summary><pre>"
                      + html.escape(json.dumps(report["configs"], indent=2, default=str)) + "</pre></details>")
     parts.append("</body></html>")
-    html_path = out_dir / "report.html"
+    html_path = out_dir / f"{name}.html"
     atomic_write_text(html_path, "\n".join(parts))
     return json_path, html_path
 
