@@ -156,13 +156,15 @@ def test_training_raises_the_reward_accuracy_and_writes_a_plain_hf_directory(who
     assert rows[-1]["eval_reward_accuracy"] == summary["held_out_reward_accuracy"]
 
 
-def test_killed_run_resumes_to_the_same_model(whole, tmp_path, capfd):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_killed_run_resumes_to_the_same_model(tiny_lm_dir, data_file, tmp_path, capfd, precision):
     """SIGKILL right after the first checkpoint (a forked process: no second start-up), then rerun."""
     from alignloop.checkpoint import Checkpointer
     from alignloop.dpo import DPOConfig, train_dpo
 
-    summary, config_file = whole
-    values = {**yaml.safe_load(config_file.read_text()), "out_dir": str(tmp_path / "killed")}
+    values = dpo_config(tiny_lm_dir, data_file, tmp_path / "whole", epochs=1, precision=precision)
+    whole = train_dpo(DPOConfig(**values))
+    values["out_dir"] = str(tmp_path / "killed")
 
     def killed_after_first_checkpoint() -> None:
         save = Checkpointer.save
@@ -179,16 +181,17 @@ def test_killed_run_resumes_to_the_same_model(whole, tmp_path, capfd):
     child.join(120)
     assert child.exitcode == -signal.SIGKILL
     assert (tmp_path / "killed" / "checkpoint" / "state.pt").is_file()
+    capfd.readouterr()
     resumed = train_dpo(DPOConfig(**values))
     assert "resuming from" in capfd.readouterr().err
-    assert resumed["resumed_from_step"] == 10
+    assert resumed["resumed_from_step"] == 10 and whole["steps"] > 10
 
-    a, b = (load_file(str(Path(d) / "model.safetensors")) for d in (summary["out_dir"], tmp_path / "killed"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "whole", tmp_path / "killed"))
+    assert a.keys() == b.keys() and all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)
     timing = {"seconds", "seconds_reference", "seconds_train", "seconds_eval", "pairs_per_second", "fingerprint",
               "out_dir", "resumed_from_step"}
-    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in summary.items() if k not in timing}
-    metrics = [(Path(d) / "metrics.jsonl").read_text() for d in (summary["out_dir"], tmp_path / "killed")]
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in whole.items() if k not in timing}
+    metrics = [(d / "metrics.jsonl").read_text() for d in (tmp_path / "whole", tmp_path / "killed")]
     assert metrics[0] == metrics[1]  # every step once, with the same figures
 
 

@@ -374,7 +374,9 @@ def fit_dpo(config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
     checkpointer = stage_checkpointer(config, ctx)
     state = checkpointer.load(device) if config.resume else None
     if state is not None:
-        reference, reference_seconds = state["reference"], state["reference_seconds"]
+        # On the CPU, where the reference pass keeps them (the checkpoint loads onto the training device).
+        reference = {split: logps.cpu() for split, logps in state["reference"].items()}
+        reference_seconds = state["reference_seconds"]
     else:  # the model is still the SFT model: its log-probs are the reference's, computed once
         started = time.perf_counter()
         reference = {"train": scorer.logprobs(model, train_pairs)}
