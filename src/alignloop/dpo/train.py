@@ -40,7 +40,6 @@ from ..device import autocast
 from ..errors import InputError
 from ..jsonl import read_jsonl
 from ..logprobs import token_logprobs
-from ..metrics import MetricsLogger
 from ..modeling import check_model_dir, load_causal_lm, load_tokenizer, max_length_for, save_model_dir
 from ..prompts import DEFAULT_MAX_LENGTH, pad_right
 from ..reward.data import Preference
@@ -280,7 +279,7 @@ def tail_mean(values: list[float], n: int = 20) -> float | None:
 
 def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pairs: list[EncodedItem],
              held_pairs: list[EncodedItem], reference: dict[str, torch.Tensor], reference_seconds: float,
-             state: dict | None, checkpointer: Checkpointer, logger_for: Any, progress: Any) -> tuple[TrainingRun, int]:
+             state: dict | None, checkpointer: Checkpointer, ctx: StageContext) -> tuple[TrainingRun, int]:
     """The loop: shuffled micro-batches of pairs, the preference loss, one optimiser step per accumulation.
 
     Returns the run and the step it resumed at. The micro-batches are drawn from a generator seeded
@@ -308,9 +307,9 @@ def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pa
         run, first = TrainingRun(**state["run"]), state["step"]
         for _ in range(first * config.gradient_accumulation_steps):
             next(batches)
-    logger: MetricsLogger = logger_for(first)
+    logger = ctx.metrics(config.out_dir, config.tensorboard, resume_step=first)
     model.eval()  # dropout off; gradients still flow
-    bar = progress(total=total_steps, initial=first, desc=config.loss)
+    bar = ctx.progress(total=total_steps, initial=first, desc=config.loss)
     for step in range(first, total_steps):
         started = time.perf_counter()
         micro = [next(batches) for _ in range(config.gradient_accumulation_steps)]
@@ -383,8 +382,7 @@ def fit_dpo(config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
         reference_seconds = time.perf_counter() - started
         reference["held_out"] = scorer.logprobs(model, held_pairs)
     run, resumed_from = optimise(config, model, scorer, train_pairs, held_pairs, reference, reference_seconds, state,
-                                 checkpointer, lambda first: ctx.metrics(config.out_dir, config.tensorboard, first),
-                                 ctx.progress)
+                                 checkpointer, ctx)
     save_model_dir(model, tokenizer, config.out_dir)
     checkpointer.remove()
     held = run.held_out or {}
