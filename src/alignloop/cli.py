@@ -148,6 +148,19 @@ def ppo(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
 
 
 @app.command()
+def dpo(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+        model: Optional[Path] = typer.Option(None, help="SFT model: the policy starts here; frozen, it is the reference."),
+        data: Optional[Path] = typer.Option(None, help="Preference pairs and/or rankings (a file or a directory)."),
+        out_dir: Optional[Path] = typer.Option(None, help="Where the policy directory goes."),
+        loss: Optional[str] = typer.Option(None, help="dpo or ipo."),
+        beta: Optional[float] = typer.Option(None, help="DPO's beta (IPO's tau).")):
+    """DPO or IPO on preferences, from the SFT model: no reward model, no sampling."""
+    from .dpo import DPOConfig, train_dpo as run
+
+    run_command(DPOConfig, run, config, set_, model=model, data=data, out_dir=out_dir, loss=loss, beta=beta)
+
+
+@app.command()
 def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
              policy: Optional[Path] = typer.Option(None, help="The trained policy directory."),
              reference: Optional[Path] = typer.Option(None, help="The SFT (reference) model directory."),
