@@ -21,7 +21,11 @@ def setting(tmp_path_factory, tiny_lm_dir, fortunes):
     for name, chunk in (("train", fortunes[:40]), ("held", fortunes[40:52])):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": " ".join(d.split()[:4])}) + "\n"
                                                     for d in chunk))
-    return dict(sft=tiny_lm_dir, reward_model=root / "rm", prompts=root / "train.jsonl",
+    (root / "prefs.jsonl").write_text("".join(
+        json.dumps({"prompt": " ".join(d.split()[:4]), "chosen": " good and kind", "rejected": " bad and cruel"}) + "\n"
+        for d in fortunes[:48]))
+    return dict(sft=tiny_lm_dir, reward_model=root / "rm", prompts=root / "train.jsonl", preferences=root / "prefs.jsonl",
+                dpo={"batch_size": 8, "precision": "fp32", "device": "cpu", "checkpoint_every": 0},
                 held_out_prompts=root / "held.jsonl", num_prompts=12,
                 online=dict(steps=2, batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8,
                             precision="fp32", device="cpu", checkpoint_every=0),
@@ -30,17 +34,19 @@ def setting(tmp_path_factory, tiny_lm_dir, fortunes):
 
 @pytest.mark.slow
 def test_compare_runs_each_method_at_each_budget_and_reuses_them(setting, tmp_path):
-    cfg = CompareConfig(**setting, out_dir=tmp_path / "cmp", methods=["ppo", "grpo", "best_of_n"],
-                        kl_budgets=[1.0, 50.0], best_of_n=[1, 4])
+    cfg = CompareConfig(**setting, out_dir=tmp_path / "cmp", methods=["ppo", "grpo", "dpo", "best_of_n"],
+                        kl_budgets=[1.0, 50.0], dpo_betas=[0.1], best_of_n=[1, 4])
     result = compare(cfg)
     rows = result["runs"]
-    assert [(r["method"], r["budget"]) for r in rows] == [("ppo", "kl1"), ("ppo", "kl50"), ("grpo", "kl1"),
-                                                          ("grpo", "kl50"), ("best_of_n", "n1"), ("best_of_n", "n4")]
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("ppo", "kl1"), ("ppo", "kl50"), ("grpo", "kl1"), ("grpo", "kl50"), ("dpo", "beta0.1"), ("best_of_n", "n1"),
+        ("best_of_n", "n4")]
     trained = [r for r in rows if r["method"] != "best_of_n"]
     assert all(r["train_seconds"] > 0 and r["peak_rss_mb"] > 50 for r in trained)  # each its own process
-    bon1 = rows[4]
+    assert rows[4]["kl"] > 0  # DPO moved the policy away from the SFT model
+    bon1 = rows[5]
     assert bon1["kl"] == pytest.approx(0.0, abs=1e-5) and bon1["judge_win"] == 0.5  # N = 1 is the SFT model
-    assert rows[5]["rm_win"] > 0.5  # the RM-best of 4 beats a single sample by that RM
+    assert rows[6]["rm_win"] > 0.5  # the RM-best of 4 beats a single sample by that RM
     out = tmp_path / "cmp"
     assert (out / "compare.html").is_file() and (out / "plots" / "judge_win_vs_kl.png").is_file()
     saved = json.loads((out / "compare.json").read_text())
