@@ -13,9 +13,13 @@ from alignloop.ppo.losses import (
     clipped_value_loss,
     entropy_from_logits,
     gae,
+    group_normalized_advantages,
     kl_penalty,
+    leave_one_out_advantages,
     masked_mean,
     ppo_policy_loss,
+    returns_to_go,
+    sequence_rewards,
     token_rewards,
     whiten,
 )
@@ -166,3 +170,33 @@ def test_policy_loss_ratio_max_ignores_weights_but_the_sum_uses_them():
     loss, stats = ppo_policy_loss(logp, old, adv, t([0.5, 0.5]), cliprange=0.2)
     assert float(stats["ratio_max"]) == pytest.approx(math.e)
     assert float(loss) == pytest.approx(0.5 * -1.2 + 0.5 * -1.0)  # min(r*A, clip(r)*A) per token, weighted
+
+
+def test_sequence_rewards_sum_the_score_and_the_kl_penalty_over_real_tokens():
+    rewards, mask = t([-0.1, -0.2, 1.7], [-0.5, 2.0, 9.0]), t([1, 1, 1], [1, 1, 0])
+    assert torch.allclose(sequence_rewards(rewards, mask), t(1.4, 1.5))
+
+
+def test_grpo_advantages_centre_each_group_and_scale_by_its_unbiased_std():
+    rewards = t(1.0, 3.0, 5.0, 5.0)  # two prompts, two responses each
+    # group 1: mean 2, unbiased std sqrt(((1-2)^2 + (3-2)^2) / 1) = sqrt(2); group 2 has nothing to learn
+    expected = 1 / (math.sqrt(2) + 1e-4)
+    assert torch.allclose(group_normalized_advantages(rewards, 2), t(-expected, expected, 0.0, 0.0))
+    # Dr. GRPO: centred only
+    assert torch.equal(group_normalized_advantages(rewards, 2, scale_by_std=False), t(-1.0, 1.0, 0.0, 0.0))
+
+
+def test_rloo_advantage_is_the_reward_minus_the_mean_of_the_others():
+    rewards = t(1.0, 2.0, 6.0, 0.0, 0.0, 3.0)
+    # 1 - (2+6)/2 = -3 ; 2 - (1+6)/2 = -1.5 ; 6 - (1+2)/2 = 4.5 ; 0 - 1.5 ; 0 - 1.5 ; 3 - 0
+    assert torch.allclose(leave_one_out_advantages(rewards, 3), t(-3.0, -1.5, 4.5, -1.5, -1.5, 3.0))
+    # the same as K/(K-1) * (r - group mean)
+    assert torch.allclose(leave_one_out_advantages(rewards, 3),
+                          1.5 * (rewards.view(2, 3) - rewards.view(2, 3).mean(1, keepdim=True)).reshape(-1))
+
+
+def test_returns_to_go_sum_what_follows_each_token_and_stop_at_the_response_end():
+    rewards, mask = t([1.0, 2.0, 3.0], [4.0, 5.0, 7.0]), t([1, 1, 1], [1, 1, 0])
+    assert torch.equal(returns_to_go(rewards, mask), t([6.0, 5.0, 3.0], [9.0, 5.0, 0.0]))
+    # gamma 0.5: 3 ; 2 + 0.5 * 3 = 3.5 ; 1 + 0.5 * 3.5 = 2.75
+    assert torch.allclose(returns_to_go(rewards, mask, gamma=0.5)[0], torch.tensor([2.75, 3.5, 3.0]))

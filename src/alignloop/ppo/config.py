@@ -1,4 +1,4 @@
-"""PPOConfig: every PPO-RLHF knob in one flat dataclass, checked before any model loads."""
+"""PPOConfig: every knob of PPO and of the critic-free methods on its loop, in one flat dataclass, checked before any model loads."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from pathlib import Path
 from ..config import StageConfig
 from ..errors import InputError
 from ..generation import MAX_NEW_TOKENS
+from .algorithms import ALGORITHMS
 from .losses import LOSS_AGGREGATIONS
 from ..modeling import check_model_dir
+
+
+CRITICS = ("auto", "separate", "value_head", "none")
 
 
 @dataclass
@@ -43,10 +47,12 @@ class PPOConfig(StageConfig):
     reward_clip: float | None = 10.0  # clip scores to [-c, c] before the KL term
 
     # -- advantages and losses ---------------------------------------------------------
-    advantage_estimator: str = "gae"  # see ppo.experience.ADVANTAGE_ESTIMATORS
+    # 'ppo' (GAE against a critic), or critic-free: 'grpo', 'rloo', 'reinforce_pp' (ppo.algorithms).
+    algorithm: str = "ppo"
+    group_std_normalize: bool = True  # grpo: divide by the group's std (Shao et al.); False: Dr. GRPO (Liu et al.)
     gamma: float = 1.0  # no discount: the score arrives once, at the end
     lam: float = 0.95
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # ppo (GAE); reinforce_pp always whitens, grpo and rloo baseline by group
     loss_aggregation: str = "token_mean"  # or 'sequence_mean': every response weighs the same (losses.aggregation_weights)
     kl_loss_coef: float = 0.0  # > 0: also a k3 KL(policy || reference) term in the loss (GRPO); kl_coef is the reward's
     cliprange: float = 0.2
@@ -64,7 +70,9 @@ class PPOConfig(StageConfig):
     weight_decay: float = 0.0
 
     # -- critic ------------------------------------------------------------------------------
-    critic: str = "separate"  # 'separate' (own model, init from the RM) or 'value_head' (on the policy trunk)
+    # 'separate' (own model, init from the RM), 'value_head' (on the policy trunk), 'none';
+    # 'auto': 'separate' for ppo, 'none' for the critic-free algorithms.
+    critic: str = "auto"
     critic_warmup_steps: int = 0  # first steps train the critic only, so early advantages are not noise
 
     # -- memory ----------------------------------------------------------------------------
@@ -108,10 +116,7 @@ class PPOConfig(StageConfig):
           f"({self.gradient_accumulation_steps})")
         r(self.samples_per_prompt >= 1 and self.batch_size % self.samples_per_prompt == 0,
           f"batch_size ({self.batch_size}) must be a multiple of samples_per_prompt ({self.samples_per_prompt})")
-        from .experience import ADVANTAGE_ESTIMATORS
-
-        r(self.advantage_estimator in ADVANTAGE_ESTIMATORS,
-          f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}, got '{self.advantage_estimator}'")
+        self.validate_algorithm()
         r(self.loss_aggregation in LOSS_AGGREGATIONS,
           f"loss_aggregation must be one of {', '.join(LOSS_AGGREGATIONS)}, got '{self.loss_aggregation}'")
         r(self.kl_loss_coef >= 0, "kl_loss_coef must be >= 0")
@@ -125,7 +130,6 @@ class PPOConfig(StageConfig):
         r(self.cliprange > 0 and self.cliprange_value > 0, "cliprange and cliprange_value must be > 0")
         r(self.ppo_epochs >= 1, "ppo_epochs must be >= 1")
         r(self.lr > 0 and (self.critic_lr is None or self.critic_lr > 0), "lr and critic_lr must be > 0")
-        r(self.critic in ("separate", "value_head"), f"critic must be 'separate' or 'value_head', got '{self.critic}'")
         r(self.critic_warmup_steps >= 0 and self.critic_warmup_steps < self.steps,
           "critic_warmup_steps must be in [0, steps)")
         r(self.lora_r >= 0, "lora_r must be >= 0 (0 trains all weights)")
@@ -137,6 +141,29 @@ class PPOConfig(StageConfig):
           "choose one of missing_eos_penalty and mask_truncated (set missing_eos_penalty: null to mask)")
         r(self.checkpoint_every >= 0 and self.sample_every >= 1 and self.log_every >= 1,
           "checkpoint_every must be >= 0; sample_every and log_every >= 1")
+
+    def validate_algorithm(self) -> None:
+        r = self.require
+        r(self.algorithm in ALGORITHMS, f"algorithm must be one of {', '.join(ALGORITHMS)}, got '{self.algorithm}'")
+        r(self.critic in CRITICS, f"critic must be one of {', '.join(CRITICS)}, got '{self.critic}'")
+        algorithm = ALGORITHMS[self.algorithm]
+        if algorithm.learns_critic:
+            r(self.critic != "none", f"algorithm '{self.algorithm}' learns a critic: critic must not be 'none'")
+        else:
+            r(self.critic in ("auto", "none"),
+              f"algorithm '{self.algorithm}' has no critic: drop critic: {self.critic} (or use algorithm: ppo)")
+            r(self.value_model is None and self.critic_warmup_steps == 0,
+              f"algorithm '{self.algorithm}' has no critic: value_model and critic_warmup_steps do not apply")
+        r(self.samples_per_prompt >= algorithm.min_group,
+          f"algorithm '{self.algorithm}' compares responses to the same prompt: samples_per_prompt must be "
+          f">= {algorithm.min_group}, got {self.samples_per_prompt}")
+
+    @property
+    def critic_type(self) -> str:
+        """'separate', 'value_head' or 'none', with 'auto' resolved by the algorithm."""
+        if self.critic != "auto":
+            return self.critic
+        return "separate" if ALGORITHMS[self.algorithm].learns_critic else "none"
 
     @property
     def micro_batch_size(self) -> int:

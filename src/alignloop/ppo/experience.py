@@ -6,7 +6,7 @@ policy and critic forwards the first update can reuse):
   2. score    - old log-probs and values, reference log-probs, RM score at each response's last token;
   3. reward   - score (EOS penalty, optional whitening and clip) at the last token, minus
                 beta * KL(policy || reference) at every token;
-  4. advantages - the configured estimator (`ADVANTAGE_ESTIMATORS`) over the per-token rewards.
+  4. advantages - the `algorithm`'s estimator (ppo.algorithms) over the per-token rewards.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
 from ..rollout import TokenBatch, finished_rows, left_pad, sample_responses
 from .config import PPOConfig
 from .kl_control import KLController
-from .losses import gae, kl_penalty, token_rewards, whiten
+from .algorithms import ALGORITHMS
+from .losses import kl_penalty, token_rewards, whiten
 from .models import RLModels
 
 # Shuffles of the prompt order: pass `epoch` over the prompts uses Random(seed * PROMPT_ORDER_STRIDE + epoch).
@@ -37,7 +36,7 @@ class Experience:
     mask: torch.Tensor  # response tokens that take part in the update (response mask, minus masked truncations)
     logprobs: torch.Tensor  # log pi_old(token), at the sampling temperature
     ref_logprobs: torch.Tensor  # log pi_ref(token)
-    values: torch.Tensor  # V_old(s_t), the critic before choosing token t
+    values: torch.Tensor  # V_old(s_t), the critic before choosing token t (0 without a critic)
     raw_scores: torch.Tensor  # (B,) RM scores, normalised by the RM's gain and bias
     scores: torch.Tensor  # (B,) after EOS penalty, whitening and clipping: what the policy is paid
     kl: torch.Tensor  # per-token KL estimate, 0 outside `mask`
@@ -53,28 +52,13 @@ class Experience:
         return self.batch.responses.shape[0]
 
 
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                   config: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's estimator: GAE(gamma, lambda) against the critic, whitened over the batch's tokens."""
-    advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
-    if config.whiten_advantages:
-        advantages = whiten(advantages, mask)
-    return advantages, returns
-
-
-# The seam for other policy-gradient methods: each maps (per-token rewards, values, mask, config)
-# to (advantages, returns) of the same shape.
-AdvantageEstimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PPOConfig], tuple[torch.Tensor, torch.Tensor]]
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {"gae": gae_advantages}
-
-
 class ExperienceMaker:
     def __init__(self, models: RLModels, config: PPOConfig, prompt_ids: list[list[int]],
                  generator: torch.Generator, kl_ctl: KLController):
         self.models, self.config, self.prompt_ids = models, config, prompt_ids
         self.generator = generator  # sampling draws (the update's shuffles share it)
         self.kl_ctl = kl_ctl
-        self.estimate_advantages = ADVANTAGE_ESTIMATORS[config.advantage_estimator]
+        self.estimate_advantages = ALGORITHMS[config.algorithm].estimate_advantages
         self.seconds = {"generation": 0.0, "scoring": 0.0}
 
     def step_prompts(self, step: int) -> list[int]:

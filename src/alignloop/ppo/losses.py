@@ -92,6 +92,58 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
+def sequence_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each response's total reward, (B, T) -> (B,): its score minus beta times its whole KL.
+
+    The critic-free methods judge a response as one action, so the per-token KL penalty
+    becomes a sequence-level one (RLOO, Ahmadian et al. 2024; GRPO with the KL in the reward).
+    """
+    return (rewards * mask).sum(dim=1)
+
+
+def group_normalized_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                                eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage (Shao et al. 2024): each reward minus its group's mean, over the group's std.
+
+    rewards (B,), groups of `group_size` consecutive rows (one prompt's responses). The std is
+    the unbiased one, as GRPO's reference code takes it. scale_by_std=False is Dr. GRPO (Liu et
+    al. 2025): dividing by the std weighs prompts whose responses barely differ the most, a bias
+    towards too-easy and too-hard prompts. A group whose rewards are all equal teaches nothing (0).
+    """
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage (Kool et al. 2019; Ahmadian et al. 2024): each reward minus the mean of the others.
+
+    rewards (B,), groups of `group_size` >= 2 consecutive rows. The baseline leaves the response's
+    own reward out, so it is independent of the action and the estimate stays unbiased;
+    r_i - mean_{j != i} r_j = K / (K - 1) * (r_i - mean_j r_j).
+    """
+    groups = rewards.view(-1, group_size)
+    others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).reshape(-1)
+
+
+def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = sum_{s >= t} gamma^(s - t) r_s over each response's real tokens: (B, T), 0 on padding.
+
+    REINFORCE++'s per-token return (Hu 2025): with the score at the last token and -beta * KL at
+    every token, token t is credited with the score and the KL of what follows it.
+    """
+    rewards = rewards * mask
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (rewards[:, t] + gamma * running) * mask[:, t]
+        out[:, t] = running
+    return out
+
+
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, summed over the masked tokens (the caller divides).

@@ -49,12 +49,14 @@ class RLModels:
     temperature: float
 
     @property
-    def critic_module(self) -> torch.nn.Module:
+    def critic_module(self) -> torch.nn.Module | None:
+        """The learnt value function (a model or a head); None for the critic-free algorithms."""
         return self.critic if self.critic is not None else self.value_head
 
     def trained(self) -> dict[str, torch.nn.Module]:
         """The trained modules by role: what a checkpoint holds."""
-        return {"policy": self.policy, "critic": self.critic_module}
+        critic = {"critic": self.critic_module} if self.critic_module is not None else {}
+        return {"policy": self.policy, **critic}
 
     # -- forwards ----------------------------------------------------------------------------------
     def policy_logprobs(self, batch: TokenBatch, with_hidden: bool = False):
@@ -84,10 +86,12 @@ class RLModels:
         return token_logprobs(logits, batch.responses, self.temperature)
 
     def critic_values(self, batch: TokenBatch, policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
-        """V(s_t) for each response position t: (B, R) fp32."""
+        """V(s_t) for each response position t: (B, R) fp32; zeros with no critic."""
         if self.critic is not None:
             return scalar_head_outputs(self.critic, batch, self.precision)[:, :-1]
-        return self.value_head.score(policy_hidden.float()).squeeze(-1)
+        if self.value_head is not None:
+            return self.value_head.score(policy_hidden.float()).squeeze(-1)
+        return torch.zeros(batch.responses.shape, device=batch.responses.device)
 
     def reward_scores(self, batch: TokenBatch) -> torch.Tensor:
         """(B,) RM scores at each response's last token, normalised by the RM's gain and bias."""
@@ -117,11 +121,11 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
     # and gradient checkpointing only works in train mode.
     policy = disable_dropout(policy)
     critic, value_head = None, None
-    if c.critic == "separate":
+    if c.critic_type == "separate":
         critic = load_scalar_model(c.value_model or c.reward_model)
         critic.config.pad_token_id = tokenizer.pad_token_id
         critic = disable_dropout(critic.to(device))
-    else:
+    elif c.critic_type == "value_head":
         value_head = ValueHead(policy.config.hidden_size).to(device)
     # bf16: the models compute with bf16 matmul weights they hold, the optimiser steps fp32 masters
     # (mixed_precision.py: the same numbers as autocast without its per-forward weight casts and

@@ -1,7 +1,11 @@
 """Stage 4: PPO against the reward model, with a per-token KL penalty to the SFT model.
 
+The same loop runs the critic-free methods (GRPO, RLOO, REINFORCE++): `algorithm` picks the
+advantage estimator (algorithms.py) and whether a critic is learnt at all.
+
 The three parts, as OpenRLHF separates them:
-  experience.py  prompts -> rollout -> scores, reference log-probs, values, rewards, advantages;
+  experience.py  prompts -> rollout -> scores, reference log-probs, values, rewards, advantages
+                 (algorithms.py: the estimator per method);
   update.py      `ppo_epochs` passes of clipped policy + value losses over that experience;
   trainer.py     (this file) the loop: step, log, adapt beta, guard against collapse, checkpoint.
 
@@ -99,9 +103,10 @@ class PPOTrainer:
         c, m = self.config, self.models
         optimizer = make_optimizer(m.policy, c.lr, c.weight_decay, master_weights=m.masters)
         self.policy_params = [p for g in optimizer.param_groups for p in g["params"]]  # masters where bf16
-        for group in make_optimizer(m.critic_module, c.critic_lr or c.lr, c.weight_decay,
-                                    master_weights=m.masters).param_groups:
-            optimizer.add_param_group(group)
+        if m.critic_module is not None:
+            for group in make_optimizer(m.critic_module, c.critic_lr or c.lr, c.weight_decay,
+                                        master_weights=m.masters).param_groups:
+                optimizer.add_param_group(group)
         return optimizer
 
     def load_policy_weights(self, state: dict) -> None:
@@ -143,7 +148,8 @@ class PPOTrainer:
             "non_score_reward": float(-(self.kl_ctl.value * kl_per_sequence).mean()),
             "response_length_mean": float(exp.batch.response_mask.sum(1).float().mean()),
             "eos_rate": float(exp.finished.float().mean()),
-            "value_mean": float(masked_mean(exp.values, exp.mask)),
+            **({"value_mean": float(masked_mean(exp.values, exp.mask))} if self.models.critic_module is not None
+               else {}),
             "advantage_raw_std": float(exp.advantages.std()),
         }
 

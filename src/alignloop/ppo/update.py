@@ -1,5 +1,7 @@
 """The PPO update: `ppo_epochs` passes of clipped policy and value losses over one `Experience`.
 
+The critic-free algorithms run the same update without the value loss.
+
 Each pass shuffles the episodes into mini-batches; each mini-batch is one optimiser step,
 optionally split into micro-batches for memory. Losses are weighted token sums divided by the
 mini-batch's total weight (`loss_aggregation`: per token, or per response), so however the
@@ -32,8 +34,10 @@ class PPOUpdate:
     def __call__(self, exp: Experience, train_policy: bool) -> dict[str, float]:
         """Every optimiser step of one PPO step; returns the statistics averaged over its tokens."""
         c, m = self.config, self.models
-        m.policy.train()  # dropout is off (disable_dropout); train mode lets gradient checkpointing work
-        m.critic_module.train()
+        critic = m.critic_module
+        modules = [m.policy] + ([critic] if critic is not None else [])
+        for module in modules:
+            module.train()  # dropout is off (disable_dropout); train mode lets gradient checkpointing work
         sums = dict.fromkeys(STAT_SUMS, 0.0)
         ratio_max, grad_norm = 0.0, torch.zeros(())
         weights = aggregation_weights(exp.mask, c.loss_aggregation)  # (B, R): what each token counts for
@@ -50,12 +54,13 @@ class PPOUpdate:
                 frozen = () if train_policy else self.policy_params  # critic warm-up: the policy must not move
                 grad_norm = optimizer_step(self.optimizer, self.scheduler, m.masters, self.trained_params,
                                            c.max_grad_norm, frozen)
-        m.policy.eval()
-        m.critic_module.eval()
+        for module in modules:
+            module.eval()
         n = max(sums["tokens"], 1.0)
         kl_loss = {"kl_loss": sums["kl_loss"] / n} if c.kl_loss_coef else {}
-        return {"pg_loss": sums["pg_loss"] / n, "vf_loss": sums["vf_loss"] / n, **kl_loss, "clipfrac": sums["clipped"] / n,
-                "vf_clipfrac": sums["vf_clipped"] / n, "approx_kl": sums["approx_kl"] / n,
+        value = {"vf_loss": sums["vf_loss"] / n, "vf_clipfrac": sums["vf_clipped"] / n} if critic is not None else {}
+        return {"pg_loss": sums["pg_loss"] / n, **value, **kl_loss, "clipfrac": sums["clipped"] / n,
+                "approx_kl": sums["approx_kl"] / n,
                 "entropy_mean": sums["entropy"] / max(sums["entropy_tokens"], 1.0), "ratio_max": ratio_max,
                 "grad_norm": float(grad_norm)}
 
@@ -70,13 +75,17 @@ class PPOUpdate:
             logprobs, logits, values = m.policy_and_values(exp.batch.select(rows))
         mask, w = exp.mask[rows], weights[rows]
         pg_sum, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[rows], exp.advantages[rows], w, c.cliprange)
-        vf_sum, vf_clipped = clipped_value_loss(values, exp.values[rows], exp.returns[rows], w, c.cliprange_value)
         policy_loss = pg_sum
         if c.kl_loss_coef:  # k3: unbiased and >= 0 on the policy's own samples, as GRPO uses it
             kl_sum = (kl_penalty(logprobs, exp.ref_logprobs[rows], "k3") * w).sum()
             policy_loss = policy_loss + c.kl_loss_coef * kl_sum
             sums["kl_loss"] += float(kl_sum)
-        loss = (policy_loss if train_policy else 0.0) + c.vf_coef * vf_sum
+        loss = policy_loss if train_policy else 0.0
+        if m.critic_module is not None:
+            vf_sum, vf_clipped = clipped_value_loss(values, exp.values[rows], exp.returns[rows], w, c.cliprange_value)
+            loss = loss + c.vf_coef * vf_sum
+            sums["vf_loss"] += float(vf_sum)
+            sums["vf_clipped"] += float(vf_clipped)
         (loss / mb_weight).backward()
         m.masters.accumulate_grads()  # bf16: weight grads -> fp32 master grads
         with torch.no_grad():
@@ -84,9 +93,7 @@ class PPOUpdate:
                 sums["entropy"] += float((entropy_from_logits(logits) * mask).sum())
                 sums["entropy_tokens"] += float(mask.sum())
             sums["pg_loss"] += float(pg_sum)
-            sums["vf_loss"] += float(vf_sum)
             sums["clipped"] += float(pg_stats["clipped_tokens"])
-            sums["vf_clipped"] += float(vf_clipped)
             sums["approx_kl"] += float(pg_stats["approx_kl_sum"])
             sums["tokens"] += float(w.sum())
         return float(pg_stats["ratio_max"])
