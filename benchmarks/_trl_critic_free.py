@@ -8,10 +8,11 @@ TRL's tokens are the same before it trains.
 The reward function: alignloop's reward model scores `prompt + response` at the response's last
 token (the EOS where one was emitted) and applies the gain and bias of `reward_normalization.json`
 (scores ~ N(0, 1) under the SFT policy). TRL's own path for a sequence-classification reward model
-re-tokenises `prompt + decoded text`, with the special tokens stripped, so it would score without
-the EOS: a different number from the one alignloop optimises. So the reward is a plain Python
-function, which TRL accepts, scoring the token ids TRL generated (`completion_ids`) with the same
-model and the same normalisation. It runs under bf16 autocast when TRL does (bf16=True), as TRL's
+decodes the completions (special tokens stripped) and re-tokenises them through the chat template,
+which appends an EOS to every response, a truncated one too; nor need re-tokenised text give the
+generated tokens back. That would be a different number from the one alignloop optimises, so the
+reward is a plain Python function, which TRL accepts, scoring the token ids TRL generated
+(`completion_ids`) with the same model and the same normalisation. It runs under bf16 autocast when TRL does (bf16=True), as TRL's
 own reward-model path would.
 
 Timing: a callback stamps `time.perf_counter()` at the end of every optimiser step (TRL's

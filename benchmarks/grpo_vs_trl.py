@@ -19,7 +19,7 @@ from critic_free_bench import Method, main  # noqa: E402
 GRPO = Method(
     name="grpo", title="GRPO", trl_trainer="GRPOTrainer", trl_worker="_trl_grpo_worker.py", trl_default_beta=0.0,
     beta_key="kl_loss_coef",
-    alignloop_keys={"loss_aggregation": "token_mean", "whiten_advantages": False},
+    alignloop_keys={"group_std_normalize": True, "loss_aggregation": "token_mean"},
 )
 
 if __name__ == "__main__":
