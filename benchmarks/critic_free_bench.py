@@ -134,21 +134,14 @@ def run_trl(method: Method, inputs: dict, settings: Settings, beta: float, bf16:
     return json.loads(result_path.read_text())
 
 
-def run_alignloop(method: Method, inputs: dict, settings: Settings, beta: float, precision: str, steps: int,
-                  warmup: int, final_steps: int, work: Path) -> dict:
-    """alignloop's PPO stage with `algorithm: <method>`, timed as the TRL worker times TRL: a stamp after every step.
+def alignloop_config(method: Method, inputs: dict, settings: Settings, beta: float, precision: str, steps: int,
+                     out_dir: Path):
+    """The PPO stage's config for `method` in the benchmark's settings: TRL's choices, `steps` steps in all."""
+    from alignloop.ppo import PPOConfig
 
-    The span from the end of the warm-up steps to the end of the last step includes everything
-    the trainer does between steps (logging, TensorBoard, sample tables), as TRL's does.
-    """
-    from alignloop.ppo import PPOConfig, PPOTrainer
-
-    out_dir = work / f"alignloop-beta{beta:g}-{precision}"
-    shutil.rmtree(out_dir, ignore_errors=True)  # never resume a previous benchmark run
-    config = PPOConfig(
+    return PPOConfig(
         policy=Path(inputs["policy"]), reward_model=Path(inputs["reward_model"]), prompts=inputs["prompts_file"],
-        out_dir=out_dir, steps=warmup + steps, batch_size=settings.batch_size,
-        samples_per_prompt=settings.samples_per_prompt,
+        out_dir=out_dir, steps=steps, batch_size=settings.batch_size, samples_per_prompt=settings.samples_per_prompt,
         mini_batch_size=settings.batch_size, ppo_epochs=1,  # one optimisation pass per batch, as TRL's num_iterations=1
         max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, cliprange=settings.cliprange,
         target_kl=None,  # a fixed beta, as TRL's
@@ -163,6 +156,20 @@ def run_alignloop(method: Method, inputs: dict, settings: Settings, beta: float,
         checkpoint_every=0,
         **method.alignloop_config(beta),
     )
+
+
+def run_alignloop(method: Method, inputs: dict, settings: Settings, beta: float, precision: str, steps: int,
+                  warmup: int, final_steps: int, work: Path) -> dict:
+    """alignloop's PPO stage with `algorithm: <method>`, timed as the TRL worker times TRL: a stamp after every step.
+
+    The span from the end of the warm-up steps to the end of the last step includes everything
+    the trainer does between steps (logging, TensorBoard, sample tables), as TRL's does.
+    """
+    from alignloop.ppo import PPOTrainer
+
+    out_dir = work / f"alignloop-beta{beta:g}-{precision}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # never resume a previous benchmark run
+    config = alignloop_config(method, inputs, settings, beta, precision, warmup + steps, out_dir)
     setup_start = time.perf_counter()
     trainer = PPOTrainer(config)
     stamps: list[float] = []
