@@ -163,7 +163,7 @@ def run_worker(trainer_class: type, config_class: type, method_args: dict, spec_
     prompt_ids = dict(zip(prompts, spec["prompt_ids"]))
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     # TRL tokenises a conversational prompt with this very call; the tokens must be alignloop's.
-    trl_ids = tokenizer.apply_chat_template(conversations[:64], add_generation_prompt=True, tokenize=True,
+    trl_ids = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"]
     mismatched = [p for p, ids in zip(prompts, trl_ids) if list(ids) != prompt_ids[p]]
     assert not mismatched, f"TRL's prompt tokens differ from alignloop's for {len(mismatched)} prompts: {mismatched[:2]}"

@@ -115,12 +115,13 @@ def critic_free_flops_per_episode(n_policy: int, n_reward: int, prompt_tokens: f
 # ---------------------------------------------------------------- the two trainers
 
 def run_trl(method: Method, inputs: dict, settings: Settings, beta: float, bf16: bool, steps: int, warmup: int,
-            final_steps: int, work: Path) -> dict:
+            final_steps: int, work: Path, attention: str = "sdpa") -> dict:
     subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_trl116_env.sh"), str(TRL_VENV)], check=True)
-    tag = f"trl-beta{beta:g}-{'bf16' if bf16 else 'fp32'}"
+    tag = f"trl-beta{beta:g}-{'bf16' if bf16 else 'fp32'}" + ("" if attention == "sdpa" else f"-{attention}")
     spec = {
         **asdict(settings), "policy": inputs["policy"], "reward_model": inputs["reward_model"],
         "prompts": inputs["prompts"], "prompt_ids": inputs["prompt_ids"], "beta": beta, "bf16": bf16,
+        "attn_implementation": attention,
         "steps": steps, "warmup_steps": warmup, "final_score_steps": final_steps,
         "threads": torch.get_num_threads(), "output_dir": str(work / tag),
     }
@@ -258,6 +259,9 @@ def main(method: Method, argv: list[str] | None = None) -> int:
                         help=f"comma-separated KL coefficients, each run on both sides (TRL's default for "
                              f"{method.trl_trainer}: {method.trl_default_beta:g})")
     parser.add_argument("--trl-precision", default="both", choices=["both", "fp32", "bf16"])
+    parser.add_argument("--trl-attention", default="sdpa",
+                        help="comma-separated HF attention implementations to run TRL with (sdpa, eager); "
+                             "each with every --trl-precision")
     parser.add_argument("--alignloop-precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--skip-alignloop", action="store_true")
@@ -294,10 +298,12 @@ def main(method: Method, argv: list[str] | None = None) -> int:
     for beta in args.betas:
         rows = []
         if not args.skip_trl:
-            for p in trl_precisions:
+            for p, attention in [(p, a) for a in args.trl_attention.split(",") for p in trl_precisions]:
                 t0, load0 = time.time(), os.getloadavg()[0]
                 r = run_trl(method, inputs, settings, beta, p == "bf16", args.steps, args.warmup_steps,
-                            args.final_steps, work)
+                            args.final_steps, work, attention)
+                if attention != "sdpa":
+                    p = f"{p}, {attention} attention"
                 rows.append({"trainer": f"TRL {r['trl_version']} {r['trainer']}", "precision": p, **{
                     k: r[k] for k in ("episodes_per_second", "final_score_mean", "seconds_timed", "steps_timed",
                                       "warmup_steps_excluded", "time_split_seconds")},
