@@ -16,8 +16,8 @@ keys that make its choices TRL's) and calls `main`. For that method it
    and timed steps;
 4. prints episodes/s (completions per second, steady state), alignloop / best TRL at each beta
    (best over bf16 on and off), the final mean reward (normalised RM score, mean over the last
-   batches) and each row's share of the ceiling, and writes runs/bench/<method>_vs_trl.json and
-   a markdown table beside it. The last line is `alignloop / best TRL = N.NNx`: the lowest of the
+   batches, ± its standard error) and each row's share of the ceiling, and writes
+   runs/bench/<method>_vs_trl.json and a markdown table beside it. The last line is `alignloop / best TRL = N.NNx`: the lowest of the
    per-beta ratios, so it holds at every beta compared.
 
 The figures come from whatever machine runs this; ours is a 2-core CPU shared with other jobs,
@@ -211,8 +211,26 @@ def run_alignloop(method: Method, inputs: dict, settings: Settings, beta: float,
 
 # ---------------------------------------------------------------- report
 
+def batch_mean_se(batch_means: list[float]) -> float | None:
+    """Standard error of the mean of per-batch mean scores (None for one batch).
+
+    Per batch, not per episode: a batch's 8 scores come from 2 prompts, so they are far from
+    independent (the prompt moves the score more than the sample does).
+    """
+    k = len(batch_means)
+    if k < 2:
+        return None
+    mean = sum(batch_means) / k
+    return (sum((x - mean) ** 2 for x in batch_means) / (k - 1) / k) ** 0.5
+
+
+def fmt_reward(row: dict) -> str:
+    se = row.get("final_score_se")
+    return f"{row['final_score_mean']:+.3f}" + (f" ± {se:.2f}" if se is not None else "")
+
+
 def fmt_table(method: Method, report: dict) -> str:
-    lines = ["| beta | trainer | precision | episodes/s | vs best TRL | final reward | share of ceiling | ceiling ep/s "
+    lines = ["| beta | trainer | precision | episodes/s | vs best TRL | final reward ± SE | share of ceiling | ceiling ep/s "
              "| time: generation / scoring / update (+other) | load avg |",
              "|---:|---|---|---:|---:|---:|---:|---:|---|---|"]
     for b in report["by_beta"]:
@@ -220,7 +238,7 @@ def fmt_table(method: Method, report: dict) -> str:
         for row in b["rows"]:
             ratio = f"{row['episodes_per_second'] / best:.2f}x" if best else "-"
             lines.append(f"| {b['beta']:g} | {row['trainer']} | {row['precision']} | {row['episodes_per_second']:.2f} "
-                         f"| {ratio} | {row['final_score_mean']:+.3f} | {100 * row['share_of_ceiling']:.0f} % "
+                         f"| {ratio} | {fmt_reward(row)} | {100 * row['share_of_ceiling']:.0f} % "
                          f"| {b['ceiling_episodes_per_second']:.1f} | {fmt_split(row.get('time_split_seconds'))} | "
                          + "→".join(f"{x:.1f}" for x in row.get("load_average_1min", [])) + " |")
     return "\n".join(lines)
@@ -254,7 +272,8 @@ def main(method: Method, argv: list[str] | None = None) -> int:
                                      f"{method.trl_trainer}, on the demo's models and prompts.")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per trainer")
     parser.add_argument("--warmup-steps", type=int, default=1, help="steps run first and excluded from timing")
-    parser.add_argument("--final-steps", type=int, default=3, help="final reward = mean RM score of the last N batches")
+    parser.add_argument("--final-steps", type=int, default=6,
+                        help="final reward = mean RM score of the last N batches (2 prompts each)")
     parser.add_argument("--betas", type=parse_betas, default=[0.05, 0.0],
                         help=f"comma-separated KL coefficients, each run on both sides (TRL's default for "
                              f"{method.trl_trainer}: {method.trl_default_beta:g})")
@@ -304,22 +323,24 @@ def main(method: Method, argv: list[str] | None = None) -> int:
                             args.final_steps, work, attention)
                 if attention != "sdpa":
                     p = f"{p}, {attention} attention"
-                rows.append({"trainer": f"TRL {r['trl_version']} {r['trainer']}", "precision": p, **{
+                rows.append({"trainer": f"TRL {r['trl_version']} {r['trainer']}", "precision": p,
+                             "final_score_se": batch_mean_se(r["score_per_step"][-args.final_steps:]), **{
                     k: r[k] for k in ("episodes_per_second", "final_score_mean", "seconds_timed", "steps_timed",
                                       "warmup_steps_excluded", "time_split_seconds")},
                     "load_average_1min": [load0, os.getloadavg()[0]], "detail": r})
                 print(f"[{method.name}] beta {beta:g} TRL {p}: {r['episodes_per_second']:.2f} episodes/s, final reward "
-                      f"{r['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
+                      f"{fmt_reward(rows[-1])} ({time.time() - t0:.0f} s)", flush=True)
         if not args.skip_alignloop:
             t0, load0 = time.time(), os.getloadavg()[0]
             a = run_alignloop(method, inputs, settings, beta, args.alignloop_precision, args.steps,
                               args.warmup_steps, args.final_steps, work)
-            rows.append({"trainer": "alignloop", **{k: a[k] for k in (
+            rows.append({"trainer": "alignloop", "final_score_se": batch_mean_se(a["score_per_step"][-args.final_steps:]),
+                         **{k: a[k] for k in (
                 "precision", "episodes_per_second", "final_score_mean", "seconds_timed", "steps_timed",
                 "warmup_steps_excluded", "time_split_seconds")},
                 "load_average_1min": [load0, os.getloadavg()[0]], "detail": a})
             print(f"[{method.name}] beta {beta:g} alignloop {a['precision']}: {a['episodes_per_second']:.2f} episodes/s, "
-                  f"final reward {a['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
+                  f"final reward {fmt_reward(rows[-1])} ({time.time() - t0:.0f} s)", flush=True)
         flops = critic_free_flops_per_episode(n_pol, n_rm, inputs["mean_prompt_tokens"], settings.max_new_tokens,
                                               with_reference=beta > 0)
         trl_rows = [r for r in rows if r["trainer"].startswith("TRL")]

@@ -12,8 +12,8 @@ import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
-from critic_free_bench import (Settings, alignloop_config, critic_free_flops_per_episode, load_inputs,  # noqa: E402
-                               parse_betas, run_alignloop)
+from critic_free_bench import (Settings, alignloop_config, batch_mean_se, critic_free_flops_per_episode,  # noqa: E402
+                               load_inputs, parse_betas, run_alignloop)
 from grpo_vs_trl import GRPO  # noqa: E402
 from rloo_vs_trl import RLOO  # noqa: E402
 
@@ -55,6 +55,13 @@ def test_beta_goes_where_trl_puts_it():
     assert RLOO.alignloop_config(0.05) == {"algorithm": "rloo", "kl_coef": 0.05, "kl_loss_coef": 0.0,
                                            "kl_estimator": "k1", "loss_aggregation": "sequence_mean"}
     assert GRPO.alignloop_config(0.0)["kl_loss_coef"] == 0.0 and RLOO.alignloop_config(0.0)["kl_coef"] == 0.0
+
+
+def test_final_reward_standard_error_is_over_batch_means():
+    # batch means 1 and 3: mean 2, sample variance ((1-2)^2 + (3-2)^2) / 1 = 2, SE = sqrt(2 / 2) = 1
+    assert batch_mean_se([1.0, 3.0]) == pytest.approx(1.0)
+    assert batch_mean_se([0.0, 0.0, 0.0]) == 0.0
+    assert batch_mean_se([0.5]) is None  # one batch: no spread to measure
 
 
 def test_parse_betas():
