@@ -79,12 +79,12 @@ class PPOUpdate:
         if c.kl_loss_coef:  # k3: unbiased and >= 0 on the policy's own samples, as GRPO uses it
             kl_sum = (kl_penalty(logprobs, exp.ref_logprobs[rows], "k3") * w).sum()
             policy_loss = policy_loss + c.kl_loss_coef * kl_sum
-            sums["kl_loss"] += float(kl_sum)
+            sums["kl_loss"] += float(kl_sum.detach())
         loss = policy_loss if train_policy else 0.0
         if m.critic_module is not None:
             vf_sum, vf_clipped = clipped_value_loss(values, exp.values[rows], exp.returns[rows], w, c.cliprange_value)
             loss = loss + c.vf_coef * vf_sum
-            sums["vf_loss"] += float(vf_sum)
+            sums["vf_loss"] += float(vf_sum.detach())
             sums["vf_clipped"] += float(vf_clipped)
         (loss / mb_weight).backward()
         m.masters.accumulate_grads()  # bf16: weight grads -> fp32 master grads
