@@ -145,3 +145,20 @@ def test_killed_at_a_random_step_resumes_bit_identically(algorithm, tiny_lm_dir,
              for name in ("whole", "killed")]
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]  # noqa: E731
     assert strip(lines[0]) == strip(lines[1])
+
+
+def test_with_no_kl_term_the_reference_is_neither_loaded_nor_run(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    """beta 0, no KL loss, no target (TRL's GRPO default): one model copy fewer, and no KL reported as if measured."""
+    cfg = PPOConfig(**settings(tiny_lm_dir, rm_dir, prompts_file, tmp_path, algorithm="grpo", kl_coef=0.0,
+                               target_kl=None, steps=2))
+    trainer = PPOTrainer(cfg)
+    assert not cfg.uses_reference and trainer.models.reference is None
+    exp = trainer.rollout(0)
+    assert exp.ref_logprobs is None and torch.equal(exp.kl, torch.zeros_like(exp.kl))
+    summary = trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and summary["final_kl_mean"] is None and all("kl_mean" not in r for r in rows)
+    # any KL term brings the reference back
+    for overrides in (dict(kl_coef=0.01), dict(kl_loss_coef=0.01), dict(target_kl=3.0, kl_coef=0.0)):
+        assert PPOConfig(**{**settings(tiny_lm_dir, rm_dir, prompts_file, tmp_path, algorithm="grpo", kl_coef=0.0,
+                                       target_kl=None), **overrides}).uses_reference

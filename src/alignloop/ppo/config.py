@@ -159,6 +159,11 @@ class PPOConfig(StageConfig):
           f">= {algorithm.min_group}, got {self.samples_per_prompt}")
 
     @property
+    def uses_reference(self) -> bool:
+        """Is there a KL term anywhere? Without one (beta 0, no KL loss, no target) the reference is never run."""
+        return self.kl_coef > 0 or self.kl_loss_coef > 0 or self.target_kl is not None
+
+    @property
     def critic_type(self) -> str:
         """'separate', 'value_head' or 'none', with 'auto' resolved by the algorithm."""
         if self.critic != "auto":

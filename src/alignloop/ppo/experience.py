@@ -35,7 +35,7 @@ class Experience:
     batch: TokenBatch
     mask: torch.Tensor  # response tokens that take part in the update (response mask, minus masked truncations)
     logprobs: torch.Tensor  # log pi_old(token), at the sampling temperature
-    ref_logprobs: torch.Tensor  # log pi_ref(token)
+    ref_logprobs: torch.Tensor | None  # log pi_ref(token); None with no KL term (the reference is not run)
     values: torch.Tensor  # V_old(s_t), the critic before choosing token t (0 without a critic)
     raw_scores: torch.Tensor  # (B,) RM scores, normalised by the RM's gain and bias
     scores: torch.Tensor  # (B,) after EOS penalty, whitening and clipping: what the policy is paid
@@ -111,7 +111,8 @@ class ExperienceMaker:
         self.seconds["scoring"] += time.perf_counter() - t1
 
         mask, scores = self.paid_scores(batch, raw_scores, finished)
-        kl = kl_penalty(logprobs, ref_logprobs, c.kl_estimator) * mask
+        kl = (kl_penalty(logprobs, ref_logprobs, c.kl_estimator) * mask if ref_logprobs is not None
+              else torch.zeros_like(logprobs))
         rewards = token_rewards(scores, kl, self.kl_ctl.value, mask)
         advantages, returns = self.estimate_advantages(rewards, values, mask, c)
         return Experience(batch, mask, logprobs, ref_logprobs, values, raw_scores, scores, kl, rewards, advantages,

@@ -47,6 +47,7 @@ class RLModels:
     masters: MasterWeights  # fp32 masters of the bf16 policy (and separate critic); disabled in fp32
     precision: str
     temperature: float
+    uses_reference: bool = True  # False: no KL term anywhere, so no reference forward (and no copy of it)
 
     @property
     def critic_module(self) -> torch.nn.Module | None:
@@ -77,7 +78,10 @@ class RLModels:
         logprobs, logits, hidden = self.policy_logprobs(batch, with_hidden=self.value_head is not None)
         return logprobs, logits, self.critic_values(batch, hidden)
 
-    def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor:
+    def reference_logprobs(self, batch: TokenBatch) -> torch.Tensor | None:
+        """log pi_ref(response token) at the sampling temperature, or None when no KL term needs it."""
+        if not self.uses_reference:
+            return None
         if self.reference is not None:
             logits = response_logits(self.reference, batch, self.precision)
         else:
@@ -115,7 +119,7 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
         # The reference is the same weights with the adapters switched off: one copy of the model in memory.
         policy = get_peft_model(policy, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha,
                                                    lora_dropout=c.lora_dropout, target_modules="all-linear"))
-    else:
+    elif c.uses_reference:
         reference = load_causal_lm(c.policy, device, tokenizer).requires_grad_(False)
     # Dropout off for good (not just eval mode): update-time log-probs must equal rollout-time ones,
     # and gradient checkpointing only works in train mode.
@@ -132,7 +136,7 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
     # per-backward gradient casts). Not under LoRA, whose frozen base must stay fp32 to be merged.
     bf16_masters = precision == "bf16" and c.lora_r == 0
     masters = MasterWeights([policy] + ([critic] if critic is not None else []), enabled=bf16_masters)
-    if bf16_masters:
+    if bf16_masters and reference is not None:
         cast_frozen_matmul_weights(reference)
     if precision == "bf16":
         cast_frozen_matmul_weights(reward.model.requires_grad_(False))
@@ -142,12 +146,13 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if c.lora_r > 0:
             policy.enable_input_require_grads()
-    return RLModels(policy, reference, critic, value_head, reward, tokenizer, masters, precision, c.temperature)
+    return RLModels(policy, reference, critic, value_head, reward, tokenizer, masters, precision, c.temperature,
+                    c.uses_reference)
 
 
 def load_initial_policy(models: RLModels, init_policy: Path, device: torch.device) -> None:
     """Start the policy from other weights (a previous round's policy) while the reference stays put."""
-    if models.reference is None:  # LoRA: the reference is the base with adapters off, so carry the adapters alone
+    if hasattr(models.policy, "peft_config"):  # LoRA: the reference is the base with adapters off: carry the adapters
         from peft import load_peft_weights, set_peft_model_state_dict
 
         set_peft_model_state_dict(models.policy, load_peft_weights(str(Path(init_policy) / "adapter")))

@@ -132,20 +132,23 @@ class PPOTrainer:
         metrics = {**self.experience_metrics(exp), **stats, "lr": self.scheduler.get_last_lr()[0],
                    "seconds_rollout": t1 - t0,  # generation and the scoring forwards
                    "seconds_update": t2 - t1}
-        self.kl_ctl.update(metrics["kl_mean"], c.batch_size)
+        if "kl_mean" in metrics:
+            self.kl_ctl.update(metrics["kl_mean"], c.batch_size)
         self.step_index += 1
         self.last_experience = exp
         return metrics
 
     def experience_metrics(self, exp: Experience) -> dict[str, float]:
         kl_per_sequence = (exp.kl * exp.mask).sum(1)  # nats per response
+        # With no KL term the reference is never run, so there is no KL to report.
+        kl = {"kl_mean": float(kl_per_sequence.mean()), "kl_coef": self.kl_ctl.value,
+              "non_score_reward": float(-(self.kl_ctl.value * kl_per_sequence).mean())} if exp.ref_logprobs is not None \
+            else {}
         return {
             "score_mean": float(exp.raw_scores.mean()),
             "score_std": float(exp.raw_scores.std()) if len(exp.raw_scores) > 1 else 0.0,
             "reward_mean": float(exp.scores.mean()),
-            "kl_mean": float(kl_per_sequence.mean()),
-            "kl_coef": self.kl_ctl.value,
-            "non_score_reward": float(-(self.kl_ctl.value * kl_per_sequence).mean()),
+            **kl,
             "response_length_mean": float(exp.batch.response_mask.sum(1).float().mean()),
             "eos_rate": float(exp.finished.float().mean()),
             **({"value_mean": float(masked_mean(exp.values, exp.mask))} if self.models.critic_module is not None
@@ -248,7 +251,7 @@ class PPOTrainer:
             history.append(metrics)
             self.log_step(logger, metrics)
             bar.update(1)
-            bar.set_postfix(score=f"{metrics['score_mean']:.2f}", kl=f"{metrics['kl_mean']:.2f}",
+            bar.set_postfix(score=f"{metrics['score_mean']:.2f}", kl=f"{metrics.get('kl_mean', 0.0):.2f}",
                             eos=f"{metrics['eos_rate']:.2f}")
         bar.close()
         logger.close()
@@ -300,7 +303,7 @@ class PPOTrainer:
         self.save_models()
         self.checkpointer.remove()
         tail = history[-max(1, len(history) // 5):] if history else []
-        mean = (lambda key: statistics.fmean(m[key] for m in tail) if tail else None)
+        mean = (lambda key: statistics.fmean(m[key] for m in tail) if tail and key in tail[0] else None)
         episodes = (self.step_index - resumed_from) * c.batch_size
         return {
             "out_dir": str(self.out_dir),
