@@ -135,6 +135,8 @@ def train_base_model(config: PretrainConfig, ctx: StageContext) -> dict[str, Any
         "steps": total_steps,
         "examples_per_process": run.examples_per_process,  # training blocks, in rank order
         "final_train_loss": sum(run.losses[-20:]) / len(run.losses[-20:]),
+        "train_seconds": run.seconds,
+        "train_tokens_per_second": run.tokens_per_second,
         "held_out_perplexity": held_ppl,
         "precision": precision,
         "device": str(device),

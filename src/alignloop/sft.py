@@ -212,6 +212,8 @@ def fine_tune(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
         "steps": total_steps,
         "examples_per_process": run.examples_per_process,  # training pairs, in rank order
         "final_train_loss": sum(run.losses[-20:]) / len(run.losses[-20:]),
+        "train_seconds": run.seconds,
+        "train_tokens_per_second": run.tokens_per_second,
         "held_out_response_perplexity": {"before_sft": held_ppl_before, "after_sft": held_ppl_after},
         "precision": precision,
     }

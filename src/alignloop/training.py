@@ -9,7 +9,8 @@ loop trains each process on its rows of every global batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -182,6 +183,12 @@ class LMTraining:
 
     losses: list[float]  # per optimiser step, the global batch's mean token loss
     examples_per_process: list[int]  # rows (sequences) each process trained on, in rank order
+    tokens: int  # target tokens trained on, over every process (this run's steps, not a resumed run's earlier ones)
+    seconds: float = field(compare=False)  # the training loop's time (this run's); runs compare by their numbers
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
 
 
 def lm_loss_sum(model: PreTrainedModel, batch: LMBatch, precision: str) -> tuple[torch.Tensor, int]:
@@ -245,11 +252,13 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
             examples += len(dist.shard(len(next(batches))))
     trained = dist.wrap(model)  # after the masters: DDP's gradient buckets are for the bf16 weights
     bar = progress(total=total_steps, initial=start, desc=desc, disable=not dist.is_main)
+    began, tokens = time.perf_counter(), 0
     for step in range(start, total_steps):
         batch = next(batches, None)
         if batch is None:
             break
         n_tokens = batch.target_count()  # the global batch's: every process divides by the same count
+        tokens += n_tokens
         rows, n_rows = batch.shard(dist, device)
         examples += n_rows
         loss_sum, _ = lm_loss_sum(trained, rows, precision)
@@ -269,6 +278,7 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                    "rng": rngs, "losses": losses})
     bar.close()
+    seconds = time.perf_counter() - began
     masters.release()  # the caller gets (and saves) the fp32 weights
     model.eval()  # dropout off for whatever comes next (generation, scoring)
-    return LMTraining(losses, dist.all_gather(examples))
+    return LMTraining(losses, dist.all_gather(examples), tokens, seconds)
