@@ -8,6 +8,7 @@ the command's own flags), call the Python API and print its summary as JSON.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,9 +23,11 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a config key: --set ke
 
 def run_command(config_cls: type, api: Callable[[Any], dict], config: Optional[Path], sets: Optional[list[str]],
                 **flags: Any) -> dict:
-    """Config file, then --set overrides, then explicit flags; run; print the summary."""
+    """Config file, then --set overrides, then explicit flags; run; print the summary (under torchrun or
+    accelerate launch, once: rank 0's, which every process returns)."""
     summary = api(config_cls.load(config, sets or [], **flags))
-    print_summary(summary)
+    if os.environ.get("RANK", "0") == "0":
+        print_summary(summary)
     return summary
 
 

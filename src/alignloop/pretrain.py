@@ -73,6 +73,7 @@ def block_batches(blocks: torch.Tensor, batch_size: int, device: torch.device, s
 class PretrainStage:
     name = "pretrain"
     config_class = PretrainConfig
+    data_parallel = True
 
     def outputs(self, config: PretrainConfig) -> dict[str, Path]:
         return {"model": Path(config.out_dir)}
@@ -97,7 +98,8 @@ def train_base_model(config: PretrainConfig, ctx: StageContext) -> dict[str, Any
     docs = load_corpus(config.corpus)
     train_docs, held_docs = split_corpus(docs, config.held_out_fraction, config.seed)
 
-    tokenizer = train_tokenizer(train_docs, config.vocab_size)
+    # One process trains the tokenizer and hands it to the others, so all encode alike.
+    tokenizer = ctx.dist.broadcast(train_tokenizer(train_docs, config.vocab_size) if ctx.dist.is_main else None)
     encode = lambda d: [tokenizer.bos_token_id] + tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     train_blocks = pack_documents([encode(d) for d in train_docs], config.block_size)
     held_blocks = pack_documents([encode(d) for d in held_docs], config.block_size)
@@ -108,19 +110,22 @@ def train_base_model(config: PretrainConfig, ctx: StageContext) -> dict[str, Any
     total_steps = max(1, int(steps_per_epoch * config.epochs))
 
     def batches() -> Iterator[LMBatch]:
+        # Global batches on the CPU (train_lm moves each process's rows); reshuffled each epoch,
+        # train_lm stops at total_steps.
         epoch = 0
-        while True:  # reshuffle each epoch; train_lm stops at total_steps
-            yield from block_batches(train_blocks, config.batch_size, device, config.seed + epoch)
+        while True:
+            yield from block_batches(train_blocks, config.batch_size, torch.device("cpu"), config.seed + epoch)
             epoch += 1
 
     held_batches = list(block_batches(held_blocks, 64, device, None))
     checkpointer = stage_checkpointer(config, ctx)
-    losses = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
-                      config.grad_clip, precision, desc="pretrain", checkpointer=checkpointer)
-    held_ppl = perplexity(model, held_batches, precision)
+    run = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
+                   config.grad_clip, precision, desc="pretrain", checkpointer=checkpointer, dist=ctx.dist)
+    held_ppl = perplexity(model, held_batches, precision, ctx.dist)
 
-    save_model_dir(model, tokenizer, config.out_dir)
-    checkpointer.remove()
+    if ctx.dist.is_main:
+        save_model_dir(model, tokenizer, config.out_dir)
+        checkpointer.remove()
     return {
         "out_dir": str(config.out_dir),
         "documents": {"train": len(train_docs), "held_out": len(held_docs)},
@@ -128,7 +133,10 @@ def train_base_model(config: PretrainConfig, ctx: StageContext) -> dict[str, Any
         "parameters": sum(p.numel() for p in model.parameters()),
         "matmul_parameters": count_matmul_params(model),
         "steps": total_steps,
-        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "examples_per_process": run.examples_per_process,  # training blocks, in rank order
+        "final_train_loss": sum(run.losses[-20:]) / len(run.losses[-20:]),
+        "train_seconds": run.seconds,
+        "train_tokens_per_second": run.tokens_per_second,
         "held_out_perplexity": held_ppl,
         "precision": precision,
         "device": str(device),

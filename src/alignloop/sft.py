@@ -126,6 +126,7 @@ def pair_batches(encoded, batch_size: int, pad_id: int, device, seed: int | None
 class SFTStage:
     name = "sft"
     config_class = SFTConfig
+    data_parallel = True
 
     def outputs(self, config: SFTConfig) -> dict[str, Path]:
         out = Path(config.out_dir)
@@ -180,34 +181,39 @@ def fine_tune(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     if not train_enc:
         raise InputError(config.data or "corpus", f"every pair is longer than max_length={config.max_length} tokens")
     held_batches = list(pair_batches(held_enc, 64, tokenizer.pad_token_id, device, None))
-    held_ppl_before = perplexity(model, held_batches, precision)
+    held_ppl_before = perplexity(model, held_batches, precision, ctx.dist)
 
     steps_per_epoch = -(-len(train_enc) // config.batch_size)
     total_steps = max(1, int(steps_per_epoch * config.epochs))
 
     def batches() -> Iterator[LMBatch]:
+        # Global batches, built on the CPU: train_lm moves each process's rows to its device.
         epoch = 0
         while True:
-            yield from pair_batches(train_enc, config.batch_size, tokenizer.pad_token_id, device, config.seed + epoch)
+            yield from pair_batches(train_enc, config.batch_size, tokenizer.pad_token_id, "cpu", config.seed + epoch)
             epoch += 1
 
     checkpointer = stage_checkpointer(config, ctx)
-    losses = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
-                      config.grad_clip, precision, desc="sft", checkpointer=checkpointer)
-    held_ppl_after = perplexity(model, held_batches, precision)
+    run = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
+                   config.grad_clip, precision, desc="sft", checkpointer=checkpointer, dist=ctx.dist)
+    held_ppl_after = perplexity(model, held_batches, precision, ctx.dist)
 
     out = Path(config.out_dir)
-    save_model_dir(model, tokenizer, out)
-    checkpointer.remove()
-    outputs = STAGE.outputs(config)
-    write_jsonl(outputs["held_out_prompts"], held_pairs)
-    write_jsonl(outputs["train_prompts"], ({"prompt": p["prompt"]} for p in train_pairs))
+    if ctx.dist.is_main:
+        save_model_dir(model, tokenizer, out)
+        checkpointer.remove()
+        outputs = STAGE.outputs(config)
+        write_jsonl(outputs["held_out_prompts"], held_pairs)
+        write_jsonl(outputs["train_prompts"], ({"prompt": p["prompt"]} for p in train_pairs))
     return {
         "out_dir": str(out),
         "pairs": {"train": len(train_enc), "held_out": len(held_enc),
                   "dropped_too_long": dropped_train + dropped_held},
         "steps": total_steps,
-        "final_train_loss": sum(losses[-20:]) / len(losses[-20:]),
+        "examples_per_process": run.examples_per_process,  # training pairs, in rank order
+        "final_train_loss": sum(run.losses[-20:]) / len(run.losses[-20:]),
+        "train_seconds": run.seconds,
+        "train_tokens_per_second": run.tokens_per_second,
         "held_out_response_perplexity": {"before_sft": held_ppl_before, "after_sft": held_ppl_after},
         "precision": precision,
     }

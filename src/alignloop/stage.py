@@ -9,6 +9,9 @@ defines one object of the `Stage` shape:
     wire(round, user)  the stage's config values in a pipeline round: paths from earlier
                   stages' outputs, with the user's section over them
     run(cfg, ctx) does the work and returns the summary (a JSON-able dict)
+    data_parallel (optional, default False) True when `run` trains on its shard of every global
+                  batch under torchrun / accelerate launch (pretrain, sft, reward); other stages
+                  refuse to run in several processes rather than each doing the whole job
 
 `run_stage` is the one way a stage runs, from the CLI, the Python API or the pipeline:
 it times the stage, writes the config beside its outputs and the summary last,
@@ -33,6 +36,7 @@ import torch
 from .checkpoint import Checkpointer
 from .config import StageConfig
 from .device import choose_precision, resolve_device, set_cpu_threads
+from .distributed import Distributed, from_environment
 from .errors import ConfigError
 from .files import atomic_write_json, path_fingerprint, read_json_or_none
 from .metrics import MetricsLogger
@@ -61,9 +65,13 @@ class StageContext:
 
     It sets the CPU threads, resolves each config's device and precision (the bf16 timing
     probe runs once per process), and keeps the time and machine load of every stage run.
+    `dist` is the process's place in a data-parallel job (torchrun, accelerate launch; one
+    process otherwise): a stage whose `data_parallel` is true trains on its shard of every
+    global batch, and rank 0 alone writes (distributed.py).
     """
 
     timings: list[dict[str, Any]] = field(default_factory=list)
+    dist: Distributed = field(default_factory=from_environment)
 
     def __post_init__(self) -> None:
         set_cpu_threads()
@@ -72,12 +80,16 @@ class StageContext:
         return self.resolve(getattr(config, "device", "auto"), getattr(config, "precision", "auto"))
 
     def resolve(self, device: str = "auto", precision: str = "auto") -> tuple[torch.device, str]:
-        """The torch device and the matmul precision ('fp32' or 'bf16') for these settings."""
-        resolved = resolve_device(device)
-        return resolved, choose_precision(resolved, precision)
+        """The torch device and the matmul precision ('fp32' or 'bf16') for these settings.
 
-    def progress(self, **kwargs):
-        return progress(**kwargs)
+        Under several processes each takes its own GPU, and all take rank 0's measured precision:
+        timed on a shared machine, the bf16 probe could pick differently in each.
+        """
+        resolved = self.dist.place(resolve_device(device))
+        return resolved, self.dist.broadcast(choose_precision(resolved, precision))
+
+    def progress(self, disable: bool = False, **kwargs):
+        return progress(disable=disable or not self.dist.is_main, **kwargs)  # one bar: rank 0's
 
     def metrics(self, out_dir: Path, tensorboard: bool, resume_step: int = 0) -> MetricsLogger:
         return MetricsLogger(out_dir, tensorboard, resume_step=resume_step)
@@ -149,9 +161,12 @@ class Stage(Protocol):
 
 
 def stage_checkpointer(config: StageConfig, ctx: StageContext) -> Checkpointer:
-    """The stage's mid-run checkpoints: `<out_dir>/checkpoint`, every `config.checkpoint_every` steps."""
+    """The stage's mid-run checkpoints: `<out_dir>/checkpoint`, every `config.checkpoint_every` steps.
+
+    Every process reads it on resume; rank 0 alone writes it and says what it did.
+    """
     return Checkpointer(Path(config.out_dir) / "checkpoint", config_fingerprint(config),
-                        getattr(config, "checkpoint_every", 0), ctx.log)
+                        getattr(config, "checkpoint_every", 0), ctx.log if ctx.dist.is_main else _quiet)
 
 
 def summary_path(stage: Stage, config: StageConfig) -> Path:
@@ -185,7 +200,7 @@ def run_stage(stage: Stage, config: StageConfig, ctx: StageContext | None = None
     With a `label` (the pipeline's "round1/ppo"), the start, the end and any reuse are logged.
     """
     ctx = ctx or StageContext()
-    say = ctx.log if label is not None else (lambda message: None)
+    say = ctx.log if label is not None and ctx.dist.is_main else _quiet
     done = summary_path(stage, config)
     fingerprint = config_fingerprint(config)
     if reuse and (summary := finished_summary(stage, config, fingerprint)) is not None:
@@ -194,18 +209,29 @@ def run_stage(stage: Stage, config: StageConfig, ctx: StageContext | None = None
         return summary
     if reuse and done.is_file():
         say(f"{label}: its config or inputs changed since {done} was written: running it again")
+    if ctx.dist.world_size > 1 and not getattr(stage, "data_parallel", False):
+        raise ConfigError(f"the {stage.name} stage runs in one process only: launch it without torchrun or "
+                          f"accelerate launch (pretrain, sft and reward train run data-parallel)")
     before, start = load_average(), time.time()
     say(f"{label}: running (load average {before})")
     summary = stage.run(config, ctx)
     seconds = time.time() - start
-    summary = {"stage": stage.name, **summary, "seconds": seconds, "fingerprint": fingerprint}
-    config.save(config.out_dir)
-    atomic_write_json(done, summary)
+    summary = {"stage": stage.name, **summary, "world_size": ctx.dist.world_size, "seconds": seconds,
+               "fingerprint": fingerprint}
+    if ctx.dist.is_main:
+        config.save(config.out_dir)
+        atomic_write_json(done, summary)
+    # Every process leaves the stage with rank 0's summary, once rank 0 has written its outputs.
+    summary = ctx.dist.broadcast(summary)
     after = load_average()
     say(f"{label}: done in {_seconds(seconds)} (load average {before} -> {after})")
     ctx.timings.append({"stage": label or stage.name, "seconds": round(seconds, 2), "load_before": before,
                         "load_after": after, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "reused": False})
     return summary
+
+
+def _quiet(message: str) -> None:
+    """What a process other than rank 0 says: nothing (the job's log is rank 0's)."""
 
 
 def _seconds(s: float | None) -> str:

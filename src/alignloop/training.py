@@ -2,20 +2,23 @@
 
 Pretraining and SFT both minimise next-token cross-entropy on the positions
 whose label is not -100, so one loop serves both; the reward and PPO stages
-reuse the optimiser and schedule.
+reuse the optimiser and schedule. Under several processes (distributed.py) the
+loop trains each process on its rows of every global batch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from transformers import PreTrainedModel
 
-from .checkpoint import Checkpointer, rng_state, set_rng_state
+from .checkpoint import Checkpointer
 from .device import autocast
+from .distributed import SINGLE_PROCESS, Distributed
 from .errors import AlignloopError
 from .mixed_precision import MasterWeights
 from .progress import progress
@@ -144,8 +147,48 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 @dataclass
 class LMBatch:
     input_ids: torch.Tensor  # (batch, seq)
-    attention_mask: torch.Tensor  # (batch, seq), 0 on padding
+    attention_mask: torch.Tensor  # (batch, seq), 0 on padding (right padding only)
     labels: torch.Tensor  # (batch, seq), IGNORE where no loss is taken
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def target_count(self) -> int:
+        """The tokens a loss is taken on: labels past the first position (each predicted from the one before)."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def rows(self, index: range, device: torch.device) -> "LMBatch":
+        """Rows `index` on `device`, cut to their longest row (the whole batch's width when it is there)."""
+        rows = slice(index.start, index.stop)
+        width = int(self.attention_mask[rows].sum(dim=1).max())
+        return LMBatch(*(t[rows, :width].to(device) for t in (self.input_ids, self.attention_mask, self.labels)))
+
+    def shard(self, dist: Distributed, device: torch.device) -> tuple["LMBatch", int]:
+        """This process's rows of a global batch on `device`, and how many they are.
+
+        A process left without rows (a last batch smaller than the world) gets the first row with
+        no targets: it runs the forward and backward that DDP's gradient all-reduce waits for, and
+        adds exactly zero.
+        """
+        index = dist.shard(len(self))
+        if len(index):
+            return self.rows(index, device), len(index)
+        empty = self.rows(range(0, 1), device)
+        return LMBatch(empty.input_ids, empty.attention_mask, torch.full_like(empty.labels, IGNORE)), 0
+
+
+@dataclass
+class LMTraining:
+    """What `train_lm` reports."""
+
+    losses: list[float]  # per optimiser step, the global batch's mean token loss
+    examples_per_process: list[int]  # rows (sequences) each process trained on, in rank order
+    tokens: int  # target tokens trained on, over every process (this run's steps, not a resumed run's earlier ones)
+    seconds: float = field(compare=False)  # the training loop's time (this run's); runs compare by their numbers
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
 
 
 def lm_loss_sum(model: PreTrainedModel, batch: LMBatch, precision: str) -> tuple[torch.Tensor, int]:
@@ -163,61 +206,79 @@ def lm_loss_sum(model: PreTrainedModel, batch: LMBatch, precision: str) -> tuple
 
 
 @torch.no_grad()
-def perplexity(model: PreTrainedModel, batches: list[LMBatch], precision: str) -> float:
+def perplexity(model: PreTrainedModel, batches: list[LMBatch], precision: str,
+               dist: Distributed = SINGLE_PROCESS) -> float:
+    """exp(mean token loss) over `batches`; several processes each take a block of the batches."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        loss, n = lm_loss_sum(model, batch, precision)
+    for i in dist.shard(len(batches)):
+        loss, n = lm_loss_sum(model, batches[i], precision)
         total += loss.item()
         count += n
+    total, count = dist.all_reduce_sum([total, count])
     model.train(was_training)
     return math.exp(total / max(count, 1))
 
 
 def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: int, lr: float,
              weight_decay: float, warmup_steps: int, grad_clip: float, precision: str, desc: str,
-             checkpointer: Checkpointer | None = None) -> list[float]:
-    """One optimiser step per batch; returns the per-step mean token loss.
+             checkpointer: Checkpointer | None = None, dist: Distributed = SINGLE_PROCESS) -> LMTraining:
+    """One optimiser step per global batch; returns the per-step mean token loss and rows per process.
 
     With a `checkpointer`, the run's state is saved every `checkpointer.every` steps and an
     interrupted run of the same config resumes from it: the batch stream is seeded, so skipping
     the batches already trained on puts it where it was, and the result is the uninterrupted one.
+
+    Under several processes (`dist`), every process draws the same global batch and trains on its
+    rows (`LMBatch.shard`), its loss sum divided by the global batch's token count; the gradients
+    of these shares add up (`Distributed.backward`), so each step is the one-process step up to the
+    order of the float sums.
     """
+    device = next(model.parameters()).device
     model.train()
     masters, optimizer, params = model_optimizer(model, lr, weight_decay, precision)
     scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
     losses: list[float] = []
-    start = 0
-    state = checkpointer.load(next(model.parameters()).device) if checkpointer is not None else None
+    start, examples = 0, 0
+    state = checkpointer.load(device) if checkpointer is not None else None
     if state is not None:
         masters.load_state_dict(0, state["models"]["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        dist.restore_rng_state(state["rng"], checkpointer.log)
         losses, start = list(state["losses"]), state["step"]
         for _ in range(start):
-            next(batches)
-    bar = progress(total=total_steps, initial=start, desc=desc)
+            examples += len(dist.shard(len(next(batches))))
+    trained = dist.wrap(model)  # after the masters: DDP's gradient buckets are for the bf16 weights
+    bar = progress(total=total_steps, initial=start, desc=desc, disable=not dist.is_main)
+    began, tokens = time.perf_counter(), 0
     for step in range(start, total_steps):
         batch = next(batches, None)
         if batch is None:
             break
-        loss_sum, n_tokens = lm_loss_sum(model, batch, precision)
+        n_tokens = batch.target_count()  # the global batch's: every process divides by the same count
+        tokens += n_tokens
+        rows, n_rows = batch.shard(dist, device)
+        examples += n_rows
+        loss_sum, _ = lm_loss_sum(trained, rows, precision)
         loss = loss_sum / max(n_tokens, 1)
-        loss.backward()
+        dist.backward(loss)
         masters.accumulate_grads()
         grad_norm = optimizer_step(optimizer, scheduler, masters, params, grad_clip)
-        losses.append(loss.item())
+        losses.append(dist.all_reduce_sum([loss.item()])[0])
         check_finite(desc, step + 1, losses[-1], grad_norm, checkpointer)
         bar.update(1)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if checkpointer is not None and checkpointer.due(step + 1) and step + 1 < total_steps:
-            checkpointer.save({"step": step + 1, "models": {"model": masters.state_dict(0)},
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "rng": rng_state(), "losses": losses})
+            rngs = dist.rng_states()
+            if dist.is_main:
+                checkpointer.save({"step": step + 1, "models": {"model": masters.state_dict(0)},
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "rng": rngs, "losses": losses})
     bar.close()
+    seconds = time.perf_counter() - began
     masters.release()  # the caller gets (and saves) the fp32 weights
     model.eval()  # dropout off for whatever comes next (generation, scoring)
-    return losses
+    return LMTraining(losses, dist.all_gather(examples), tokens, seconds)

@@ -31,9 +31,10 @@ from typing import Any, ClassVar, Iterator
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..checkpoint import Checkpointer, rng_state, set_rng_state
+from ..checkpoint import Checkpointer
 from ..config import StageConfig
 from ..device import autocast
+from ..distributed import SINGLE_PROCESS, Distributed
 from ..errors import ConfigError, InputError
 from ..generation import MAX_NEW_TOKENS, SamplingSettings, generate
 from ..jsonl import read_jsonl, write_jsonl
@@ -280,6 +281,23 @@ def item_scores(model: PreTrainedModel, batch: RMBatch, precision: str) -> torch
     return seq_scores.float()[batch.index]
 
 
+class ItemScorer(torch.nn.Module):
+    """`item_scores` as one module call, the forward that DistributedDataParallel must see: the packed
+    path runs the backbone and the head separately, which DDP, wrapping the model, would not."""
+
+    def __init__(self, model: PreTrainedModel, precision: str):
+        super().__init__()
+        self.model, self.precision = model, precision
+
+    def forward(self, batch: RMBatch) -> torch.Tensor:
+        return item_scores(self.model, batch, self.precision)
+
+
+def null_item(item: EncodedItem) -> EncodedItem:
+    """`item` with every response tied: scored as usual, it gives no comparison, loss 0 and gradient 0."""
+    return EncodedItem(item.seqs, [0] * len(item.seqs), None, item.prompt_len)
+
+
 @torch.no_grad()
 def packing_works(model: PreTrainedModel, pad_id: int, device: torch.device) -> bool:
     """Does this architecture score packed sequences exactly as padded ones? Checked, not assumed."""
@@ -295,21 +313,26 @@ def packing_works(model: PreTrainedModel, pad_id: int, device: torch.device) -> 
     return torch.allclose(packed, padded, atol=1e-4, rtol=1e-4)
 
 
-def accumulate_gradients(model: PreTrainedModel, micro: list[RMBatch], precision: str,
-                         masters: MasterWeights) -> tuple[float, float, float]:
+def accumulate_gradients(model: PreTrainedModel | torch.nn.Module, micro: list[RMBatch], precision: str,
+                         masters: MasterWeights, n_items: int | None = None,
+                         dist: Distributed = SINGLE_PROCESS) -> tuple[float, float, float]:
     """Backward over the micro-batches of one optimiser step; returns (loss, correct, compared).
 
     Each micro-batch's summed item losses are divided by the item count of the
     WHOLE step, so the accumulated gradient is that of the mean over all items,
     exactly as if they had been one batch (dividing by each micro-batch's own
     size would over-weight items in small, e.g. last, micro-batches).
+    `model`: the reward model, or its `ItemScorer` (in DDP under several processes);
+    `n_items`: the step's items over every process (default: these micro-batches'); the returned
+    sums are this process's (`dist` only scales the backward, see `Distributed.backward`).
     """
-    n_items = sum(b.size for b in micro)
+    score = model if not isinstance(model, PreTrainedModel) else ItemScorer(model, precision)
+    n_items = sum(b.size for b in micro) if n_items is None else n_items
     total, correct, compared = 0.0, 0.0, 0.0
     for b in micro:
-        scores = item_scores(model, b, precision)
+        scores = score(b)
         loss = kway_ranking_loss(scores, b.ranks, b.valid, b.margin).sum() / n_items
-        loss.backward()
+        dist.backward(loss)
         masters.accumulate_grads()  # bf16: summed in fp32, micro-batch by micro-batch, as autocast would
         total += loss.item()
         c, n = pairwise_accuracy(scores.detach(), b.ranks, b.valid)
@@ -375,6 +398,7 @@ def split_rankings(rows: list[dict], out_dir: Path, fraction: float) -> tuple[Pa
 class RewardStage:
     name = "reward"
     config_class = RewardTrainConfig
+    data_parallel = True
 
     def outputs(self, config: RewardTrainConfig) -> dict[str, Path]:
         return {"model": Path(config.out_dir)}
@@ -393,12 +417,15 @@ class RewardStage:
 
     def run(self, config: RewardTrainConfig, ctx: StageContext) -> dict[str, Any]:
         summary = fit_reward_model(config, ctx)
-        if config.held_out_data is not None:  # accuracy and calibration figure on prompts it never saw
+        # Accuracy and calibration figure on prompts it never saw, by rank 0 (which saved the model).
+        if config.held_out_data is not None and ctx.dist.is_main:
             from .evaluate import RewardEvalConfig, evaluate_reward_model
 
-            # Its own context: the evaluation's time is part of this stage's, not a stage of the run's.
+            # Its own context, of this one process: the evaluation's time is part of this stage's,
+            # not a stage of the run's.
             ev = evaluate_reward_model(RewardEvalConfig(reward_model=config.out_dir, data=config.held_out_data,
-                                                        device=config.device, precision=config.precision))
+                                                        device=config.device, precision=config.precision),
+                                       StageContext(dist=SINGLE_PROCESS))
             summary["held_out_eval"] = {k: ev[k] for k in ("items", "comparisons", "accuracy", "loss", "mean_margin",
                                                            "calibration", "agreement", "calibration_png")}
         return summary
@@ -436,8 +463,9 @@ class TrainingRun:
     compared: float
     pad_tokens: int
     real_tokens: int
-    items_seen: int
+    items_seen: int  # over every process
     seconds: float
+    examples_per_process: list[int] = dataclasses.field(default_factory=list)  # items, in rank order; set at the end
 
 
 def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, Any]:
@@ -455,8 +483,10 @@ def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, 
     # Checked on the fp32 model, before optimise() gives it bf16 weights.
     pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
     checkpointer = stage_checkpointer(config, ctx)
-    run = optimise(config, model, tokenizer, train_enc, pack_width, precision, rng, checkpointer)
+    run = optimise(config, model, tokenizer, train_enc, pack_width, precision, rng, checkpointer, ctx.dist)
     model.eval()
+    if not ctx.dist.is_main:  # rank 0 normalises, evaluates and saves; run_stage hands its summary to all
+        return {"out_dir": str(config.out_dir), "steps": run.steps, "examples_per_process": run.examples_per_process}
 
     rm = RewardModel(model, tokenizer, precision=precision)
     norm_prompts, norm_responses, norm_source = reference_responses(config, tokenizer, device, precision, train_items)
@@ -472,6 +502,7 @@ def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, 
                  "dropped_too_long": too_long + held.get("dropped_too_long", 0)},
         "steps": run.steps,
         "items_per_step": config.batch_size * config.gradient_accumulation_steps,
+        "examples_per_process": run.examples_per_process,  # training items (pairs, rankings), in rank order
         "final_train_loss": sum(run.losses[-20:]) / len(run.losses[-20:]),
         "train_accuracy": run.correct / max(run.compared, 1),
         "padding_fraction": run.pad_tokens / max(run.pad_tokens + run.real_tokens, 1),
@@ -488,11 +519,15 @@ def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, 
 
 
 def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train_enc: list[EncodedItem],
-             pack_width: int, precision: str, rng: random.Random, checkpointer: Checkpointer) -> TrainingRun:
+             pack_width: int, precision: str, rng: random.Random, checkpointer: Checkpointer,
+             dist: Distributed = SINGLE_PROCESS) -> TrainingRun:
     """The optimisation loop: shuffled micro-batches, K-way loss, one optimiser step per accumulation.
 
     An interrupted run of the same config resumes from its last checkpoint: the micro-batches are
     drawn from `rng` alone, so drawing the ones already trained on again puts the stream back.
+    Under several processes (`dist`) every process draws the same global micro-batches and scores
+    its block of each; the loss is divided by the step's global item count and the processes'
+    gradients add up, so the step is the one-process step up to the order of the float sums.
     """
     device = next(model.parameters()).device
     step_items = config.batch_size * config.gradient_accumulation_steps
@@ -507,29 +542,40 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
         while True:  # epochs, each reshuffled
             yield from length_buckets(train_enc, config.batch_size, rng, mega)
 
+    def local_micro_batch(indices: list[int]) -> tuple[RMBatch, int]:
+        """This process's block of a global micro-batch, and how many real items it holds (an empty
+        block scores one null item instead, so that every process runs the backward DDP waits for)."""
+        mine = [train_enc[indices[i]] for i in dist.shard(len(indices))]
+        items = mine or [null_item(train_enc[indices[0]])]
+        return collate(items, tokenizer.pad_token_id, device, pack_width), len(mine)
+
     model.eval()  # dropout off (init_reward_model also zeroes it in the config); grads still flow
     batches = micro_batches()
     run = TrainingRun(total_steps, [], 0.0, 0.0, 0, 0, 0, 0.0)
-    first = 0
+    first, local_items = 0, 0
     if (state := checkpointer.load(device)) is not None:
         masters.load_state_dict(0, state["models"]["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        dist.restore_rng_state(state["rng"], checkpointer.log)
         run, first = TrainingRun(**state["run"]), state["step"]
         for _ in range(first * config.gradient_accumulation_steps):
-            next(batches)
-    bar = progress(total=total_steps, initial=first, desc="reward")
+            local_items += len(dist.shard(len(next(batches))))
+    scorer = dist.wrap(ItemScorer(model, precision))  # after the masters: DDP's buckets are for the bf16 weights
+    bar = progress(total=total_steps, initial=first, desc="reward", disable=not dist.is_main)
     start = time.time() - run.seconds
     for step in range(first, total_steps):
-        micro = [collate([train_enc[i] for i in next(batches)], tokenizer.pad_token_id, device, pack_width)
-                 for _ in range(config.gradient_accumulation_steps)]
-        step_loss, c, n = accumulate_gradients(model, micro, precision, masters)
+        global_micro = [next(batches) for _ in range(config.gradient_accumulation_steps)]
+        micro, counts = zip(*(local_micro_batch(indices) for indices in global_micro))
+        n_items = sum(len(indices) for indices in global_micro)
+        step_loss, c, n = accumulate_gradients(scorer, list(micro), precision, masters, n_items, dist)
+        real = sum(b.real_tokens for b, k in zip(micro, counts) if k)
+        pad = sum(b.input_ids.numel() - b.real_tokens for b, k in zip(micro, counts) if k)
+        step_loss, c, n, real, pad = dist.all_reduce_sum([step_loss, c, n, real, pad])
         run.correct, run.compared = run.correct + c, run.compared + n
-        for b in micro:
-            run.real_tokens += b.real_tokens
-            run.pad_tokens += b.input_ids.numel() - b.real_tokens
-        run.items_seen += sum(b.size for b in micro)
+        run.real_tokens, run.pad_tokens = run.real_tokens + int(real), run.pad_tokens + int(pad)
+        run.items_seen += n_items
+        local_items += sum(counts)
         grad_norm = optimizer_step(optimizer, scheduler, masters, params, config.grad_clip)
         run.losses.append(step_loss)
         check_finite("reward", step + 1, step_loss, grad_norm, checkpointer)
@@ -540,10 +586,13 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
                             lr=f"{scheduler.get_last_lr()[0]:.1e}")
         if checkpointer.due(step + 1) and step + 1 < total_steps:
             run.seconds = time.time() - start
-            checkpointer.save({"step": step + 1, "models": {"model": masters.state_dict(0)},
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "rng": rng_state(), "run": dataclasses.asdict(run)})
+            rngs = dist.rng_states()
+            if dist.is_main:
+                checkpointer.save({"step": step + 1, "models": {"model": masters.state_dict(0)},
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "rng": rngs, "run": dataclasses.asdict(run)})
     bar.close()
     run.seconds = time.time() - start
+    run.examples_per_process = dist.all_gather(local_items)
     masters.release()  # scored, evaluated and saved in fp32 from here on
     return run

@@ -1,0 +1,284 @@
+"""Data parallel on the CPU: 2 processes under torchrun (gloo, fp32) train as 1 process does, rank 0 alone writes,
+and a killed 2-process run resumes to the uninterrupted one.
+
+Tolerances. 2 processes compute each step's gradient as two half-batch sums added by one all-reduce, where
+1 process computes one full-batch sum: the same numbers added in another order. The SFT test shows that this
+is the only difference: the 2-process run equals, bit for bit, one process that backpropagates the same two
+shards and adds their gradients. Adam then turns the last-bit differences of gradients that are zero in exact
+arithmetic (the attention key biases: softmax ignores them) into steps of up to lr in either direction, so
+after 20 steps at lr 1e-3 a few parameters differ by up to ~1e-5 (measured: 3.4e-6 SFT, 9.6e-6 reward) while
+the mean difference is ~3e-9 and the parameters moved by over 1e-3 on average. The bounds are 5-10x those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignloop.distributed import SINGLE_PROCESS, Distributed, from_environment
+from alignloop.training import IGNORE, LMBatch
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "alignloop"]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+DDP_CPU_YAML = Path(__file__).parent.parent / "examples" / "accelerate" / "ddp_cpu.yaml"
+
+MAX_ABS, MAX_MEAN = 5e-5, 3e-8  # |parameter difference|, 2 processes vs 1: largest, mean (module docstring)
+SFT_SETS = {"batch_size": 7, "epochs": 4, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 3,
+            "precision": "fp32", "device": "cpu"}
+REWARD_SETS = {"batch_size": 6, "gradient_accumulation_steps": 2, "epochs": 1.5, "lr": 1e-3, "max_length": 96,
+               "normalize_samples": 16, "checkpoint_every": 2, "precision": "fp32", "device": "cpu"}
+
+# Every file a process opens for writing, renames, creates or removes under WRITES_ROOT, one line each,
+# prefixed by its RANK; each process first says that it is recorded. Python's audit hooks see every such
+# call of the interpreter (not the ones native code makes itself, like safetensors' weights; the model's
+# config and tokenizer files beside them are Python's).
+RECORDER = '''
+import os, sys
+if os.environ.get("WRITES_LOG"):
+    _root, _rank = os.environ["WRITES_ROOT"], os.environ.get("RANK", "launcher")
+    _fd = os.open(os.environ["WRITES_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    os.write(_fd, f"{_rank} recorded\\n".encode())
+    _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    def _hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            if not (isinstance(mode, str) and set(mode) & set("wax+")) and not (isinstance(flags, int) and flags & _WRITING):
+                return
+        elif event in ("os.rename", "os.mkdir", "os.remove", "shutil.rmtree"):
+            path = args[0]
+        else:
+            return
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(_root):
+            os.write(_fd, f"{_rank} {event} {os.fspath(path)}\\n".encode())
+    sys.addaudithook(_hook)
+'''
+
+
+def sets(values: dict) -> list[str]:
+    return [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+
+
+def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def recorded_run(command: list[str], out: Path, tmp: Path) -> dict[str, list[str]]:
+    """Run `command` with every process's writes under `out` recorded: {rank: [event path, ...]}."""
+    (tmp / "recorder").mkdir(exist_ok=True)
+    (tmp / "recorder" / "sitecustomize.py").write_text(RECORDER)
+    log = tmp / f"writes-{out.name}.log"
+    run(command, {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp / "recorder"), ENV.get("PYTHONPATH", "")]),
+                  "WRITES_LOG": str(log), "WRITES_ROOT": str(out)})
+    writes: dict[str, list[str]] = {}
+    for line in log.read_text().splitlines():
+        rank, _, what = line.partition(" ")
+        writes.setdefault(rank, []).append(what)
+    return writes
+
+
+def assert_rank_0_alone_wrote(writes: dict[str, list[str]], out: Path, summary: str) -> None:
+    assert writes["0"][0] == writes["1"][0] == "recorded"  # both processes were watched
+    assert writes["1"] == ["recorded"], writes["1"][:5]
+    assert f"os.rename {out / summary}.tmp" in writes["0"]  # the summary, written atomically by rank 0
+    assert any(w.startswith(f"open {out / 'config.json'}") for w in writes["0"])  # the model, beside its weights
+
+
+def parameter_differences(a: Path, b: Path) -> tuple[float, float]:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert x.keys() == y.keys()
+    d = torch.cat([(x[k] - y[k]).abs().flatten() for k in x])
+    return float(d.max()), float(d.mean())
+
+
+def mean_movement(trained: Path, start: Path) -> float:
+    x, y = load_file(str(trained / "model.safetensors")), load_file(str(start / "model.safetensors"))
+    return float(torch.cat([(x[k] - y[k]).abs().flatten() for k in x if k in y]).mean())
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, fortunes) -> dict[str, Path]:
+    """SFT pairs (29: global batches of 7 end with one of 1, which leaves rank 1 without rows) and
+    preference pairs (37: micro-batches of 6 end with one of 1)."""
+    from test_reward_train import sentiment_pairs
+
+    tmp = tmp_path_factory.mktemp("ddp_data")
+    pairs = [{"prompt": " ".join(f.split()[:3]), "response": " " + " ".join(f.split()[3:14])}
+             for f in fortunes if len(f.split()) > 6][:39]
+    return {"sft": write_jsonl(tmp / "sft.jsonl", pairs[:29]), "sft_held": write_jsonl(tmp / "sft_held.jsonl", pairs[29:]),
+            "rm": write_jsonl(tmp / "rm.jsonl", sentiment_pairs(fortunes, 37, 0)),
+            "rm_held": write_jsonl(tmp / "rm_held.jsonl", sentiment_pairs(fortunes, 12, 1))}
+
+
+def sft_args(tiny_lm_dir: Path, data: dict[str, Path], out: Path) -> list[str]:
+    return ["sft", "--model", str(tiny_lm_dir), "--data", str(data["sft"]), "--out-dir", str(out),
+            *sets({**SFT_SETS, "held_out_data": data["sft_held"]})]
+
+
+@pytest.fixture(scope="module")
+def sft_two(tmp_path_factory, tiny_lm_dir, data) -> tuple[Path, dict, dict]:
+    tmp = tmp_path_factory.mktemp("ddp_sft")
+    out = tmp / "two"
+    writes = recorded_run(TORCHRUN + sft_args(tiny_lm_dir, data, out), out, tmp)
+    return out, json.loads((out / "sft_summary.json").read_text()), writes
+
+
+def test_shard_gives_each_process_a_contiguous_block():
+    assert [Distributed(rank, 3).shard(10) for rank in range(3)] == [range(0, 4), range(4, 7), range(7, 10)]
+    assert [Distributed(rank, 2).shard(1) for rank in range(2)] == [range(0, 1), range(1, 1)]
+    assert SINGLE_PROCESS.shard(5) == range(0, 5)
+
+
+def test_a_process_without_rows_gets_one_that_counts_for_nothing():
+    batch = LMBatch(torch.tensor([[5, 6, 7, 0]]), torch.tensor([[1, 1, 1, 0]]), torch.tensor([[IGNORE, 6, 7, IGNORE]]))
+    assert batch.target_count() == 2
+    rows, n = batch.shard(Distributed(0, 2), torch.device("cpu"))
+    assert n == 1 and rows.input_ids.tolist() == [[5, 6, 7]]  # cut to its longest row
+    rows, n = batch.shard(Distributed(1, 2), torch.device("cpu"))
+    assert n == 0 and rows.input_ids.tolist() == [[5, 6, 7]] and rows.target_count() == 0
+
+
+def test_one_process_is_the_job_when_no_launcher_started_several():
+    assert from_environment() == SINGLE_PROCESS  # pytest runs under no launcher
+    model = torch.nn.Linear(2, 2)
+    assert SINGLE_PROCESS.wrap(model) is model
+    assert SINGLE_PROCESS.all_reduce_sum([1.5, 2]) == [1.5, 2]
+    assert SINGLE_PROCESS.all_gather({"a": 1}) == [{"a": 1}] and SINGLE_PROCESS.broadcast("x") == "x"
+
+
+@pytest.mark.slow
+def test_sft_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(sft_two, tiny_lm_dir, data, tmp_path):
+    from alignloop.sft import SFTConfig, sft
+
+    out, two, writes = sft_two
+    one = sft(SFTConfig(model=tiny_lm_dir, data=data["sft"], held_out_data=data["sft_held"], out_dir=tmp_path / "one",
+                        **SFT_SETS))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    # Per epoch: 4 batches of 7 (rows 0-3 to rank 0, 4-6 to rank 1), then 1 of 1 (rank 0's).
+    assert one["steps"] == two["steps"] == 20 and one["examples_per_process"] == [29 * 4]
+    assert two["examples_per_process"] == [17 * 4, 12 * 4]
+    max_diff, mean_diff = parameter_differences(tmp_path / "one", out)
+    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
+    assert mean_movement(out, tiny_lm_dir) > 1e-3
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-6)
+    ppl_one, ppl_two = one["held_out_response_perplexity"], two["held_out_response_perplexity"]
+    assert ppl_two["before_sft"] == pytest.approx(ppl_one["before_sft"], rel=1e-9)
+    assert ppl_two["after_sft"] == pytest.approx(ppl_one["after_sft"], rel=1e-5)
+    assert_rank_0_alone_wrote(writes, out, "sft_summary.json")
+    # The whole difference is the split of the sums: one process adding the gradients of the same two
+    # shards ends with the 2-process run's parameters, bit for bit.
+    emulated = emulate_two_shards(tiny_lm_dir, data["sft"], SFTConfig(model=tiny_lm_dir, data=data["sft"],
+                                                                      out_dir=tmp_path / "emulated", **SFT_SETS))
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(weights[k], emulated[k]) for k in weights)
+
+
+def emulate_two_shards(tiny_lm_dir: Path, pairs: Path, config) -> dict[str, torch.Tensor]:
+    """In one process, what 2 DDP processes compute: every global batch's two shards backpropagated,
+    their gradients added, one optimiser step; returns the final parameters."""
+    from alignloop.modeling import load_causal_lm, load_tokenizer
+    from alignloop.sft import encode_pairs, pair_batches, read_pairs
+    from alignloop.tokenizer import CONTINUATION_TEMPLATE
+    from alignloop.training import lm_loss_sum, model_optimizer, optimizer_step, warmup_cosine
+
+    tokenizer = load_tokenizer(tiny_lm_dir)
+    tokenizer.chat_template = tokenizer.chat_template or CONTINUATION_TEMPLATE
+    model = load_causal_lm(tiny_lm_dir, torch.device("cpu"), tokenizer)
+    encoded, _ = encode_pairs(tokenizer, read_pairs(pairs), config.max_length)
+    batches = [batch for epoch in range(int(config.epochs))
+               for batch in pair_batches(encoded, config.batch_size, tokenizer.pad_token_id, "cpu", config.seed + epoch)]
+    masters, optimizer, params = model_optimizer(model, config.lr, config.weight_decay, "fp32")
+    scheduler = warmup_cosine(optimizer, config.warmup_steps, len(batches))
+    model.train()
+    for batch in batches:
+        for rank in range(2):
+            rows, _ = batch.shard(Distributed(rank, 2), torch.device("cpu"))
+            (lm_loss_sum(model, rows, "fp32")[0] / batch.target_count()).backward()
+        optimizer_step(optimizer, scheduler, masters, params, config.grad_clip)
+    return model.state_dict()
+
+
+@pytest.mark.slow
+def test_reward_training_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(tiny_lm_dir, data, tmp_path):
+    from alignloop.reward.train import RewardTrainConfig, train_reward_model
+
+    one = train_reward_model(RewardTrainConfig(model=tiny_lm_dir, data=data["rm"], held_out_data=data["rm_held"],
+                                               out_dir=tmp_path / "one", **REWARD_SETS))
+    out = tmp_path / "two"
+    writes = recorded_run(TORCHRUN + ["reward", "train", "--model", str(tiny_lm_dir), "--data", str(data["rm"]),
+                                      "--held-out-data", str(data["rm_held"]), "--out-dir", str(out),
+                                      *sets(REWARD_SETS)], out, tmp_path)
+    two = json.loads((out / "reward_summary.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    # ceil(37 items x 1.5 epochs / 12 per step) = 5 steps, 10 micro-batches: 8 of 6 (3 + 3 per process)
+    # and each epoch's one of 1 (rank 0's; rank 1 scores a null item in its place).
+    assert one["steps"] == two["steps"] == 5 and one["examples_per_process"] == [50]
+    assert two["examples_per_process"] == [26, 24]
+    max_diff, mean_diff = parameter_differences(tmp_path / "one", out)
+    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
+    assert mean_movement(out, tiny_lm_dir) > 1e-3
+    for key in ("final_train_loss", "train_accuracy", "held_out_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert two["held_out_accuracy"] == one["held_out_accuracy"]
+    assert two["held_out_eval"]["accuracy"] == one["held_out_eval"]["accuracy"]
+    assert_rank_0_alone_wrote(writes, out, "reward_summary.json")
+
+
+def worker_pids(launcher: int) -> list[int]:
+    return [int(pid) for task in Path(f"/proc/{launcher}/task").iterdir()
+            for pid in (task / "children").read_text().split()]
+
+
+@pytest.mark.slow
+def test_a_killed_2_process_run_resumes_to_the_uninterrupted_one(sft_two, tiny_lm_dir, data, tmp_path):
+    whole, whole_summary, _ = sft_two
+    killed = tmp_path / "killed"
+    args = sft_args(tiny_lm_dir, data, killed)
+    launcher = subprocess.Popen(TORCHRUN + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint" / "state.pt").is_file():
+        assert launcher.poll() is None, f"finished before its first checkpoint: {launcher.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    # The whole job dies at once: torchrun's workers live in sessions of their own, so each is killed.
+    for pid in worker_pids(launcher.pid) + [launcher.pid]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["step"] % 3 == 0 and state["step"] < 20  # every rank's RNG state
+    # Resumed by the other launcher: accelerate starts the same 2 processes through torchrun.
+    resumed = run(ACCELERATE + ["--config_file", str(DDP_CPU_YAML), "-m", "alignloop", *args])
+    assert "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    assert parameter_differences(whole, killed) == (0.0, 0.0)
+    summary = json.loads((killed / "sft_summary.json").read_text())
+    for key in ("steps", "examples_per_process", "final_train_loss", "held_out_response_perplexity", "world_size"):
+        assert summary[key] == whole_summary[key], key
+    assert not (killed / "checkpoint").exists()
+
+
+def test_accelerate_cpu_launch_of_several_processes_is_refused_in_one_line(tiny_lm_dir, data, tmp_path):
+    done = subprocess.run(ACCELERATE + ["--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                                        "no", "--dynamo_backend", "no", "--quiet", "-m", "alignloop",
+                                        *sft_args(tiny_lm_dir, data, tmp_path / "out")],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "starts ONE process" in errors[0] and "ddp_cpu.yaml" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
