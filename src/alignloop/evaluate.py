@@ -49,7 +49,8 @@ class EvaluateConfig(StageConfig):
         for path in (self.policy, self.reference, self.reward_model):
             check_model_dir(path)
         self.require(self.num_prompts >= 1, "num_prompts must be >= 1")
-        load_label_function(self.judge)  # fail now, not after sampling
+        with self.about("judge"):
+            load_label_function(self.judge)  # fail now, not after sampling
 
 
 def win_rate(a: list[float], b: list[float]) -> float:
