@@ -61,7 +61,7 @@ FIELD_LIMITS: dict[str, tuple[int | float | None, int | float]] = {
     "lora_r": (None, 65_536),
     "bins": (None, 100_000),
     "seed": (-MAX_SEED, MAX_SEED),
-    "port": (1, 65_535),
+    "port": (0, 65_535),  # 0: any free port
 }
 
 
