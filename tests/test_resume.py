@@ -398,8 +398,8 @@ def test_the_pipeline_killed_at_random_moments_resumes_to_the_same_models_and_da
     assert "resuming from" in "".join(err for _, err in killed) + last  # a training stage took up its checkpoint
     compared = same_outputs(tmp_path / "reference", out,
                             skip=(r"annotations\.db.*", r"report\.(json|html)", r"timings\.json", r"plots/.*"))
-    assert {f"{d}/model.safetensors" for d in ("base", "sft", "round1/reward_model", "round1/policy", "reward_model",
-                                               "policy")} <= set(compared)
+    assert {f"{d}/model.safetensors" for d in ("base", "sft", "round1/reward_model", "round1/policy",
+                                               "round1/policy/critic", "reward_model", "policy")} <= set(compared)
     assert {"round1/sample/campaign.jsonl", "preferences.jsonl", "round1/eval/samples.jsonl"} <= set(compared)
 
 
