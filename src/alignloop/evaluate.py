@@ -62,7 +62,8 @@ class EvaluateConfig(StageConfig):
                 check_model_dir(path)
         self.require(self.num_prompts >= 1, "num_prompts must be >= 1")
         self.require(1 <= self.best_of_n <= MAX_BEST_OF_N, f"best_of_n must be in [1, {MAX_BEST_OF_N}]")
-        load_label_function(self.judge)  # fail now, not after sampling
+        with self.about("judge"):
+            load_label_function(self.judge)  # fail now, not after sampling
 
 
 def win_rate(a: list[float], b: list[float]) -> float:

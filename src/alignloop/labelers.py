@@ -70,7 +70,7 @@ def load_label_function(spec: str) -> LabelFunction:
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(target)
-    except ImportError as e:
+    except (ImportError, ValueError, TypeError) as e:  # ValueError, TypeError: '' or a relative name like '.x'
         raise AlignloopError(f"label function '{spec}': cannot import {target} ({e})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):

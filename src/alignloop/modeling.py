@@ -7,6 +7,7 @@ Everything the toolkit writes loads with `AutoModelForCausalLM.from_pretrained`
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import zipfile
@@ -30,6 +31,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .errors import ConfigError, InputError
+from .files import atomic_directory
 from .jsonl import decode_utf8, json_type_name
 
 
@@ -385,11 +387,27 @@ def fit_to_tokenizer(path: Path, model: PreTrainedModel, tokenizer: PreTrainedTo
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
+# What `save_pretrained` writes for a model and its tokenizer.
+MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                       "pytorch_model*.bin", "*.bin.index.json", "tokenizer*", "vocab.*", "merges.txt", "*.model",
+                       "special_tokens_map.json", "added_tokens.json", "chat_template.*")
+
+
+def replaced_by_a_save(name: str) -> bool:
+    """An entry of a model directory that a new save replaces: the old model's files (a shard the new save
+    does not write must not stay beside it) and leftovers of an interrupted write. Anything else there
+    (a stage's checkpoint, metrics, prompts) is kept."""
+    return name.endswith(PARTIAL_SUFFIXES) or any(fnmatch.fnmatchcase(name, p) for p in MODEL_FILE_PATTERNS)
+
+
 def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path,
                    max_new_tokens: int | None = None) -> Path:
-    """Weights as safetensors, tokenizer, and a generation config that stops at EOS and pads with pad."""
+    """Weights as safetensors, tokenizer, and a generation config that stops at EOS and pads with pad.
+
+    Written whole to `<out_dir>.tmp-XXXX`, fsynced, then renamed into place (`files.atomic_directory`):
+    a reader, or a rerun after a kill, finds the old model or the new one, never half of one.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "generation_config") and model.can_generate():
         model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id,
@@ -400,8 +418,9 @@ def save_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, o
             top_p=1.0,
             max_new_tokens=max_new_tokens or 64,
         )
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    with atomic_directory(out_dir, replaces=replaced_by_a_save) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out_dir
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 
@@ -20,6 +20,16 @@ from .modeling import build_causal_lm, count_matmul_params, save_model_dir
 from .tokenizer import train_tokenizer
 from .stage import RoundState, StageContext, run_stage, stage_checkpointer
 from .training import LMBatch, perplexity, train_lm
+
+
+# Caps of a model pretrained here, far above the default one's (about 5 M parameters, 4 k tokens a step).
+MAX_PARAMETERS = 10**10
+MAX_BATCH_TOKENS = 2**24
+
+
+def gpt2_parameters(vocab_size: int, n_layer: int, n_embd: int, block_size: int) -> int:
+    """About how many parameters `build_causal_lm` makes: 12 d^2 per block, token and position embeddings."""
+    return 12 * n_layer * n_embd**2 + (vocab_size + block_size) * n_embd
 
 
 @dataclass
@@ -45,13 +55,27 @@ class PretrainConfig(StageConfig):
     device: str = "auto"
     precision: str = "auto"
 
+    LIMITS: ClassVar[dict] = {"vocab_size": (None, 1_048_576), "n_layer": (None, 1024), "n_embd": (None, 65_536),
+                              "n_head": (None, 1024)}
+
     def validate(self) -> None:
         self.require(self.vocab_size >= 300, "vocab_size must be >= 300 (256 bytes + special tokens + merges)")
+        self.require(self.n_layer >= 1 and self.n_embd >= 1 and self.n_head >= 1,
+                     "n_layer, n_embd and n_head must be >= 1")
         self.require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         self.require(self.block_size >= 8, "block_size must be >= 8")
         self.require(self.batch_size >= 1 and self.epochs > 0, "batch_size and epochs must be positive")
         self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
         self.require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: no checkpoints)")
+        # Each size can be within its cap and the model still too big to build: refuse it before it is.
+        params = gpt2_parameters(self.vocab_size, self.n_layer, self.n_embd, self.block_size)
+        self.require(params <= MAX_PARAMETERS, f"a model of n_layer={self.n_layer}, n_embd={self.n_embd} and "
+                     f"vocab_size={self.vocab_size} has {params:.2g} parameters; at most {MAX_PARAMETERS:.0e} is allowed "
+                     f"(its weights and optimiser state alone would need {16 * params / 2**30:,.0f} GiB)")
+        tokens = self.batch_size * self.block_size
+        self.require(tokens <= MAX_BATCH_TOKENS, f"batch_size x block_size = {tokens:,} tokens per step; at most "
+                     f"{MAX_BATCH_TOKENS:,} is allowed")
+
 
 
 def pack_documents(token_lists: list[list[int]], block_size: int) -> torch.Tensor:

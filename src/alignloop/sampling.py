@@ -48,7 +48,11 @@ class SampleConfig(StageConfig):
         check_model_dir(self.model)
         if not Path(self.prompts).exists():
             raise InputError(self.prompts, "no such prompts file")
+        from .annotate.service import MAX_RESPONSES
+
         self.require(self.k >= 2, f"k must be >= 2 (people compare at least two responses), got {self.k}")
+        self.require(self.k <= MAX_RESPONSES, f"k must be at most {MAX_RESPONSES} (the most responses the "
+                                              f"annotation app shows in one item), got {self.k}")
         self.require(self.num_prompts is None or self.num_prompts >= 1, "num_prompts must be >= 1")
         self.require(self.max_resample >= 0, "max_resample must be >= 0")
 

@@ -54,7 +54,8 @@ class SFTConfig(StageConfig):
 
     def validate(self) -> None:
         check_model_dir(self.model)
-        self.max_length = max_length_for(self.model, self.max_length, DEFAULT_MAX_LENGTH, type(self).__name__)
+        with self.about("max_length"):
+            self.max_length = max_length_for(self.model, self.max_length, DEFAULT_MAX_LENGTH, type(self).__name__)
         if self.data is not None and not Path(self.data).exists():
             raise InputError(self.data, "no such data file")
         self.require(1 <= self.prompt_words_min <= self.prompt_words_max,

@@ -24,6 +24,7 @@ from typing import IO, Iterable, Iterator, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ..files import atomic_open
 from .agreement import groups
 from .db import Annotator, Answer, Campaign, Item
 
@@ -127,14 +128,15 @@ def write_exports(rows: Iterable[dict], out_dir: Path, prefix: str = "", pair_po
                   tie_policy: str = "drop", dataset: bool = False) -> dict:
     """Write `<prefix>rankings.jsonl`, `<prefix>preferences.jsonl` and (dataset=True) `<prefix>preferences/`.
 
-    One pass over `rows`, written as they come: an export never has to fit in memory.
+    One pass over `rows`, written as they come: an export never has to fit in memory. Each file is
+    renamed into place once whole (`files.atomic_open`), so a killed export leaves the previous one.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"rankings": out_dir / f"{prefix}rankings.jsonl", "preferences": out_dir / f"{prefix}preferences.jsonl"}
     n_rows = n_pairs = 0
     all_margins = True
-    with open(paths["rankings"], "w", encoding="utf-8") as ranks, open(paths["preferences"], "w", encoding="utf-8") as prefs:
+    with atomic_open(paths["rankings"]) as ranks, atomic_open(paths["preferences"]) as prefs:
         for row in rows:
             ranks.write(jsonl_line(row))
             n_rows += 1

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from ..labelers import load_label_function, noisy_preference, noisy_ranking
 from . import service
-from .db import Annotator, get_sessionmaker
+from .db import Annotator, Answer, Item, get_sessionmaker
 from .export import ranking_rows, write_exports
 
 Answerer = Callable[[str, Sequence[str], random.Random], list]
@@ -55,6 +55,8 @@ def run_simulated_annotation(campaign: Path, out_dir: Path, label_function: str 
 
     Writes `out_dir/rankings.jsonl` and `out_dir/preferences.jsonl` for this campaign, and
     `all_rankings.jsonl` / `all_preferences.jsonl` for every campaign in the database so far.
+    Each answer is committed on its own, so a killed run loses at most the one in flight, and a rerun
+    continues where it stopped with the same answers an unbroken run gives (`resume_position`).
     """
     start = time.time()
     campaign, out_dir = Path(campaign), Path(out_dir)
@@ -72,20 +74,24 @@ def run_simulated_annotation(campaign: Path, out_dir: Path, label_function: str 
                 service.create_annotator(s, who)  # the token is not needed in-process
             people.append(s.scalar(select(Annotator).where(Annotator.name == who)))
         campaign_id = camp.id
+        rngs = [random.Random(f"{seed}:{p.name}:{campaign_id}") for p in people]
+        turn = resume_position(s, campaign_id, people, rngs, answer)
 
-    rngs = [random.Random(f"{seed}:{p.name}:{campaign_id}") for p in people]
-    active = list(range(len(people)))
+    active = set(range(len(people)))
     answers = 0
     while active:  # round-robin, so the overlap is spread over people as it would be with a crowd
-        for n in list(active):
-            with Session() as s:
-                view = service.next_item(s, people[n], campaign_id)
-                if view is None:
-                    active.remove(n)
-                    continue
-                ranking = answer(view["prompt"], view["responses"], rngs[n])
-                service.submit_answer(s, people[n], campaign_id, view["item"], ranking)
-                answers += 1
+        n = turn % len(people)
+        turn += 1
+        if n not in active:
+            continue
+        with Session() as s:
+            view = service.next_item(s, people[n], campaign_id)
+            if view is None:
+                active.discard(n)
+                continue
+            ranking = answer(view["prompt"], view["responses"], rngs[n])
+            service.submit_answer(s, people[n], campaign_id, view["item"], ranking)
+            answers += 1
 
     with Session() as s:
         stats = service.campaign_stats(s, campaign_id)
@@ -99,6 +105,24 @@ def run_simulated_annotation(campaign: Path, out_dir: Path, label_function: str 
         "all_rankings": every["rankings"], "all_preferences": every["preferences"], "all_pairs": every["pairs"],
         "seconds": round(time.time() - start, 2),
     }
+
+
+def resume_position(s, campaign_id: int, people: list[Annotator], rngs: list[random.Random], answer: Answerer) -> int:
+    """Where the round-robin of `people` over `campaign_id` stands after the answers already stored: each
+    person's generator is advanced past their answers (replayed in order), and the turn is the person
+    after the last one who answered (0 on a fresh campaign). A run killed mid-campaign then continues
+    exactly as an unbroken run would have, answer for answer."""
+    index = {p.id: n for n, p in enumerate(people)}
+    last = None
+    rows = s.execute(select(Answer.annotator_id, Answer.shown_order, Item.prompt, Item.responses)
+                     .join(Item, Answer.item_pk == Item.id)
+                     .where(Answer.campaign_id == campaign_id, Answer.annotator_id.in_(list(index)))
+                     .order_by(Answer.id))
+    for annotator_id, shown_order, prompt, responses in rows:
+        n = index[annotator_id]
+        answer(prompt, [responses[i] for i in shown_order], rngs[n])  # draws what the stored answer drew
+        last = n
+    return 0 if last is None else last + 1
 
 
 class HttpAnnotator:

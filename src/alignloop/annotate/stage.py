@@ -45,7 +45,8 @@ class AnnotateConfig(StageConfig):
         self.require(self.mode in ("rank", "pairwise"), f"mode must be 'rank' or 'pairwise', got '{self.mode}'")
         self.require(self.poll_seconds > 0, "poll_seconds must be > 0")
         if not self.human:
-            load_label_function(self.label_function)  # fail now, not after sampling
+            with self.about("label_function"):
+                load_label_function(self.label_function)  # fail now, not after sampling
 
     @property
     def database(self) -> str:

@@ -18,8 +18,9 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrai
 
 from ..device import autocast
 from ..errors import InputError
-from ..files import atomic_write_json
-from ..modeling import check_model_dir, load_scalar_model, load_tokenizer, read_json_file, use_fast_kernels
+from ..files import atomic_directory, atomic_write_json
+from ..modeling import (check_model_dir, load_scalar_model, load_tokenizer, read_json_file, replaced_by_a_save,
+                        use_fast_kernels)
 from ..prompts import encode_prompt, encode_response, pad_right
 
 NORMALIZATION_FILE = "reward_normalization.json"
@@ -64,10 +65,12 @@ class RewardModel:
         return cls(model, tokenizer, norm["gain"], norm["bias"], precision)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
+        """The model, tokenizer and normalisation, swapped into `out_dir` together (see `save_model_dir`)."""
         out_dir = Path(out_dir)
-        self.model.save_pretrained(out_dir, safe_serialization=True)
-        self.tokenizer.save_pretrained(out_dir)
-        atomic_write_json(out_dir / NORMALIZATION_FILE, {"gain": self.gain, "bias": self.bias})
+        with atomic_directory(out_dir, replaces=replaced_by_a_save) as tmp:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / NORMALIZATION_FILE, {"gain": self.gain, "bias": self.bias})
         return out_dir
 
     @property

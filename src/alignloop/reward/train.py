@@ -79,7 +79,8 @@ class RewardTrainConfig(StageConfig):
 
     def validate(self) -> None:
         check_model_dir(self.model)
-        self.max_length = max_length_for(self.model, self.max_length, DEFAULT_MAX_LENGTH, type(self).__name__)
+        with self.about("max_length"):
+            self.max_length = max_length_for(self.model, self.max_length, DEFAULT_MAX_LENGTH, type(self).__name__)
         if self.init_from is not None:
             check_model_dir(self.init_from)
         for path in (self.data, self.held_out_data, self.normalize_prompts):
