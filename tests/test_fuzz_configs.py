@@ -352,8 +352,6 @@ def test_a_bad_set_value_is_one_line_naming_the_set(world, item, expected):
     assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.check_sections does not yet call StageConfig.check_values: "
-                                       "a bad ppo section is found only after pretrain..reward ran")
 def test_a_pipeline_with_an_absurd_ppo_batch_is_refused_before_any_stage(world):
     d, good = world
     path = d / "absurd_pipeline.yaml"

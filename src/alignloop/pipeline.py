@@ -37,7 +37,7 @@ from typing import Any
 
 from .config import StageConfig, parse_set, read_yaml_mapping
 from .errors import ConfigError, InputError
-from .files import atomic_write_json, read_json_or_none
+from .files import atomic_directory, atomic_open, atomic_write_json, read_json_or_none
 from .stage import RoundState, Stage, StageContext, load_average, log, run_stage
 
 ONCE = ("pretrain", "sft")
@@ -102,6 +102,7 @@ def check_sections(sections: dict[str, Any], source: str = "pipeline", lines: di
             if key not in known:
                 raise InputError(source, f"unknown key for {cls.__name__}; known keys: {', '.join(sorted(known))}",
                                  line=lines.get(f"{name}.{key}"), field=f"{name}.{key}")
+        cls.check_values(values, source, lines, prefix=f"{name}.")  # types and size caps, before any stage runs
     if "sft" in sections and "policy" in sections:
         raise InputError(source, "give either an sft section (train the policy) or a policy section "
                                  "(your model is the policy), not both", line=lines.get("policy"), field="policy")
@@ -196,19 +197,17 @@ def run_pipeline(spec: PipelineSpec) -> dict:
 def publish_round(state: RoundState) -> None:
     """The latest round's models and every preference so far at the top of out/, where users look first."""
     annotate = state.outputs["annotate"]
-    shutil.copyfile(annotate["all_rankings"], state.out / "rankings.jsonl")
-    shutil.copyfile(annotate["all_preferences"], state.out / "preferences.jsonl")
+    for src, name in ((annotate["all_rankings"], "rankings.jsonl"), (annotate["all_preferences"], "preferences.jsonl")):
+        with atomic_open(state.out / name) as out, open(src, encoding="utf-8") as source:
+            shutil.copyfileobj(source, out)
     copy_model_dir(state.outputs["ppo"]["model"], state.out / "policy")
     copy_model_dir(state.outputs["reward"]["model"], state.out / "reward_model")
 
 
 def copy_model_dir(src: Path, dst: Path) -> None:
-    """Replace dst with src's model files (not PPO's optimizer checkpoint: the round directory keeps it)."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoint", "tensorboard"))
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    """Replace dst with src's model files (not PPO's optimizer checkpoint: the round directory keeps it), atomically."""
+    with atomic_directory(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint", "tensorboard"))
 
 
 def write_pipeline_report(spec: PipelineSpec, ctx: StageContext, summaries: dict, rounds: list[dict],

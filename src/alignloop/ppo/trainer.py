@@ -27,6 +27,7 @@ import torch
 
 from ..checkpoint import rng_state, set_rng_state
 from ..errors import ConfigError
+from ..files import atomic_directory
 from ..modeling import load_tokenizer, model_context_length, save_model_dir
 from ..prompts import encode_prompt, read_prompts
 from ..stage import RoundState, StageContext, run_stage, stage_checkpointer
@@ -290,13 +291,15 @@ class PPOTrainer:
     def save_models(self) -> None:
         policy = self.models.policy
         if self.config.lora_r > 0:
-            policy.save_pretrained(self.out_dir / "adapter")  # the adapters alone, for peft users
+            with atomic_directory(self.out_dir / "adapter") as tmp:
+                policy.save_pretrained(tmp)  # the adapters alone, for peft users
             policy = policy.merge_and_unload()  # a plain HF model: loads with no peft
         # The saved weights are the fp32 masters, not their bf16 roundings.
         with self.models.masters.fp32_models():
             save_model_dir(policy, self.tokenizer, self.out_dir, self.config.max_new_tokens)
             if self.models.critic is not None:
-                self.models.critic.save_pretrained(self.out_dir / "critic", safe_serialization=True)
+                with atomic_directory(self.out_dir / "critic") as tmp:
+                    self.models.critic.save_pretrained(tmp, safe_serialization=True)
 
     def finish(self, history: list[dict], start: float, resumed_from: int, stopped: str | None) -> dict[str, Any]:
         c = self.config
