@@ -167,12 +167,15 @@ def evaluate(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = Set
              reward_model: Optional[Path] = typer.Option(None, help="Reward model directory."),
              prompts: Optional[Path] = typer.Option(None, help='Held-out JSONL with {"prompt": ...}.'),
              out_dir: Optional[Path] = typer.Option(None, help="Where samples.jsonl and the summary go."),
-             judge: Optional[str] = typer.Option(None, help="Label function judging both sides (default vader).")):
-    """Policy vs SFT on held-out prompts: RM and judge win rates, KL, length, EOS rate, perplexity."""
+             judge: Optional[str] = typer.Option(None, help="Label function judging both sides (default vader)."),
+             gold_reward_model: Optional[Path] = typer.Option(None, help="A held-out RM that also scores both sides."),
+             best_of_n: Optional[int] = typer.Option(None, help="Judge the RM-best of N samples of the policy.")):
+    """Policy vs SFT on held-out prompts: RM, judge (and gold RM) win rates, KL, length, EOS rate, perplexity."""
     from .evaluate import EvaluateConfig, evaluate as run
 
     run_command(EvaluateConfig, run, config, set_, policy=policy, reference=reference, reward_model=reward_model,
-              prompts=prompts, out_dir=out_dir, judge=judge)
+                prompts=prompts, out_dir=out_dir, judge=judge, gold_reward_model=gold_reward_model,
+                best_of_n=best_of_n)
 
 
 @app.command()
