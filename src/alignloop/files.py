@@ -27,9 +27,9 @@ CONTENT_HASH_LIMIT = 256 * 2**20
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path) -> Iterator[TextIO]:
-    """A text file to write `path` through: it is `path.tmp` until the block ends, then flushed to
-    disk and renamed over `path`. A failure (a bad row, a full disk, `path` a directory) removes the
+def atomic_open(path: str | Path, binary: bool = False) -> Iterator[TextIO]:
+    """A text (or, with `binary`, bytes) file to write `path` through: it is `path.tmp` until the block
+    ends, then flushed to disk and renamed over `path`. A failure (a bad row, a full disk, `path` a directory) removes the
     `.tmp` and leaves `path` as it was; an OS error is one InputError line naming `path`."""
     path = Path(path)
     if path.is_dir():
@@ -37,7 +37,7 @@ def atomic_open(path: str | Path) -> Iterator[TextIO]:
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", encoding="utf-8") as f:
+        with (tmp.open("wb") if binary else tmp.open("w", encoding="utf-8")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

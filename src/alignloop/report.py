@@ -18,15 +18,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .files import atomic_write_json, atomic_write_text  # noqa: E402
+from .files import atomic_open, atomic_write_json, atomic_write_text  # noqa: E402
 from .jsonl import read_jsonl  # noqa: E402
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, write and close a figure (closing frees it: a long run makes many)."""
+def save_figure(fig, path: Path, dpi: int | None = None) -> Path:
+    """Lay out, write (atomically) and close a figure (closing frees it: a long run makes many)."""
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    path = Path(path)
+    with atomic_open(path, binary=True) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi)
     plt.close(fig)
     return path
 

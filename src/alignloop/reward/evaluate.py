@@ -86,6 +86,8 @@ def plot_calibration(calibration: dict, path: Path, title: str = "reward model c
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..report import save_figure
+
     rows = [r for r in calibration["bins"] if r["count"]]
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ax.plot([0.5, 1], [0.5, 1], "--", color="grey", label="perfect calibration")
@@ -99,11 +101,7 @@ def plot_calibration(calibration: dict, path: Path, title: str = "reward model c
     ax.set_xlim(0.48, 1.02)
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def annotator_agreement(items: list[Preference], score: dict[tuple[str, str], float]) -> dict | None:
