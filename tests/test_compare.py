@@ -51,6 +51,7 @@ def test_compare_runs_each_method_at_each_budget_and_reuses_them(setting, tmp_pa
     assert (out / "compare.html").is_file() and (out / "plots" / "judge_win_vs_kl.png").is_file()
     saved = json.loads((out / "compare.json").read_text())
     assert saved["winners"] == result["winners"] and {w["kl_budget"] for w in saved["winners"]} <= {1.0, 50.0}
+    assert all(w["trained"] is None or w["trained"]["best"] != "best_of_n" for w in saved["winners"])
     html = (out / "compare.html").read_text()
     assert "grpo (kl50)" in html and "best_of_n (n4)" in html  # the side-by-side completions
     assert (out / "ppo" / "kl1" / "seed0" / "model" / "critic").is_dir()
@@ -76,14 +77,16 @@ def test_winner_per_budget_is_paired_over_the_same_prompts(setting, tmp_path):
         rows.append({"kl": kl, "judge_win": sum(wins) / 4, "rm_win": 0.5})
     fronts = frontier(cfg, runs, rows)
     assert fronts["ppo"][0]["judge_win"] == 0.75 and fronts["rloo"][0]["judge_win"] == 0.25
-    (table,) = winners(cfg, runs, fronts)
+    (entry,) = winners(cfg, runs, fronts)
+    table = entry["overall"]
+    assert entry["trained"] == table  # no best-of-N here: the two rankings agree
     # per prompt A - B: 0, 1, 1, 0 -> margin 0.5, stderr stdev([0,1,1,0]) / 2 = 0.57735 / 2
     assert table["best"] == "ppo" and table["runner_up"] == "rloo" and table["paired_items"] == 4
     assert table["margin"] == pytest.approx(0.5) and table["margin_stderr"] == pytest.approx(0.5773503 / 2)
     # a KL of 2.6 is past 1.25 x 2: that point would not count at this budget
     rows[1]["kl"] = 2.6
-    (table,) = winners(cfg, runs, frontier(cfg, runs, rows))
-    assert "runner_up" not in table
+    (entry,) = winners(cfg, runs, frontier(cfg, runs, rows))
+    assert "runner_up" not in entry["overall"]
 
 
 def test_compare_refuses_what_it_cannot_run(setting, tmp_path):

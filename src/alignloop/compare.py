@@ -259,8 +259,10 @@ KL_SLACK = 1.25  # a run "fits" budget b when its measured KL is at most this ti
 def winners(config: CompareConfig, runs: list[Run], fronts: dict[str, list[dict]]) -> list[dict]:
     """At each KL budget: the method with the best judge win among its points within the budget, and how sure.
 
-    The margin over the runner-up is a paired difference over the same (seed, prompt) items
-    against the same SFT samples, so its standard error is far smaller than either win rate's.
+    Given twice: over every method, and over the methods that train a policy (best-of-N pays its
+    N samples at every use instead). The margin over the runner-up is a paired difference over the
+    same (seed, prompt) items against the same SFT samples, so its standard error is far smaller
+    than either win rate's.
     """
     table = []
     for budget in sorted(config.kl_budgets):
@@ -269,23 +271,31 @@ def winners(config: CompareConfig, runs: list[Run], fronts: dict[str, list[dict]
             fitting = [p for p in points if p["kl"] <= KL_SLACK * budget]
             if fitting:
                 best[method] = max(fitting, key=lambda p: p["judge_win"])
-        if not best:
-            continue
-        ranked = sorted(best.items(), key=lambda kv: -kv[1]["judge_win"])
-        (first, p1), rest = ranked[0], ranked[1:]
-        entry = {"kl_budget": budget, "best": first, "best_point": p1["budget"], "judge_win": p1["judge_win"],
-                 "judge_win_stderr": p1["judge_win_stderr"]}
-        if rest:
-            second, p2 = rest[0]
-            a = paired_outcomes(runs, first, p1["budget"], config.seeds)
-            b = paired_outcomes(runs, second, p2["budget"], config.seeds)
-            common = sorted(set(a) & set(b))
-            if common:
-                diff, diff_se = mean_and_stderr([a[k] - b[k] for k in common])
-                entry.update(runner_up=second, runner_up_point=p2["budget"], runner_up_judge_win=p2["judge_win"],
-                             margin=diff, margin_stderr=diff_se, paired_items=len(common))
-        table.append(entry)
+        trained = {m: p for m, p in best.items() if m != "best_of_n"}
+        entry = {"kl_budget": budget, "overall": leader(config, runs, best), "trained": leader(config, runs, trained)}
+        if entry["overall"] or entry["trained"]:
+            table.append(entry)
     return table
+
+
+def leader(config: CompareConfig, runs: list[Run], best: dict[str, dict]) -> dict | None:
+    """The first of `best` (method -> its best point) by judge win, and its paired margin over the second."""
+    if not best:
+        return None
+    ranked = sorted(best.items(), key=lambda kv: -kv[1]["judge_win"])
+    (first, p1), rest = ranked[0], ranked[1:]
+    entry = {"best": first, "best_point": p1["budget"], "judge_win": p1["judge_win"],
+             "judge_win_stderr": p1["judge_win_stderr"]}
+    if rest:
+        second, p2 = rest[0]
+        a = paired_outcomes(runs, first, p1["budget"], config.seeds)
+        b = paired_outcomes(runs, second, p2["budget"], config.seeds)
+        common = sorted(set(a) & set(b))
+        if common:
+            diff, diff_se = mean_and_stderr([a[k] - b[k] for k in common])
+            entry.update(runner_up=second, runner_up_point=p2["budget"], runner_up_judge_win=p2["judge_win"],
+                         margin=diff, margin_stderr=diff_se, paired_items=len(common))
+    return entry
 
 
 def paired_outcomes(runs: list[Run], method: str, label: str, seeds: list[int]) -> dict[tuple[int, int], float]:
