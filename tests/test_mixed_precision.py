@@ -130,3 +130,35 @@ def test_a_loss_that_turns_non_finite_stops_training_naming_the_step(tiny_tokeni
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")  # as a blown-up update would leave it
     with pytest.raises(TrainingDiverged, match=r"sft: non-finite loss at step 1 .*no checkpoint was kept"):
         train_lm(model, lm_batches(tiny_tokenizer, 3, 0), 3, 1e-3, 0.0, 1, 1.0, "fp32", "sft")
+
+
+def test_a_pipeline_stopped_by_the_guard_records_it_and_the_report_lists_guards(tiny_lm_dir, tmp_path):
+    """A blown-up model stops SFT inside the pipeline: one line, and out/guards.json names the stage and step."""
+    import json
+
+    from alignloop.modeling import load_causal_lm, load_tokenizer, save_model_dir
+    from alignloop.pipeline import PipelineSpec, run_pipeline
+    from alignloop.report import guards_fired
+    from alignloop.training import TrainingDiverged
+
+    tok = load_tokenizer(tiny_lm_dir)
+    model = load_causal_lm(tiny_lm_dir, "cpu", tok)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    save_model_dir(model, tok, tmp_path / "nan_model")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Tell me {i}", "response": " a short answer"}) + "\n"
+                            for i in range(40)))
+    sections = {"sft": {"model": str(tmp_path / "nan_model"), "data": str(data), "batch_size": 8,
+                        "checkpoint_every": 0, "precision": "fp32", "device": "cpu"}}
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="non-finite loss at step 1"):
+        run_pipeline(PipelineSpec(sections, out, 1, False, "test"))
+    (fired,) = json.loads((out / "guards.json").read_text())
+    assert fired["stage"] == "sft" and "non-finite loss at step 1" in fired["what"]
+    # what the report lists from the stage summaries, beside that
+    rounds = [{"round": 1, "ppo": {"stopped": "stopped at step 7: KL ...", "rollbacks": 2, "dropped_prompts_too_long": 0},
+               "sample": {"dropped_prompts": 3}}]
+    listed = guards_fired(rounds, [fired])
+    assert [g["guard"] for g in listed] == ["collapse stop", "rollback", "prompt too long",
+                                            "non-finite loss or gradients"]

@@ -39,6 +39,7 @@ from .config import StageConfig, parse_set, read_yaml_mapping
 from .errors import ConfigError, InputError
 from .files import atomic_directory, atomic_open, atomic_write_json, read_json_or_none
 from .stage import RoundState, Stage, StageContext, load_average, log, run_stage
+from .training import TrainingDiverged
 
 ONCE = ("pretrain", "sft")
 PER_ROUND = ("sample", "annotate", "reward", "ppo", "evaluate")
@@ -157,7 +158,12 @@ def run_wired(stage: Stage, state: RoundState, ctx: StageContext, source: str, l
     values = stage.wire(state, state.sections.get(stage.name, {}))
     config = stage.config_class.from_dict(values, source=f"{source} [{stage.name}]")
     state.outputs[stage.name] = stage.outputs(config)
-    return config.to_dict(), run_stage(stage, config, ctx, label=label, reuse=True)
+    try:
+        return config.to_dict(), run_stage(stage, config, ctx, label=label, reuse=True)
+    except TrainingDiverged as e:  # the guard stopped the run: say so where the report looks, then stop
+        atomic_write_json(state.out / "guards.json", [{"stage": label, "guard": "non-finite loss or gradients",
+                                                        "what": str(e)}])
+        raise
 
 
 def run_pipeline(spec: PipelineSpec) -> dict:
@@ -165,6 +171,7 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     check_spec(spec)
     out, sections = Path(spec.out), spec.sections
     out.mkdir(parents=True, exist_ok=True)
+    (out / "guards.json").unlink(missing_ok=True)  # what stopped an earlier invocation is not this one's
     ctx, started, registry = StageContext(), time.time(), stages()
     log(f"pipeline: {spec.rounds} round(s) under {out} (load average {load_average()}, "
         f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")

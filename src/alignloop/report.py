@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .files import atomic_open, atomic_write_json, atomic_write_text  # noqa: E402
+from .files import atomic_open, atomic_write_json, atomic_write_text, read_json_or_none  # noqa: E402
 from .jsonl import read_jsonl  # noqa: E402
 
 
@@ -307,6 +307,26 @@ def rounds_examples(eval_dirs: list[Path], n: int) -> list[dict[str, Any]]:
     return rows
 
 
+def guards_fired(rounds: list[dict], fatal: list[dict] | None = None) -> list[dict]:
+    """Every guard that changed what a run did: PPO's collapse stops and rollbacks, prompts dropped for
+    length, and (`fatal`) a stage a non-finite loss or gradient stopped."""
+    fired = []
+    for record in rounds:
+        n, ppo, sample = record["round"], record.get("ppo") or {}, record.get("sample") or {}
+        if ppo.get("stopped"):
+            fired.append({"round": n, "stage": "ppo", "guard": "collapse stop", "what": ppo["stopped"]})
+        if ppo.get("rollbacks"):
+            fired.append({"round": n, "stage": "ppo", "guard": "rollback",
+                          "what": f"{ppo['rollbacks']} rollback(s) to the last good checkpoint, each at a lower lr"})
+        if ppo.get("dropped_prompts_too_long"):
+            fired.append({"round": n, "stage": "ppo", "guard": "prompt too long",
+                          "what": f"{ppo['dropped_prompts_too_long']} prompt(s) left no room for a response"})
+        if sample.get("dropped_prompts"):
+            fired.append({"round": n, "stage": "sample", "guard": "prompt too long",
+                          "what": f"{sample['dropped_prompts']} prompt(s) dropped"})
+    return fired + list(fatal or [])
+
+
 def pipeline_report(out: Path, summaries: dict, rounds: list[dict], configs: dict, stage_times: list[dict],
                     seconds: float, spec) -> dict:
     """Plots, report.json and report.html for a pipeline run (called after every round, so a stopped run has one)."""
@@ -370,6 +390,7 @@ def pipeline_report(out: Path, summaries: dict, rounds: list[dict], configs: dic
                                       "held_out_response_perplexity", "precision", "seconds"))
                          for k, v in summaries.items()},
         "rounds": figures,
+        "guards_fired": guards_fired(rounds, read_json_or_none(out / "guards.json")) or "none",
         "configs": configs,
     }
     write_report(out, report, images, rounds_examples([Path(r["eval_dir"]) for r in rounds], 12))
