@@ -243,9 +243,9 @@ def test_wiring_refuses_bad_section_values_in_one_line(tmp_path, tiny_lm_dir):
     prompts.write_text('{"prompt": "Life is"}\n')
     head = f"policy:\n  model: {tiny_lm_dir}\nsample:\n  prompts: {prompts}\n"
     for text, message in ((f"rounds: 1000000\n{head}", r"rounds must be in \[1, 1000\]"),
-                          (f"{head}  num_prompts: lots\n", "sample.num_prompts: expected a whole number"),
+                          (f"{head}  num_prompts: lots\n", r"p\.yaml:5: field 'sample\.num_prompts': expected a whole number"),
                           (f"{head}  num_prompts: 0\n", r"sample.num_prompts \(prompts per round\) must be >= 1"),
-                          (f"{head}  seed: x\n", "seed must be a whole number")):
+                          (f"{head}  seed: x\n", r"p\.yaml:5: field 'sample\.seed': expected a whole number")):
         f.write_text(text)
         with pytest.raises(AlignloopError, match=message):
             run_pipeline(load_pipeline_file(f, out=tmp_path / "o"))

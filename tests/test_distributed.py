@@ -92,7 +92,8 @@ def assert_rank_0_alone_wrote(writes: dict[str, list[str]], out: Path, summary: 
     assert writes["0"][0] == writes["1"][0] == "recorded"  # both processes were watched
     assert writes["1"] == ["recorded"], writes["1"][:5]
     assert f"os.rename {out / summary}.tmp" in writes["0"]  # the summary, written atomically by rank 0
-    assert any(w.startswith(f"open {out / 'config.json'}") for w in writes["0"])  # the model, beside its weights
+    # the model, beside its weights: written in `<out>.tmp-XXXX` and swapped in whole (files.atomic_directory)
+    assert any(w.startswith(f"open {out}") and w.split(" ", 1)[1].endswith("/config.json") for w in writes["0"])
 
 
 def parameter_differences(a: Path, b: Path) -> tuple[float, float]:
