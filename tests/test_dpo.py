@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -158,28 +157,28 @@ def test_training_raises_the_reward_accuracy_and_writes_a_plain_hf_directory(who
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_killed_run_resumes_to_the_same_model(tiny_lm_dir, data_file, tmp_path, capfd, precision):
-    """SIGKILL right after the first checkpoint (a forked process: no second start-up), then rerun."""
-    from alignloop.checkpoint import Checkpointer
+    """SIGKILL right after the first checkpoint, then rerun: the same model and figures as a run never stopped."""
     from alignloop.dpo import DPOConfig, train_dpo
 
     values = dpo_config(tiny_lm_dir, data_file, tmp_path / "whole", epochs=1, precision=precision)
     whole = train_dpo(DPOConfig(**values))
     values["out_dir"] = str(tmp_path / "killed")
 
-    def killed_after_first_checkpoint() -> None:
-        save = Checkpointer.save
-
-        def save_then_die(self, state):
-            save(self, state)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        Checkpointer.save = save_then_die
-        train_dpo(DPOConfig(**values))
-
-    child = multiprocessing.get_context("fork").Process(target=killed_after_first_checkpoint)
-    child.start()
-    child.join(120)
-    assert child.exitcode == -signal.SIGKILL
+    # A fresh process (not a fork: a forked child of a process whose OpenMP pool is running can hang)
+    # that dies by SIGKILL the moment its first checkpoint is on disk.
+    script = f"""
+import os, signal
+from alignloop.checkpoint import Checkpointer
+from alignloop.dpo import DPOConfig, train_dpo
+save = Checkpointer.save
+def save_then_die(self, state):
+    save(self, state)
+    os.kill(os.getpid(), signal.SIGKILL)
+Checkpointer.save = save_then_die
+train_dpo(DPOConfig(**{values!r}))
+"""
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoint" / "state.pt").is_file()
     capfd.readouterr()
     resumed = train_dpo(DPOConfig(**values))
