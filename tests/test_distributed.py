@@ -207,11 +207,16 @@ def emulate_two_shards(tiny_lm_dir: Path, pairs: Path, config) -> dict[str, torc
     masters, optimizer, params = model_optimizer(model, config.lr, config.weight_decay, "fp32")
     scheduler = warmup_cosine(optimizer, config.warmup_steps, len(batches))
     model.train()
-    for batch in batches:
-        for rank in range(2):
-            rows, _ = batch.shard(Distributed(rank, 2), torch.device("cpu"))
-            (lm_loss_sum(model, rows, "fp32")[0] / batch.target_count()).backward()
-        optimizer_step(optimizer, scheduler, masters, params, config.grad_clip)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the 2 processes ran (ENV): the same order of sums inside every matmul
+    try:
+        for batch in batches:
+            for rank in range(2):
+                rows, _ = batch.shard(Distributed(rank, 2), torch.device("cpu"))
+                (lm_loss_sum(model, rows, "fp32")[0] / batch.target_count()).backward()
+            optimizer_step(optimizer, scheduler, masters, params, config.grad_clip)
+    finally:
+        torch.set_num_threads(threads)
     return model.state_dict()
 
 
