@@ -31,7 +31,7 @@ import yaml
 
 from .config import StageConfig
 from .errors import AlignloopError
-from .evaluate import STAGE as EVALUATE, EvaluateConfig, MAX_BEST_OF_N
+from .evaluate import STAGE as EVALUATE, EvaluateConfig, MAX_BEST_OF_N, mean_stderr, win_outcomes
 from .files import atomic_write_json, atomic_write_text, read_json_or_none
 from .jsonl import read_jsonl
 from .modeling import check_model_dir
@@ -204,12 +204,11 @@ def evaluate_run(config: CompareConfig, run: Run, ctx: StageContext) -> dict[str
 def outcomes(run: Run, by: str = "judge") -> list[float]:
     """Per held-out prompt: 1 if the run's response beat the SFT model's, 1/2 on a tie, else 0."""
     rows = read_jsonl(run.dir / "eval" / "samples.jsonl")
-    return [1.0 if r[f"policy_{by}"] > r[f"sft_{by}"] else 0.5 if r[f"policy_{by}"] == r[f"sft_{by}"] else 0.0
-            for r in rows]
+    return win_outcomes([r[f"policy_{by}"] for r in rows], [r[f"sft_{by}"] for r in rows])
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0)
+    return statistics.fmean(values), mean_stderr(values)
 
 
 def run_row(run: Run, trained: dict[str, Any] | None, evaluation: dict[str, Any], gold: bool) -> dict[str, Any]:

@@ -66,9 +66,21 @@ class EvaluateConfig(StageConfig):
             load_label_function(self.judge)  # fail now, not after sampling
 
 
+def win_outcomes(a: list[float], b: list[float]) -> list[float]:
+    """Per item: 1 where a beats b, 1/2 on a tie, 0 where b wins."""
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+
+
+def mean_stderr(values: list[float]) -> float:
+    """Standard error of the mean of `values`: their std over sqrt(n) (0 for fewer than two)."""
+    if len(values) < 2:
+        return 0.0
+    return statistics.stdev(values) / len(values) ** 0.5
+
+
 def win_rate(a: list[float], b: list[float]) -> float:
     """Share of items where a beats b; ties count half."""
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+    return sum(win_outcomes(a, b)) / len(a)
 
 
 def win_rate_stderr(a: list[float], b: list[float]) -> float:
@@ -76,10 +88,7 @@ def win_rate_stderr(a: list[float], b: list[float]) -> float:
 
     A win rate is "above 1/2" only when it is a couple of these away from it.
     """
-    outcomes = [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
-    if len(outcomes) < 2:
-        return 0.0
-    return statistics.stdev(outcomes) / len(outcomes) ** 0.5
+    return mean_stderr(win_outcomes(a, b))
 
 
 def best_of_n_kl(n: int) -> float:
