@@ -6,12 +6,15 @@ models are random (untrained) unless a test trains them.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignloop.corpus import load_corpus
-from alignloop.modeling import build_causal_lm, save_model_dir
+from alignloop.modeling import build_causal_lm, load_tokenizer, save_model_dir
+from alignloop.reward.model import RewardModel, init_reward_model
 from alignloop.tokenizer import train_tokenizer
 
 
@@ -33,3 +36,20 @@ def tiny_lm_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model = build_causal_lm(tiny_tokenizer, n_layer=2, n_embd=64, n_head=2, n_positions=128, seed=0)
     save_model_dir(model, tiny_tokenizer, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory, tiny_lm_dir):
+    """A random reward model on the tiny trunk (the RL tests' reward, critic init and gold RM)."""
+    out = tmp_path_factory.mktemp("rm")
+    torch.manual_seed(0)
+    RewardModel(init_reward_model(tiny_lm_dir), load_tokenizer(tiny_lm_dir)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory, fortunes):
+    """40 four-word prompts from the corpus, as a prompts JSONL."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": " ".join(d.split()[:4])}) + "\n" for d in fortunes[:40]))
+    return path

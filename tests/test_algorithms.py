@@ -17,25 +17,9 @@ from safetensors.torch import load_file
 
 from alignloop.errors import ConfigError
 from alignloop.ppo import PPOConfig, PPOTrainer, ppo
-from alignloop.reward.model import RewardModel, init_reward_model
-from alignloop.modeling import load_tokenizer
 
 CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
 
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory, tiny_lm_dir):
-    out = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    RewardModel(init_reward_model(tiny_lm_dir), load_tokenizer(tiny_lm_dir)).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory, fortunes):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": " ".join(d.split()[:4])}) + "\n" for d in fortunes[:40]))
-    return path
 
 
 def settings(tiny_lm_dir, rm_dir, prompts_file, out_dir, **overrides) -> dict:

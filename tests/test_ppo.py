@@ -14,7 +14,7 @@ from alignloop.mixed_precision import MasterWeights
 from alignloop.modeling import build_causal_lm, load_causal_lm, load_tokenizer
 from alignloop.ppo import PPOConfig, PPOTrainer, ppo
 from alignloop.prompts import encode_prompt, encode_response
-from alignloop.reward.model import RewardModel, init_reward_model
+from alignloop.reward.model import RewardModel
 from alignloop.rollout import (
     batch_from_lists,
     left_pad,
@@ -23,20 +23,6 @@ from alignloop.rollout import (
     sequence_scores,
 )
 
-
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory, tiny_lm_dir):
-    out = tmp_path_factory.mktemp("rm")
-    torch.manual_seed(0)
-    RewardModel(init_reward_model(tiny_lm_dir), load_tokenizer(tiny_lm_dir)).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory, fortunes):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": " ".join(d.split()[:4])}) + "\n" for d in fortunes[:40]))
-    return path
 
 
 def small_config(tiny_lm_dir, rm_dir, prompts_file, out_dir, **overrides) -> PPOConfig:
