@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 from alignloop.errors import ConfigError
-from alignloop.ppo import PPOConfig, PPOTrainer, ppo
+from alignloop.ppo import PPOConfig, PPOTrainer
+from test_resume import alignloop
 
 CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
 
@@ -87,12 +86,8 @@ def test_each_algorithm_refuses_settings_it_cannot_honour(tiny_lm_dir, rm_dir, p
             PPOConfig(**{**base, **overrides})
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}  # one thread: the same sums in every process
-
-
 def run_ppo(config_file, wait: bool = True) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "alignloop", "ppo", "--config", str(config_file)], env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = alignloop("ppo", "--config", str(config_file))  # one thread: the same sums in every process
     if wait:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
