@@ -47,7 +47,7 @@ from alignloop.prompts import encode_prompt, read_prompts
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ceiling import lm_matmul_flops  # noqa: E402
 from inputs import need  # noqa: E402
-from ppo_vs_trl import cpu_bf16_flags, cpu_model, fmt_split, measure_ceilings  # noqa: E402
+from ppo_vs_trl import cpu_bf16_flags, cpu_model, fmt_split, measure_ceilings, timed_steps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_VENV = ROOT / ".venv-trl116"
@@ -166,47 +166,11 @@ def run_alignloop(method: Method, inputs: dict, settings: Settings, beta: float,
     The span from the end of the warm-up steps to the end of the last step includes everything
     the trainer does between steps (logging, TensorBoard, sample tables), as TRL's does.
     """
-    from alignloop.ppo import PPOTrainer
-
     out_dir = work / f"alignloop-beta{beta:g}-{precision}"
     shutil.rmtree(out_dir, ignore_errors=True)  # never resume a previous benchmark run
     config = alignloop_config(method, inputs, settings, beta, precision, warmup + steps, out_dir)
-    setup_start = time.perf_counter()
-    trainer = PPOTrainer(config)
-    stamps: list[float] = []
-    scores: list[float] = []
-    phases: list[dict] = []  # trainer.timing (cumulative generation / scoring / update seconds) after each step
-    step = trainer.step
-
-    def stamped_step() -> dict:
-        metrics = step()
-        stamps.append(time.perf_counter())
-        scores.append(metrics["score_mean"])
-        phases.append(dict(trainer.timing))
-        return metrics
-
-    trainer.step = stamped_step
-    train_start = time.perf_counter()
-    summary = trainer.train()
-    assert len(stamps) == warmup + steps, f"expected {warmup + steps} steps, alignloop ran {len(stamps)}"
-    t0 = stamps[warmup - 1] if warmup > 0 else train_start
-    timed_seconds = stamps[-1] - t0
-    p0 = phases[warmup - 1] if warmup > 0 else {k: 0.0 for k in phases[-1]}
-    split = {k: phases[-1][k] - p0[k] for k in ("generation", "scoring", "update")}
-    split["other"] = timed_seconds - sum(split.values())  # logging, TensorBoard, between-step work
-    final = scores[-final_steps:]
-    return {
-        "precision": summary.get("precision", precision),
-        "episodes_per_second": settings.batch_size * steps / timed_seconds,
-        "seconds_timed": timed_seconds, "steps_timed": steps, "warmup_steps_excluded": warmup,
-        "time_split_seconds": split,  # over the timed steps
-        "seconds_setup": train_start - setup_start,
-        "step_seconds": [b - a for a, b in zip([train_start] + stamps[:-1], stamps)],
-        "final_score_mean": sum(final) / len(final),
-        "score_per_step": scores,
-        "config": method.alignloop_config(beta),
-        "summary": summary,
-    }
+    timed, _ = timed_steps(config, warmup, steps, settings.batch_size, final_steps)
+    return {**timed, "config": method.alignloop_config(beta)}
 
 
 # ---------------------------------------------------------------- report

@@ -195,7 +195,7 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
     """
     import shutil
 
-    from alignloop.ppo import PPOConfig, PPOTrainer
+    from alignloop.ppo import PPOConfig
 
     out_dir = work / f"alignloop-{precision}"
     shutil.rmtree(out_dir, ignore_errors=True)  # never resume a previous benchmark run
@@ -215,19 +215,28 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
         # the 8 x 512 run (two models and their AdamW moments, ~0.6 GB) takes ~1.5 s to write.
         checkpoint_every=0,
     )
+    timed, per_step = timed_steps(config, warmup, steps, settings.batch_size, final_steps)
+    return {**timed, "clipfrac_per_step": [m.get("clipfrac") for m in per_step]}
+
+
+def timed_steps(config, warmup: int, steps: int, batch_size: int, final_steps: int) -> tuple[dict, list[dict]]:
+    """Train `config` (warmup + steps PPO-stage steps) with a perf_counter stamp after every step.
+
+    Returns the timing figures every alignloop side of a benchmark reports, and each step's metrics.
+    """
+    from alignloop.ppo import PPOTrainer
+
     setup_start = time.perf_counter()
     trainer = PPOTrainer(config)
     stamps: list[float] = []
-    scores: list[float] = []
-    clipfracs: list[float] = []
+    per_step: list[dict] = []
     phases: list[dict] = []  # trainer.timing (cumulative generation / scoring / update seconds) after each step
     step = trainer.step
 
     def stamped_step() -> dict:
         metrics = step()
         stamps.append(time.perf_counter())
-        scores.append(metrics["score_mean"])
-        clipfracs.append(metrics.get("clipfrac"))
+        per_step.append(metrics)
         phases.append(dict(trainer.timing))
         return metrics
 
@@ -237,22 +246,22 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
     assert len(stamps) == warmup + steps, f"expected {warmup + steps} steps, alignloop ran {len(stamps)}"
     t0 = stamps[warmup - 1] if warmup > 0 else train_start
     timed_seconds = stamps[-1] - t0
+    scores = [m["score_mean"] for m in per_step]
     final = scores[-final_steps:]
     p0 = phases[warmup - 1] if warmup > 0 else {k: 0.0 for k in phases[-1]}
     split = {k: phases[-1][k] - p0[k] for k in ("generation", "scoring", "update")}
     split["other"] = timed_seconds - sum(split.values())  # logging, TensorBoard, between-step work
     return {
         "time_split_seconds": split,  # over the timed steps
-        "precision": summary.get("precision", precision),
-        "episodes_per_second": settings.batch_size * steps / timed_seconds,
+        "precision": summary.get("precision", config.precision),
+        "episodes_per_second": batch_size * steps / timed_seconds,
         "seconds_timed": timed_seconds, "steps_timed": steps, "warmup_steps_excluded": warmup,
         "seconds_setup": train_start - setup_start,
         "step_seconds": [b - a for a, b in zip([train_start] + stamps[:-1], stamps)],
         "final_score_mean": sum(final) / len(final),
         "score_per_step": scores,
-        "clipfrac_per_step": clipfracs,
         "summary": summary,
-    }
+    }, per_step
 
 
 # ---------------------------------------------------------------- report
