@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from alignloop.annotate import service
 from alignloop.annotate.db import Answer, get_sessionmaker
@@ -49,6 +49,11 @@ def start_server(url: str, port: int, log) -> subprocess.Popen:
     raise RuntimeError("the server did not start")
 
 
+def stored_answers(Session) -> int:
+    with Session() as s:
+        return s.scalar(select(func.count(Answer.id)))
+
+
 @pytest.mark.slow
 def test_sigkill_under_load_loses_no_acknowledged_answer(db_url, tmp_path):  # noqa: F811
     Session = get_sessionmaker(db_url)
@@ -66,7 +71,12 @@ def test_sigkill_under_load_loses_no_acknowledged_answer(db_url, tmp_path):  # n
             people = threading.Thread(target=lambda: result.update(
                 people=run_http_annotators(f"http://127.0.0.1:{port}", tokens, cid, answers=10_000, deadline_s=60)))
             people.start()
-            time.sleep(rng.uniform(1.5, 3.0))  # mid-load: requests are in flight when it dies
+            answers_before = stored_answers(Session)
+            deadline = time.time() + 60
+            while stored_answers(Session) == answers_before:  # the load has begun (a slow machine takes a while)
+                assert time.time() < deadline and people.is_alive(), "no answer reached the server"
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.5, 1.5))  # mid-load: requests are in flight when it dies
             os.kill(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
             people.join(timeout=60)
