@@ -17,6 +17,7 @@ from alignloop.prompts import encode_prompt, encode_response
 from alignloop.reward.model import RewardModel
 from alignloop.rollout import (
     batch_from_lists,
+    episode_uniforms,
     left_pad,
     sample_responses,
     scalar_head_outputs,
@@ -35,6 +36,31 @@ def small_config(tiny_lm_dir, rm_dir, prompts_file, out_dir, **overrides) -> PPO
 
 def weights(model_dir):
     return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_an_episode_is_sampled_alike_alone_or_in_any_batch_from_its_uniforms(tiny_lm_dir):
+    """What lets N processes sample the one-process run's episodes: a row's draws are its own
+    (not its batch position's, nor how many rows are still running) and the prompt width is the batch's."""
+    tok = load_tokenizer(tiny_lm_dir)
+    model = load_causal_lm(tiny_lm_dir, "cpu", tok)
+    prompts = [encode_prompt(tok, text) for text in ("Love is", "A much longer prompt than the other one",
+                                                     "Some", "The sea at night")]
+    uniforms = episode_uniforms(seed=5, step=2, episodes=len(prompts), max_new_tokens=24)
+    assert torch.equal(uniforms, episode_uniforms(5, 2, len(prompts), 24))
+    assert not torch.equal(uniforms, episode_uniforms(5, 3, len(prompts), 24))  # another step, other draws
+    width = max(len(p) for p in prompts)
+
+    def sample(rows, compact_fraction=0.25):
+        ids, mask = left_pad([prompts[i] for i in rows], tok.pad_token_id, torch.device("cpu"), width)
+        out = sample_responses(model, ids, mask, 24, tok.eos_token_id, tok.pad_token_id, uniforms=uniforms[rows],
+                               compact_fraction=compact_fraction)
+        return [out.responses[r][out.response_mask[r] == 1].tolist() for r in range(len(rows))]
+
+    together = sample([0, 1, 2, 3])
+    assert len({len(r) for r in together}) > 1  # lengths differ: rows left the batch at different steps
+    assert sample([3, 2]) == [together[3], together[2]]
+    assert [sample([i])[0] for i in range(4)] == together
+    assert sample([0, 1, 2, 3], compact_fraction=0) == together
 
 
 def test_sampler_matches_hf_generate_greedy_with_left_padding(tiny_lm_dir):

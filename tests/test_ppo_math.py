@@ -132,22 +132,23 @@ def test_draw_tokens_follows_the_probabilities_and_never_draws_a_cut_token():
     # Two rows: one with a zero-probability token (as after top-p), one nearly one-hot.
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0]])
     rows = probs.repeat(20000, 1)  # 20,000 draws per distribution
-    tokens = draw_tokens(rows, torch.Generator().manual_seed(0)).view(20000, 2)
+    tokens = draw_tokens(rows, torch.rand(len(rows), generator=torch.Generator().manual_seed(0))).view(20000, 2)
     first = torch.bincount(tokens[:, 0], minlength=4).float() / 20000
     assert first[1] == 0  # probability 0: never drawn
     assert torch.allclose(first, probs[0], atol=0.015)  # ~4 standard errors at n = 20,000
     assert (tokens[:, 1] == 3).all()
     # Rows that sum to a little less than 1 (rounding) still draw a valid token.
-    assert draw_tokens(torch.tensor([[0.2, 0.3, 0.499]]), torch.Generator().manual_seed(1)).item() in (0, 1, 2)
+    assert draw_tokens(torch.tensor([[0.2, 0.3, 0.499]]), torch.tensor([0.9999])).item() in (0, 1, 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/cuda_check.sh runs it)")
-def test_draw_tokens_on_cuda_takes_a_cpu_generator_and_draws_what_the_cpu_draws():
-    # Our generators live on the CPU (one seed, the same draws on any device; checkpointable
+def test_draw_tokens_on_cuda_takes_cpu_uniforms_and_draws_what_the_cpu_draws():
+    # Our uniforms are drawn on the CPU (one seed, the same draws on any device; checkpointable
     # anywhere): probabilities on the GPU must still work, and give the CPU's tokens.
     probs = torch.softmax(torch.randn(64, 50, generator=torch.Generator().manual_seed(0)), dim=-1)
-    on_cpu = draw_tokens(probs, torch.Generator().manual_seed(3))
-    on_gpu = draw_tokens(probs.cuda(), torch.Generator().manual_seed(3))
+    uniforms = torch.rand(64, generator=torch.Generator().manual_seed(3))
+    on_cpu = draw_tokens(probs, uniforms)
+    on_gpu = draw_tokens(probs.cuda(), uniforms)
     assert on_gpu.device.type == "cuda"
     # The cumulative sums may round differently on the GPU: a draw on an interval's edge may move.
     assert (on_gpu.cpu() == on_cpu).float().mean() >= 0.95

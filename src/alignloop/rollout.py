@@ -20,6 +20,7 @@ fraction of its per-step overhead, which matters for small models on CPU.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +49,10 @@ class TokenBatch:
                           self.prompt_width, self.response_mask[rows])
 
 
-def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device,
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of the prompts left-padded to `width` (default: the longest prompt's length)."""
+    width = width or max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, p in enumerate(prompts):
@@ -91,29 +94,49 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row with probability probs[row, i] (rows sum to ~1): (batch,) long.
+def draw_tokens(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row with probability probs[row, i] (rows sum to ~1), from that row's uniform: (batch,) long.
 
-    Inverse CDF: the first token whose cumulative probability exceeds u ~ U(0, total).
+    Inverse CDF: the first token whose cumulative probability exceeds u * total, u ~ U[0, 1).
     Same distribution as torch.multinomial(probs, 1) but ~10x cheaper on CPU for one draw
     per row (one uniform per row instead of one random number per vocabulary entry), and a
     token of probability 0 (cut by top-p) has an empty interval, so it is never drawn.
     """
     cdf = probs.cumsum(-1)  # (batch, vocab)
-    # The uniforms come from the generator's own device (our generators live on the CPU, so a
-    # seed gives the same draws on any device, and their state checkpoints anywhere), then move.
-    rng_device = generator.device if generator is not None else probs.device
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=rng_device, dtype=cdf.dtype).to(probs.device)
-    u = u * cdf[:, -1:]
+    u = uniforms.to(device=probs.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def stream_seed(*keys: int) -> int:
+    """A seed for the random stream named by `keys` (e.g. the run's seed and a step): a hash, so
+    streams of nearby keys are unrelated and no two key tuples share one in practice."""
+    digest = hashlib.blake2b(repr(tuple(keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch takes a signed 64-bit seed
+
+
+def episode_uniforms(seed: int, step: int, episodes: int, max_new_tokens: int) -> torch.Tensor:
+    """(episodes, max_new_tokens) CPU uniforms: entry [i, t] draws token t of the step's episode i.
+
+    A function of (seed, step) alone, drawn in full by every process that samples some of the
+    step's episodes: episode i is sampled alike whichever process holds it, at whatever batch
+    position, and however many rows are still running (`sample_responses`).
+    """
+    generator = torch.Generator(device="cpu").manual_seed(stream_seed(seed, step))
+    return torch.rand((episodes, max_new_tokens), generator=generator)
 
 
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0, top_p: float = 1.0,
                      greedy: bool = False, generator: torch.Generator | None = None,
-                     precision: str = "fp32", compact_fraction: float = 0.25) -> TokenBatch:
+                     precision: str = "fp32", compact_fraction: float = 0.25,
+                     uniforms: torch.Tensor | None = None) -> TokenBatch:
     """Sample one response per left-padded prompt; stop a row at EOS, the batch when all rows stopped.
+
+    Row i's token t is drawn with `uniforms[i, t]` ((batch, max_new_tokens) in [0, 1); when not
+    given, drawn from `generator` up front). A row's draws are its own whatever else is in the
+    batch: the same prompt with the same uniforms gives the same response alone or in any batch,
+    up to the floating-point effect of the batch shape on its logits.
 
     Rows that have ended leave the batch (their KV cache rows dropped) once `compact_fraction`
     (a quarter) of the rows still running have ended; 0 keeps every row to the end. At T = 1
@@ -125,6 +148,10 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
     batch = prompt_ids.shape[0]
     responses = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # original row of each row still in the batch
+    if not greedy:
+        # Drawn on the CPU (a seed gives the same draws on any device; the state checkpoints anywhere).
+        uniforms = (uniforms if uniforms is not None else
+                    torch.rand((batch, max_new_tokens), generator=generator)).to(device)
     # ONE autocast region for the whole loop, not one per step: autocast keeps its bf16 copy of
     # each trainable weight until the region ends, so the weights are cast once per rollout
     # instead of once per token. A batch-8 decode step is bound by reading the weights, and
@@ -138,7 +165,8 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
             if greedy:
                 token = logits.argmax(-1)
             else:
-                token = draw_tokens(torch.softmax(top_p_filter(logits / temperature, top_p), dim=-1), generator)
+                token = draw_tokens(torch.softmax(top_p_filter(logits / temperature, top_p), dim=-1),
+                                    uniforms[rows, step])
             token = torch.where(ended, torch.full_like(token, pad_id), token)
             responses[rows, step] = token
             ended = ended | (token == eos_id)
