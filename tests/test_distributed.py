@@ -288,3 +288,107 @@ def test_accelerate_cpu_launch_of_several_processes_is_refused_in_one_line(tiny_
     assert len(errors) == 1 and "starts ONE process" in errors[0] and "ddp_cpu.yaml" in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+# PPO: a short run (one flipped sampled token makes two runs diverge), a group split across the two
+# processes' shards (batch 6 of 3 prompts x 2 samples: rows 0-2 and 3-5), two mini-batches of
+# two micro-batches; and GRPO with one mini-batch, whose first update reuses each process's rollout forwards.
+PPO_SETS = {"steps": 3, "batch_size": 6, "samples_per_prompt": 2, "mini_batch_size": 6, "ppo_epochs": 2,
+            "max_new_tokens": 8, "lr": 1e-3, "precision": "fp32", "device": "cpu", "tensorboard": False,
+            "checkpoint_every": 0, "target_kl": "null"}
+PPO_CASES = {"ppo": {"critic": "separate", "batch_size": 8, "mini_batch_size": 4, "gradient_accumulation_steps": 2,
+                     "whiten_rewards": True},
+             "grpo": {"algorithm": "grpo", "kl_loss_coef": 0.05}}
+
+
+def ppo_args(tiny_lm_dir: Path, rm_dir: Path, prompts_file: Path, out: Path, **overrides) -> list[str]:
+    return ["ppo", "--policy", str(tiny_lm_dir), "--reward-model", str(rm_dir), "--prompts", str(prompts_file),
+            "--out-dir", str(out), *sets({**PPO_SETS, **overrides})]
+
+
+def metric_rows(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("seconds")}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", PPO_CASES)
+def test_ppo_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(case, tiny_lm_dir, rm_dir, prompts_file,
+                                                                          tmp_path):
+    args = lambda out: ppo_args(tiny_lm_dir, rm_dir, prompts_file, out, **PPO_CASES[case])  # noqa: E731
+    run([sys.executable, "-m", "alignloop", *args(tmp_path / "one")])
+    writes = recorded_run(TORCHRUN + args(tmp_path / "two"), tmp_path / "two", tmp_path)
+    one, two = (json.loads((tmp_path / name / "ppo_summary.json").read_text()) for name in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    batch = PPO_CASES[case].get("batch_size", PPO_SETS["batch_size"])
+    assert one["episodes_per_process"] == [3 * batch] and two["episodes_per_process"] == [3 * batch // 2] * 2
+    rows_one, rows_two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
+    assert len(rows_one) == len(rows_two) == 3
+    for a, b in zip(rows_one, rows_two):  # the same episodes sampled: the same lengths and EOS, exactly
+        assert (a["response_length_mean"], a["eos_rate"]) == (b["response_length_mean"], b["eos_rate"])
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    max_diff, mean_diff = parameter_differences(tmp_path / "one", tmp_path / "two")
+    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
+    assert mean_movement(tmp_path / "two", tiny_lm_dir) > 1e-4
+    assert writes["1"] == ["recorded"], writes["1"][:5]
+    assert f"os.rename {tmp_path / 'two' / 'ppo_summary.json'}.tmp" in writes["0"]
+
+
+@pytest.mark.slow
+def test_a_killed_2_process_ppo_run_resumes_to_the_uninterrupted_one(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    args = lambda out: ppo_args(tiny_lm_dir, rm_dir, prompts_file, out, steps=5, checkpoint_every=1)  # noqa: E731
+    run(TORCHRUN + args(tmp_path / "whole"))
+    killed = tmp_path / "killed"
+    launcher = subprocess.Popen(TORCHRUN + args(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    deadline = time.time() + 240
+    while not (killed / "metrics.jsonl").is_file() or len((killed / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert launcher.poll() is None, f"finished before its second step: {launcher.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "no step was logged"
+        time.sleep(0.01)
+    time.sleep(0.1)  # inside the next step
+    for pid in worker_pids(launcher.pid) + [launcher.pid]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and 2 <= state["step"] < 5  # every rank's RNG state
+    resumed = run(TORCHRUN + args(killed))
+    assert "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    assert parameter_differences(tmp_path / "whole", killed) == (0.0, 0.0)
+    assert metric_rows(tmp_path / "whole") == metric_rows(killed)
+
+
+@pytest.mark.slow
+def test_the_pipeline_on_2_processes_trains_on_both_and_runs_the_other_stages_once(fortunes, tmp_path):
+    """`alignloop pipeline --nproc 2`: pretrain, SFT, reward and PPO on 2 processes; sampling, simulated
+    annotation and evaluation on rank 0 alone, the other waiting; every file written by rank 0."""
+    from test_demo import tiny_sections
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(fortunes[:600]) + "\n")
+    sections = tiny_sections(corpus)
+    for name, section in sections.items():
+        if name != "annotate":
+            section.update(precision="fp32", device="cpu")
+    out = tmp_path / "out"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(json.dumps({"out": str(out), "rounds": 1, **sections}))  # JSON is YAML
+    writes = recorded_run([sys.executable, "-m", "alignloop", "pipeline", "--config", str(config), "--nproc", "2"],
+                          out, tmp_path)
+    assert writes["1"] == ["recorded"], writes["1"][:5]
+    assert (out / "report.html").is_file() and (out / "policy" / "model.safetensors").is_file()
+    world = {stage: json.loads(next(out.rglob(f"{stage}_summary.json")).read_text())["world_size"]
+             for stage in ("pretrain", "sft", "sample", "annotate", "reward", "ppo", "evaluate")}
+    assert world == {"pretrain": 2, "sft": 2, "sample": 1, "annotate": 1, "reward": 2, "ppo": 2, "evaluate": 1}
+    assert json.loads((out / "round1" / "policy" / "ppo_summary.json").read_text())["episodes_per_process"] == [8, 8]
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_an_accelerate_config_that_shards_the_model_is_refused_not_ignored(engine, tiny_lm_dir, data, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "alignloop", *sft_args(tiny_lm_dir, data, tmp_path / "out")],
+                          env={**ENV, f"ACCELERATE_USE_{engine}": "true"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "would be ignored" in errors[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -7,6 +7,7 @@ change most. Errors a user can fix are printed on one line, never as a traceback
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -188,12 +189,37 @@ def compare(config: Optional[Path] = ConfigOpt, set_: Optional[list[str]] = SetO
     print_summary({"out_dir": summary["out_dir"], "winners": summary["winners"]})
 
 
+NprocOpt = typer.Option(1, "--nproc", min=1, max=1024,
+                        help="Train on N processes of this machine (torchrun); other stages run on one.")
+
+
+def relaunch_on(nproc: int) -> None:
+    """With --nproc N > 1, replace this process by torchrun running the same command on N processes."""
+    if nproc == 1 or "WORLD_SIZE" in os.environ:  # already one of a launcher's processes
+        return
+    from .distributed import torchrun_command
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # the same command without --nproc
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        args.append(arg)
+    command, env = torchrun_command(nproc, args)
+    os.execvpe(command[0], command, env)
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Where everything goes (a rerun resumes)."),
          rounds: int = typer.Option(1, help="Rounds of sample -> annotate -> reward -> PPO -> evaluate."),
          human: bool = typer.Option(False, help="People rank in the annotation app instead of simulated ones."),
-         set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="Override: --set ppo.steps=50.")):
+         set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="Override: --set ppo.steps=50."),
+         nproc: int = NprocOpt):
     """The whole loop on the embedded default model, no downloads: pretrain ... evaluate, then report.html."""
+    relaunch_on(nproc)
     from .demo import demo as run
 
     print_summary(run(out, rounds, human, set_)["headline"])
@@ -204,8 +230,10 @@ def pipeline(config: Path = typer.Option(..., "--config", "-c", help="YAML with 
              out: Optional[Path] = typer.Option(None, "--out", help="Default: the file's out: key, else runs/<name>."),
              rounds: Optional[int] = typer.Option(None, help="Default: the file's rounds: key, else 1."),
              human: bool = typer.Option(False, help="People rank in the annotation app instead of simulated ones."),
-             set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="Override: --set ppo.steps=50.")):
+             set_: Optional[list[str]] = typer.Option(None, "--set", "-s", help="Override: --set ppo.steps=50."),
+             nproc: int = NprocOpt):
     """The whole loop on your own models and data, each stage's config a section of one YAML file."""
+    relaunch_on(nproc)
     from .pipeline import load_pipeline_file, run_pipeline
 
     print_summary(run_pipeline(load_pipeline_file(config, out, rounds, human, set_))["headline"])

@@ -26,10 +26,10 @@ def run_command(config_cls: type, api: Callable[[Any], dict], config: Optional[P
     """Config file, then --set overrides, then explicit flags; run; print the summary (under torchrun or
     accelerate launch, once: rank 0's, which every process returns)."""
     summary = api(config_cls.load(config, sets or [], **flags))
-    if os.environ.get("RANK", "0") == "0":
-        print_summary(summary)
+    print_summary(summary)
     return summary
 
 
 def print_summary(summary: dict) -> None:
-    console.print_json(json.dumps(summary, default=str))
+    if os.environ.get("RANK", "0") == "0":  # one summary per job (under torchrun, rank 0's), not one per process
+        console.print_json(json.dumps(summary, default=str))

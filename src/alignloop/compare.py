@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from .config import StageConfig
-from .errors import AlignloopError
+from .errors import AlignloopError, ConfigError
 from .evaluate import STAGE as EVALUATE, EvaluateConfig, MAX_BEST_OF_N, mean_stderr, win_outcomes
 from .files import atomic_write_json, atomic_write_text, read_json_or_none
 from .jsonl import read_jsonl
@@ -311,6 +311,8 @@ def paired_outcomes(runs: list[Run], method: str, label: str, seeds: list[int]) 
 
 def compare(config: CompareConfig, ctx: StageContext | None = None) -> dict[str, Any]:
     ctx = ctx or StageContext()
+    if ctx.dist.world_size > 1:  # its runs write their own records and tables: one process does them all
+        raise ConfigError("alignloop compare runs in one process: launch it without torchrun or accelerate launch")
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out, "compare_config.yaml")

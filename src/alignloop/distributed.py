@@ -31,6 +31,7 @@ import atexit
 import functools
 import inspect
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -93,6 +94,40 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_reduce_max(self, value: float) -> float:
+        """The largest of the processes' `value`s."""
+        return value if self.world_size == 1 else max(self.all_gather(value))
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every process's `rows` (its shard of a batch, same shape past dim 0), joined in rank order."""
+        if self.world_size == 1:
+            return rows
+        return torch.cat([r.to(rows.device) for r in self.all_gather(rows.cpu())])
+
+    def all_reduce_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Sum each parameter's gradient over the processes, in place.
+
+        For a loop whose backward passes do not all go through one DDP module (PPO: policy,
+        value head or critic, the rollout's forwards reused by the update, critic warm-up with the
+        policy out of the loss): each process's gradient is its share of the global mean, so the
+        sum is the global gradient. One coalesced all-reduce per dtype and device, as DDP's buckets.
+        Every process must hold gradients for the same parameters (it runs the same losses on rows
+        of its own); those without one are left out, as the optimiser leaves them.
+        """
+        if self.world_size == 1:
+            return
+        groups: dict[tuple, list[torch.nn.Parameter]] = {}
+        for p in params:
+            if p.grad is not None:
+                groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+        for group in groups.values():
+            flat = torch.cat([p.grad.reshape(-1) for p in group])
+            dist.all_reduce(flat)
+            offset = 0
+            for p in group:
+                p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
+                offset += p.grad.numel()
+
     def backward(self, share: torch.Tensor) -> None:
         """Backward of this process's share of a global loss (its rows' part of the global mean).
 
@@ -121,17 +156,18 @@ class Distributed:
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                                        **no_buffer_sync)
 
-    def rng_states(self) -> list[dict[str, Any]]:
-        """Every process's RNG state, in rank order, for a checkpoint (every process must call it)."""
-        return self.all_gather(rng_state())
+    def rng_states(self, generator: torch.Generator | None = None) -> list[dict[str, Any]]:
+        """Every process's RNG state (and `generator`'s), in rank order, for a checkpoint (every process must call it)."""
+        return self.all_gather(rng_state(generator))
 
-    def restore_rng_state(self, saved: list[dict[str, Any]] | dict[str, Any], log=lambda message: None) -> None:
+    def restore_rng_state(self, saved: list[dict[str, Any]] | dict[str, Any], log=lambda message: None,
+                          generator: torch.Generator | None = None) -> None:
         """Set this process's RNG state from a checkpoint's `rng_states()` (or one state, from one process)."""
         states = saved if isinstance(saved, list) else [saved]
         if len(states) != self.world_size:
             log(f"the checkpoint was written by {len(states)} process(es), resumed by {self.world_size}: "
                 f"random draws (dropout) differ from the uninterrupted run's")
-        set_rng_state(states[self.rank % len(states)])
+        set_rng_state(states[self.rank % len(states)], generator)
 
 
 SINGLE_PROCESS = Distributed()
@@ -141,10 +177,29 @@ ACCELERATE_CPU_HINT = ("accelerate launch --cpu with --num_processes > 1 starts 
                        "...` or `accelerate launch --config_file examples/accelerate/ddp_cpu.yaml -m alignloop ...`")
 
 
+def torchrun_command(nproc: int, args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run `alignloop <args>` on `nproc` processes of this machine
+    (what `--nproc N` does): torchrun, with the cores shared out unless OMP_NUM_THREADS is set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // nproc))}
+    return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+             "-m", "alignloop", *args], env)
+
+
+SHARDED_HINT = ("accelerate launched alignloop with {engine}: alignloop trains data-parallel with full model copies "
+                "(DDP) only, so that config's sharding would be ignored; launch with examples/accelerate/ddp_cpu.yaml "
+                "or ddp_gpu.yaml (docs/scale.md)")
+
+
 @functools.cache
 def from_environment() -> Distributed:
     """This process's place in the job that torchrun or accelerate launch started (joining its
     process group on the first call), or `SINGLE_PROCESS` when no launcher started several."""
+    sharded = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(flag, "").lower() in ("true", "1")]
+    if sharded:
+        # Training on with DDP's full copies would ignore the memory plan the user asked for.
+        raise ConfigError(SHARDED_HINT.format(engine=sharded[0]))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         # accelerate's CPU launcher runs the command once, with MASTER_ADDR set for the N processes

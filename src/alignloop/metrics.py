@@ -56,6 +56,19 @@ class MetricsLogger:
             self.writer.close()
 
 
+class NoMetrics:
+    """What a process other than rank 0 logs to: nothing (the job's record is rank 0's)."""
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        pass
+
+    def log_table(self, step: int, name: str, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()

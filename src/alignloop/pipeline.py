@@ -155,14 +155,16 @@ def check_spec(spec: PipelineSpec) -> None:
 def run_wired(stage: Stage, state: RoundState, ctx: StageContext, source: str, label: str) -> tuple[dict, dict]:
     """Build the stage's config for this round (wired from earlier outputs, the user's section over them),
     record its outputs for the stages after it, and run or reuse it; returns (config, summary)."""
-    values = stage.wire(state, state.sections.get(stage.name, {}))
+    # Wiring may write files (a round's prompt slice, the reward data's split): rank 0 does, once.
+    values = ctx.dist.broadcast(stage.wire(state, state.sections.get(stage.name, {})) if ctx.dist.is_main else None)
     config = stage.config_class.from_dict(values, source=f"{source} [{stage.name}]")
     state.outputs[stage.name] = stage.outputs(config)
     try:
         return config.to_dict(), run_stage(stage, config, ctx, label=label, reuse=True)
     except TrainingDiverged as e:  # the guard stopped the run: say so where the report looks, then stop
-        atomic_write_json(state.out / "guards.json", [{"stage": label, "guard": "non-finite loss or gradients",
-                                                        "what": str(e)}])
+        if ctx.dist.is_main:
+            atomic_write_json(state.out / "guards.json", [{"stage": label, "guard": "non-finite loss or gradients",
+                                                            "what": str(e)}])
         raise
 
 
@@ -170,11 +172,14 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     """Run (or resume) every stage; returns the report (also written to out/report.json and report.html)."""
     check_spec(spec)
     out, sections = Path(spec.out), spec.sections
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "guards.json").unlink(missing_ok=True)  # what stopped an earlier invocation is not this one's
     ctx, started, registry = StageContext(), time.time(), stages()
-    log(f"pipeline: {spec.rounds} round(s) under {out} (load average {load_average()}, "
-        f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
+    main = ctx.dist.is_main  # under several processes: rank 0 writes the run's own files and says what happens
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "guards.json").unlink(missing_ok=True)  # what stopped an earlier invocation is not this one's
+        log(f"pipeline: {spec.rounds} round(s) under {out} (load average {load_average()}, "
+            f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+            f"{ctx.dist.world_size} process(es))")
     state = RoundState(out, 1, sections, {}, spec.human, sections.get("ppo", {}).get("max_new_tokens"))
     configs: dict[str, Any] = {}
     summaries: dict[str, Any] = {}
@@ -195,10 +200,13 @@ def run_pipeline(spec: PipelineSpec) -> dict:
                       eval_dir=str(state.outputs["evaluate"]["samples"].parent),
                       reward_dir=str(state.outputs["reward"]["model"]))
         rounds.append(record)
-        publish_round(state)
-        report = write_pipeline_report(spec, ctx, summaries, rounds, configs, time.time() - started)
+        if main:
+            publish_round(state)
+            report = write_pipeline_report(spec, ctx, summaries, rounds, configs, time.time() - started)
+    if not main:
+        return ctx.dist.broadcast(None)
     log(f"pipeline: done in {time.time() - started:.1f} s; report: {out / 'report.html'}")
-    return report
+    return ctx.dist.broadcast(report)
 
 
 def publish_round(state: RoundState) -> None:

@@ -10,8 +10,8 @@ defines one object of the `Stage` shape:
                   stages' outputs, with the user's section over them
     run(cfg, ctx) does the work and returns the summary (a JSON-able dict)
     data_parallel (optional, default False) True when `run` trains on its shard of every global
-                  batch under torchrun / accelerate launch (pretrain, sft, reward); other stages
-                  refuse to run in several processes rather than each doing the whole job
+                  batch under torchrun / accelerate launch (pretrain, sft, reward, ppo); under
+                  several processes the other stages run on rank 0 alone (`run_on_rank_0`)
 
 `run_stage` is the one way a stage runs, from the CLI, the Python API or the pipeline:
 it times the stage, writes the config beside its outputs and the summary last,
@@ -36,10 +36,10 @@ import torch
 from .checkpoint import Checkpointer
 from .config import StageConfig
 from .device import choose_precision, resolve_device, set_cpu_threads
-from .distributed import Distributed, from_environment
+from .distributed import SINGLE_PROCESS, Distributed, from_environment
 from .errors import ConfigError
 from .files import atomic_write_json, path_fingerprint, read_json_or_none
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, NoMetrics
 from .progress import progress
 
 # Round n's seeds are the section's seed + ROUND_SEED_STRIDE * (n - 1). Sampling draws with
@@ -91,7 +91,9 @@ class StageContext:
     def progress(self, disable: bool = False, **kwargs):
         return progress(disable=disable or not self.dist.is_main, **kwargs)  # one bar: rank 0's
 
-    def metrics(self, out_dir: Path, tensorboard: bool, resume_step: int = 0) -> MetricsLogger:
+    def metrics(self, out_dir: Path, tensorboard: bool, resume_step: int = 0) -> MetricsLogger | NoMetrics:
+        if not self.dist.is_main:
+            return NoMetrics()
         return MetricsLogger(out_dir, tensorboard, resume_step=resume_step)
 
     log = staticmethod(log)
@@ -210,8 +212,7 @@ def run_stage(stage: Stage, config: StageConfig, ctx: StageContext | None = None
     if reuse and done.is_file():
         say(f"{label}: its config or inputs changed since {done} was written: running it again")
     if ctx.dist.world_size > 1 and not getattr(stage, "data_parallel", False):
-        raise ConfigError(f"the {stage.name} stage runs in one process only: launch it without torchrun or "
-                          f"accelerate launch (pretrain, sft and reward train run data-parallel)")
+        return run_on_rank_0(stage, config, ctx, label, fingerprint)
     before, start = load_average(), time.time()
     say(f"{label}: running (load average {before})")
     summary = stage.run(config, ctx)
@@ -228,6 +229,29 @@ def run_stage(stage: Stage, config: StageConfig, ctx: StageContext | None = None
     ctx.timings.append({"stage": label or stage.name, "seconds": round(seconds, 2), "load_before": before,
                         "load_after": after, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "reused": False})
     return summary
+
+
+def run_on_rank_0(stage: Stage, config: StageConfig, ctx: StageContext, label: str | None,
+                  fingerprint: str) -> dict[str, Any]:
+    """A stage that does not train (sampling, annotation, evaluation) under several processes:
+    rank 0 runs it as one process would, so an annotation server starts once and every file is
+    written once; the others wait for its summary.
+
+    They wait by reading the summary file, not in a collective, which would time out (the process
+    group's 30 minutes) while people annotate or a long evaluation runs. If rank 0 fails, the
+    launcher stops the others.
+    """
+    if ctx.dist.is_main:
+        log(f"{label or stage.name}: runs on rank 0 alone; the other {ctx.dist.world_size - 1} process(es) wait")
+        alone = StageContext(timings=ctx.timings, dist=SINGLE_PROCESS)
+        return run_stage(stage, config, alone, label)
+    while (summary := finished_summary(stage, config, fingerprint)) is None:
+        time.sleep(RANK_0_POLL_SECONDS)
+    ctx.timings.append({"stage": label or stage.name, "seconds": summary.get("seconds"), "reused": True})
+    return summary
+
+
+RANK_0_POLL_SECONDS = 0.5
 
 
 def _quiet(message: str) -> None:

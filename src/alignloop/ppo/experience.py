@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 import torch
 
-from ..rollout import TokenBatch, finished_rows, left_pad, sample_responses
+from ..distributed import SINGLE_PROCESS, Distributed
+from ..rollout import TokenBatch, episode_uniforms, finished_rows, left_pad, make_batch, sample_responses
 from .config import PPOConfig
 from .kl_control import KLController
 from .algorithms import ALGORITHMS
@@ -46,6 +47,7 @@ class Experience:
     finished: torch.Tensor  # (B,) ended with EOS
     # The rollout's own policy and critic forwards, graph kept, when the first update can use them (see make).
     live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (logprobs, logits, values)
+    live_rows: torch.Tensor | None = None  # the episodes `live` is of: this process's shard
 
     @property
     def size(self) -> int:
@@ -53,11 +55,11 @@ class Experience:
 
 
 class ExperienceMaker:
-    def __init__(self, models: RLModels, config: PPOConfig, prompt_ids: list[list[int]],
-                 generator: torch.Generator, kl_ctl: KLController):
+    def __init__(self, models: RLModels, config: PPOConfig, prompt_ids: list[list[int]], kl_ctl: KLController,
+                 dist: Distributed = SINGLE_PROCESS):
         self.models, self.config, self.prompt_ids = models, config, prompt_ids
-        self.generator = generator  # sampling draws (the update's shuffles share it)
         self.kl_ctl = kl_ctl
+        self.dist = dist
         self.estimate_advantages = ALGORITHMS[config.algorithm].estimate_advantages
         self.seconds = {"generation": 0.0, "scoring": 0.0}
 
@@ -88,27 +90,42 @@ class ExperienceMaker:
         return c.num_mini_batches == 1 and c.gradient_accumulation_steps == 1 and not c.gradient_checkpointing
 
     @torch.no_grad()
-    def make(self, step: int) -> Experience:
-        c, m, tok = self.config, self.models, self.models.tokenizer
+    def make(self, step: int, sampling_seed: int) -> Experience:
+        """The step's experience, the whole global batch of it, in every process.
+
+        Under several processes each samples and scores its shard of the episodes; the shards are
+        gathered before rewards and advantages, so whitening, group baselines and every statistic
+        are over the global batch, computed alike in every process. Episode i's tokens are drawn
+        with uniforms that depend on (sampling_seed, step, i) alone and its prompt is padded to
+        the global batch's width, so it is sampled as one process would sample it.
+        """
+        c, m, tok, dist = self.config, self.models, self.models.tokenizer, self.dist
         t0 = time.perf_counter()
         device = next(m.policy.parameters()).device
-        prompt_ids, prompt_mask = left_pad([self.prompt_ids[i] for i in self.step_prompts(step)],
-                                           tok.pad_token_id, device)
-        batch = sample_responses(m.policy, prompt_ids, prompt_mask, c.max_new_tokens, tok.eos_token_id,
-                                 tok.pad_token_id, c.temperature, c.top_p, generator=self.generator,
-                                 precision=m.precision)
+        prompts = [self.prompt_ids[i] for i in self.step_prompts(step)]
+        mine = dist.shard(len(prompts))
+        width = max(len(p) for p in prompts)
+        prompt_ids, prompt_mask = left_pad(prompts[mine.start:mine.stop], tok.pad_token_id, device, width)
+        uniforms = episode_uniforms(sampling_seed, step, len(prompts), c.max_new_tokens)[mine.start:mine.stop]
+        sampled = sample_responses(m.policy, prompt_ids, prompt_mask, c.max_new_tokens, tok.eos_token_id,
+                                   tok.pad_token_id, c.temperature, c.top_p, precision=m.precision,
+                                   uniforms=uniforms)
+        batch = self.gathered(sampled, prompts, width)
+        local = batch.select(list(mine)) if dist.world_size > 1 else batch
         t1 = time.perf_counter()
         live = None
         with torch.set_grad_enabled(self.keeps_rollout_graph):
-            logprobs, logits, values = m.policy_and_values(batch)
+            logprobs, logits, values = m.policy_and_values(local)
         if self.keeps_rollout_graph:
             live = (logprobs, logits, values)
             logprobs, values = logprobs.detach(), values.detach()
-        ref_logprobs = m.reference_logprobs(batch)
-        raw_scores = m.reward_scores(batch)
-        finished = finished_rows(batch, tok.eos_token_id)
+        ref_logprobs = m.reference_logprobs(local)
+        raw_scores = m.reward_scores(local)
         self.seconds["generation"] += t1 - t0
         self.seconds["scoring"] += time.perf_counter() - t1
+        logprobs, values, raw_scores = (dist.gather_rows(t) for t in (logprobs, values, raw_scores))
+        ref_logprobs = dist.gather_rows(ref_logprobs) if ref_logprobs is not None else None
+        finished = finished_rows(batch, tok.eos_token_id)
 
         mask, scores = self.paid_scores(batch, raw_scores, finished)
         kl = (kl_penalty(logprobs, ref_logprobs, c.kl_estimator) * mask if ref_logprobs is not None
@@ -116,7 +133,20 @@ class ExperienceMaker:
         rewards = token_rewards(scores, kl, self.kl_ctl.value, mask)
         advantages, returns = self.estimate_advantages(rewards, values, mask, c)
         return Experience(batch, mask, logprobs, ref_logprobs, values, raw_scores, scores, kl, rewards, advantages,
-                          returns, finished, live)
+                          returns, finished, live, torch.arange(mine.start, mine.stop))
+
+    def gathered(self, sampled: TokenBatch, prompts: list[list[int]], width: int) -> TokenBatch:
+        """The global batch of episodes from every process's sampled shard (this one's alone in one process)."""
+        dist = self.dist
+        if dist.world_size == 1:
+            return sampled
+        pad, device = self.models.tokenizer.pad_token_id, sampled.input_ids.device
+        R = int(dist.all_reduce_max(sampled.responses.shape[1]))
+        extra = R - sampled.responses.shape[1]
+        responses = dist.gather_rows(torch.nn.functional.pad(sampled.responses, (0, extra), value=pad))
+        response_mask = dist.gather_rows(torch.nn.functional.pad(sampled.response_mask, (0, extra)))
+        prompt_ids, prompt_mask = left_pad(prompts, pad, device, width)
+        return make_batch(prompt_ids, prompt_mask, responses, response_mask)
 
     def paid_scores(self, batch: TokenBatch, raw_scores: torch.Tensor,
                     finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import rng_state, set_rng_state
 from ..errors import ConfigError
 from ..files import atomic_directory
 from ..modeling import load_tokenizer, model_context_length, save_model_dir
@@ -50,7 +49,12 @@ class PPOTrainer:
         self.ctx = ctx or StageContext()
         self.device, self.precision = self.ctx.device_and_precision(c)
         self.out_dir = Path(c.out_dir)
-        self.generator = torch.Generator(device="cpu").manual_seed(c.seed)  # sampling and shuffling
+        self.dist = self.ctx.dist
+        if c.mini_batch_size < self.dist.world_size:
+            raise ConfigError(f"mini_batch_size ({c.mini_batch_size}) must be at least the number of processes "
+                              f"({self.dist.world_size}): each process trains on its rows of every mini-batch")
+        # Mini-batch shuffles; sampling draws from streams of (seed, step) instead (sampling_seed).
+        self.generator = torch.Generator(device="cpu").manual_seed(c.seed)
         torch.manual_seed(c.seed)
         random.seed(c.seed)
 
@@ -63,8 +67,8 @@ class PPOTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, (lambda u: 1.0 - u / total_updates) if c.anneal_lr else (lambda u: 1.0))
         self.kl_ctl = KLController(c.kl_coef, c.target_kl, c.kl_horizon)
-        self.experience = ExperienceMaker(self.models, c, prompt_ids, self.generator, self.kl_ctl)
-        self.update = PPOUpdate(self.models, c, self.optimizer, self.scheduler, self.generator)
+        self.experience = ExperienceMaker(self.models, c, prompt_ids, self.kl_ctl, self.dist)
+        self.update = PPOUpdate(self.models, c, self.optimizer, self.scheduler, self.generator, self.dist)
         self.update.policy_params = self.policy_params
         self.step_index = 0  # steps completed
         self.first_eos_rate: float | None = None
@@ -115,14 +119,19 @@ class PPOTrainer:
         load_trained_state(self.models, "policy", state)
 
     # -------------------------------------------------------------------------------------------- step
+    @property
+    def sampling_seed(self) -> int:
+        """The seed of the sampling streams: after rollback n, other samples than the ones that collapsed."""
+        return self.config.seed + ROLLBACK_SEED_STRIDE * self.rollbacks
+
     def rollout(self, step: int) -> Experience:
-        return self.experience.make(step)
+        return self.experience.make(step, self.sampling_seed)
 
     def step(self) -> dict[str, float]:
         c = self.config
         step = self.step_index
         t0 = time.perf_counter()
-        exp = self.experience.make(step)
+        exp = self.rollout(step)
         t1 = time.perf_counter()
         stats = self.update(exp, train_policy=step >= c.critic_warmup_steps)
         t2 = time.perf_counter()
@@ -182,7 +191,7 @@ class PPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
-            "rng": rng_state(self.generator),
+            "rng": self.dist.rng_states(self.generator),
             "first_eos_rate": self.first_eos_rate,
             "rollbacks": self.rollbacks,
             "timing": self.timing,
@@ -194,7 +203,7 @@ class PPOTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
-        set_rng_state(state["rng"], self.generator)
+        self.dist.restore_rng_state(state["rng"], generator=self.generator)
         self.step_index = state["step"]
         self.first_eos_rate = state["first_eos_rate"]
         self.rollbacks = state["rollbacks"]
@@ -211,7 +220,9 @@ class PPOTrainer:
         self.restore_timing(timing)
 
     def save_checkpoint(self) -> None:
-        self.checkpointer.save(self.state_dict())
+        state = self.state_dict()  # every process takes part: the RNG states are gathered
+        if self.dist.is_main:
+            self.checkpointer.save(state)
 
     def resume(self) -> int:
         """Load the checkpoint of an interrupted run of this same config, if any; returns the step it resumes at."""
@@ -264,7 +275,7 @@ class PPOTrainer:
         self.restore_last_good()
         self.rollbacks = rollbacks
         scale_learning_rate(self.optimizer, self.scheduler, self.config.rollback_lr_factor)
-        self.generator.manual_seed(self.config.seed + ROLLBACK_SEED_STRIDE * rollbacks)
+        self.generator.manual_seed(self.sampling_seed)
 
     def log_step(self, logger, metrics: dict[str, float]) -> None:
         c, step = self.config, self.step_index
@@ -303,8 +314,9 @@ class PPOTrainer:
 
     def finish(self, history: list[dict], start: float, resumed_from: int, stopped: str | None) -> dict[str, Any]:
         c = self.config
-        self.save_models()
-        self.checkpointer.remove()
+        if self.dist.is_main:
+            self.save_models()
+            self.checkpointer.remove()
         tail = history[-max(1, len(history) // 5):] if history else []
         mean = (lambda key: statistics.fmean(m[key] for m in tail) if tail and key in tail[0] else None)
         episodes = (self.step_index - resumed_from) * c.batch_size
@@ -316,6 +328,8 @@ class PPOTrainer:
             "stopped": stopped,
             "rollbacks": self.rollbacks,
             "dropped_prompts_too_long": self.dropped_prompts,
+            "episodes_per_process": self.dist.all_gather(len(self.dist.shard(c.batch_size))
+                                                         * (self.step_index - resumed_from)),
             "first_score_mean": history[0]["score_mean"] if history else None,
             "final_score_mean": mean("score_mean"),
             "final_kl_mean": mean("kl_mean"),
@@ -335,6 +349,7 @@ class PPOTrainer:
 class PPOStage:
     name = "ppo"
     config_class = PPOConfig
+    data_parallel = True
 
     def outputs(self, config: PPOConfig) -> dict[str, Path]:
         out = Path(config.out_dir)

@@ -6,12 +6,18 @@ Each pass shuffles the episodes into mini-batches; each mini-batch is one optimi
 optionally split into micro-batches for memory. Losses are weighted token sums divided by the
 mini-batch's total weight (`loss_aggregation`: per token, or per response), so however the
 micro-batches split a mini-batch, the update is the same.
+
+Under several processes every process holds the whole experience and draws the same shuffle;
+each runs its block of every mini-batch (micro-batches of `micro_batch_size` rows) and the
+gradients are summed over the processes before the optimiser step, which is then the same step
+in every process: the one-process step, up to the order of floating-point sums.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..distributed import SINGLE_PROCESS, Distributed
 from ..training import optimizer_step
 from .config import PPOConfig
 from .experience import Experience
@@ -24,10 +30,12 @@ STAT_SUMS = ("pg_loss", "vf_loss", "kl_loss", "clipped", "vf_clipped", "approx_k
 
 class PPOUpdate:
     def __init__(self, models: RLModels, config: PPOConfig, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+                 dist: Distributed = SINGLE_PROCESS):
         self.models, self.config = models, config
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.generator = generator  # mini-batch shuffles (shared with the sampler: one stream to checkpoint)
+        self.generator = generator  # mini-batch shuffles: the same in every process
+        self.dist = dist
         self.trained_params = [p for g in optimizer.param_groups for p in g["params"]]  # policy + critic
         self.policy_params: list[torch.nn.Parameter] = []  # set by the trainer: what critic warm-up freezes
 
@@ -45,17 +53,24 @@ class PPOUpdate:
             order = torch.randperm(exp.size, generator=self.generator)
             for mb_start in range(0, exp.size, c.mini_batch_size):
                 mb_rows = order[mb_start:mb_start + c.mini_batch_size]
-                # The mean over the whole mini-batch, however the micro-batches split it.
+                # The mean over the whole mini-batch, however processes and micro-batches split it.
                 mb_weight = weights[mb_rows].sum().clamp(min=1.0)
-                for mc_start in range(0, c.mini_batch_size, c.micro_batch_size):
-                    rows = mb_rows[mc_start:mc_start + c.micro_batch_size]
+                # This process's block of the mini-batch's rows in episode order: with one mini-batch
+                # that is the shard it sampled, whose rollout forwards the first update can reuse.
+                share = self.dist.shard(len(mb_rows))
+                mine = mb_rows.sort().values[share.start:share.stop]
+                for mc_start in range(0, len(mine), c.micro_batch_size):
+                    rows = mine[mc_start:mc_start + c.micro_batch_size]
                     ratio_max = max(ratio_max, self.micro_batch(exp, rows, weights, mb_weight, train_policy, epoch,
                                                                 sums))
+                self.dist.all_reduce_gradients(self.trained_params)  # the shares add up to the mini-batch's gradient
                 frozen = () if train_policy else self.policy_params  # critic warm-up: the policy must not move
                 grad_norm = optimizer_step(self.optimizer, self.scheduler, m.masters, self.trained_params,
                                            c.max_grad_norm, frozen)
         for module in modules:
             module.eval()
+        sums = dict(zip(sums, self.dist.all_reduce_sum(list(sums.values()))))
+        ratio_max = self.dist.all_reduce_max(ratio_max)
         n = max(sums["tokens"], 1.0)
         kl_loss = {"kl_loss": sums["kl_loss"] / n} if c.kl_loss_coef else {}
         value = {"vf_loss": sums["vf_loss"] / n, "vf_clipfrac": sums["vf_clipped"] / n} if critic is not None else {}
@@ -68,8 +83,8 @@ class PPOUpdate:
                     train_policy: bool, epoch: int, sums: dict[str, float]) -> float:
         """Forward, loss and backward of one micro-batch; adds its statistics to `sums`; returns its max ratio."""
         c, m = self.config, self.models
-        if exp.live is not None:  # the rollout's forwards, for the whole batch in its own order
-            rows = torch.arange(exp.size)
+        if exp.live is not None:  # the rollout's forwards, of this process's rows (the same set, in its order)
+            rows = exp.live_rows
             (logprobs, logits, values), exp.live = exp.live, None
         else:
             logprobs, logits, values = m.policy_and_values(exp.batch.select(rows))
