@@ -216,6 +216,14 @@ def test_policy_moves_and_writes_a_plain_hf_directory(tiny_lm_dir, rm_dir, promp
         assert key in rows[-1]
     assert rows[0]["kl_mean"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at the first rollout
     assert (out / "samples.jsonl").is_file() and (out / "critic" / "config.json").is_file()
+    # The sampler's log-probs are the trainer's (a KV-cache decode vs one full forward, fp32): the gap is rounding.
+    assert all(0 <= r["sampler_logprob_gap"] <= r["sampler_logprob_gap_max"] < 1e-4 for r in rows)
+
+
+def test_a_sampler_drawing_from_a_cut_distribution_reports_no_logprob_gap(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    trainer = PPOTrainer(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path, top_p=0.9))
+    exp = trainer.rollout(0)
+    assert exp.batch.sampled_logprobs is None and "sampler_logprob_gap" not in trainer.experience_metrics(exp)
 
 
 def test_lora_trains_adapters_only_and_the_reference_is_the_adapter_free_model(tiny_lm_dir, rm_dir, prompts_file,

@@ -39,6 +39,9 @@ class TokenBatch:
     position_ids: torch.Tensor  # (batch, P + R)
     prompt_width: int  # P
     response_mask: torch.Tensor  # (batch, R) float, 1.0 on response tokens (EOS included)
+    # (batch, R) fp32: the log-probability the sampler gave each token it drew (at the temperature,
+    # before top-p); None when it was not sampled or top-p cut the distribution it drew from.
+    sampled_logprobs: torch.Tensor | None = None
 
     @property
     def responses(self) -> torch.Tensor:  # (batch, R)
@@ -46,7 +49,8 @@ class TokenBatch:
 
     def select(self, rows: torch.Tensor | list[int]) -> "TokenBatch":
         return TokenBatch(self.input_ids[rows], self.attention_mask[rows], self.position_ids[rows],
-                          self.prompt_width, self.response_mask[rows])
+                          self.prompt_width, self.response_mask[rows],
+                          self.sampled_logprobs[rows] if self.sampled_logprobs is not None else None)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device,
@@ -152,6 +156,9 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
         # Drawn on the CPU (a seed gives the same draws on any device; the state checkpoints anywhere).
         uniforms = (uniforms if uniforms is not None else
                     torch.rand((batch, max_new_tokens), generator=generator)).to(device)
+    # What the sampler's own distribution gave each drawn token, for the trainer to compare with its
+    # log-probs (a sampler whose numbers drift from the trainer's biases PPO's ratios).
+    logprobs = torch.zeros((batch, max_new_tokens), device=device) if not greedy and top_p >= 1.0 else None
     # ONE autocast region for the whole loop, not one per step: autocast keeps its bf16 copy of
     # each trainable weight until the region ends, so the weights are cast once per rollout
     # instead of once per token. A batch-8 decode step is bound by reading the weights, and
@@ -165,8 +172,10 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
             if greedy:
                 token = logits.argmax(-1)
             else:
-                token = draw_tokens(torch.softmax(top_p_filter(logits / temperature, top_p), dim=-1),
-                                    uniforms[rows, step])
+                probs = torch.softmax(top_p_filter(logits / temperature, top_p), dim=-1)
+                token = draw_tokens(probs, uniforms[rows, step])
+                if logprobs is not None:
+                    logprobs[rows, step] = probs.gather(1, token[:, None]).squeeze(1).log()
             token = torch.where(ended, torch.full_like(token, pad_id), token)
             responses[rows, step] = token
             ended = ended | (token == eos_id)
@@ -179,7 +188,10 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
                 rows, token, ended = rows[keep], token[keep], ended[keep]
             logits = decoder.step(token)
     responses = responses[:, :step + 1]  # (batch, R), pad after EOS
-    return make_batch(prompt_ids, prompt_mask, responses, response_mask_up_to_eos(responses, eos_id))
+    sampled = make_batch(prompt_ids, prompt_mask, responses, response_mask_up_to_eos(responses, eos_id))
+    if logprobs is not None:
+        sampled.sampled_logprobs = logprobs[:, :step + 1] * sampled.response_mask
+    return sampled
 
 
 def response_mask_up_to_eos(responses: torch.Tensor, eos_id: int) -> torch.Tensor:

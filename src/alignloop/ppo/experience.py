@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from ..distributed import SINGLE_PROCESS, Distributed
-from ..rollout import TokenBatch, episode_uniforms, finished_rows, left_pad, make_batch, sample_responses
+from ..rollout import TokenBatch, episode_uniforms, finished_rows, left_pad, make_batch
 from .config import PPOConfig
 from .kl_control import KLController
 from .algorithms import ALGORITHMS
 from .losses import kl_penalty, token_rewards, whiten
 from .models import RLModels
+from .sampler import KVCacheSampler, RolloutSampler
 
 # Shuffles of the prompt order: pass `epoch` over the prompts uses Random(seed * PROMPT_ORDER_STRIDE + epoch).
 # A prime stride keeps (seed, epoch) pairs from colliding for any seed and any run length in practice.
@@ -56,10 +57,11 @@ class Experience:
 
 class ExperienceMaker:
     def __init__(self, models: RLModels, config: PPOConfig, prompt_ids: list[list[int]], kl_ctl: KLController,
-                 dist: Distributed = SINGLE_PROCESS):
+                 dist: Distributed = SINGLE_PROCESS, sampler: RolloutSampler | None = None):
         self.models, self.config, self.prompt_ids = models, config, prompt_ids
         self.kl_ctl = kl_ctl
         self.dist = dist
+        self.sampler = sampler or KVCacheSampler(models, config)
         self.estimate_advantages = ALGORITHMS[config.algorithm].estimate_advantages
         self.seconds = {"generation": 0.0, "scoring": 0.0}
 
@@ -107,9 +109,7 @@ class ExperienceMaker:
         width = max(len(p) for p in prompts)
         prompt_ids, prompt_mask = left_pad(prompts[mine.start:mine.stop], tok.pad_token_id, device, width)
         uniforms = episode_uniforms(sampling_seed, step, len(prompts), c.max_new_tokens)[mine.start:mine.stop]
-        sampled = sample_responses(m.policy, prompt_ids, prompt_mask, c.max_new_tokens, tok.eos_token_id,
-                                   tok.pad_token_id, c.temperature, c.top_p, precision=m.precision,
-                                   uniforms=uniforms)
+        sampled = self.sampler.sample(prompt_ids, prompt_mask, uniforms)
         batch = self.gathered(sampled, prompts, width)
         local = batch.select(list(mine)) if dist.world_size > 1 else batch
         t1 = time.perf_counter()
@@ -146,7 +146,10 @@ class ExperienceMaker:
         responses = dist.gather_rows(torch.nn.functional.pad(sampled.responses, (0, extra), value=pad))
         response_mask = dist.gather_rows(torch.nn.functional.pad(sampled.response_mask, (0, extra)))
         prompt_ids, prompt_mask = left_pad(prompts, pad, device, width)
-        return make_batch(prompt_ids, prompt_mask, responses, response_mask)
+        batch = make_batch(prompt_ids, prompt_mask, responses, response_mask)
+        if sampled.sampled_logprobs is not None:
+            batch.sampled_logprobs = dist.gather_rows(torch.nn.functional.pad(sampled.sampled_logprobs, (0, extra)))
+        return batch
 
     def paid_scores(self, batch: TokenBatch, raw_scores: torch.Tensor,
                     finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,6 +134,7 @@ class PPOTrainer:
         exp = self.rollout(step)
         t1 = time.perf_counter()
         stats = self.update(exp, train_policy=step >= c.critic_warmup_steps)
+        self.experience.sampler.policy_updated()
         t2 = time.perf_counter()
         self.update_seconds += t2 - t1
         if step > 0:  # the first step pays one-off costs (kernel selection, allocator warm-up)
@@ -164,7 +165,18 @@ class PPOTrainer:
             **({"value_mean": float(masked_mean(exp.values, exp.mask))} if self.models.critic_module is not None
                else {}),
             "advantage_raw_std": float(exp.advantages.std()),
+            **self.sampler_gap(exp),
         }
+
+    @staticmethod
+    def sampler_gap(exp: Experience) -> dict[str, float]:
+        """How far the sampler's log-probs of its tokens are from the trainer's (the old log-probs PPO uses)."""
+        sampled = exp.batch.sampled_logprobs
+        if sampled is None:
+            return {}
+        gap = (sampled - exp.logprobs).abs() * exp.batch.response_mask
+        return {"sampler_logprob_gap": float(gap.sum() / exp.batch.response_mask.sum().clamp(min=1.0)),
+                "sampler_logprob_gap_max": float(gap.max())}
 
     def collapse_reason(self, metrics: dict[str, float]) -> str | None:
         """Why this step's policy cannot be kept, or None. Checked after every step."""
