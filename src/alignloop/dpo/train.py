@@ -43,8 +43,8 @@ from ..logprobs import token_logprobs
 from ..modeling import check_model_dir, load_causal_lm, load_tokenizer, max_length_for, save_model_dir
 from ..prompts import DEFAULT_MAX_LENGTH, pad_right
 from ..reward.data import Preference
-from ..reward.train import (EncodedItem, encode_items, length_buckets, load_splits, pack_rows, shared_prefix_mask,
-                            split_rankings, unit_size)
+from ..reward.train import (EncodedItem, check_preference_schedule, encode_items, length_buckets, load_splits,
+                            pack_rows, shared_prefix_mask, split_rankings, unit_size)
 from ..stage import RoundState, StageContext, run_stage, section_number, stage_checkpointer
 from ..training import check_finite, model_optimizer, optimizer_step, warmup_cosine
 from .losses import LOSSES, PreferenceLoss, dpo_loss, ipo_loss, reward_accuracy
@@ -90,13 +90,8 @@ class DPOConfig(StageConfig):
                      f"label_smoothing is the probability a label is flipped, in [0, 0.5); got {self.label_smoothing}")
         self.require(self.label_smoothing == 0 or self.loss == "dpo",
                      "label_smoothing is conservative DPO's: use it with loss: dpo, or set it to 0")
-        self.require(self.batch_size >= 1 and self.gradient_accumulation_steps >= 1 and self.eval_batch_size >= 1,
-                     "batch_size, gradient_accumulation_steps and eval_batch_size must be >= 1")
-        self.require(self.epochs > 0 and self.lr > 0, "epochs and lr must be positive")
-        self.require(0 <= self.warmup < 1, "warmup is a fraction of the optimiser steps, in [0, 1)")
-        self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
-        self.require(self.max_length >= 8, "max_length must be >= 8 tokens")
-        self.require(self.pack_width >= 0, "pack_width must be >= 0 (0 turns packing off)")
+        check_preference_schedule(self)
+        self.require(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
         self.require(self.checkpoint_every >= 0 and self.eval_every >= 0,
                      "checkpoint_every and eval_every must be >= 0 (0: none / only at the end)")
         self.require(isinstance(self.resume, bool) and isinstance(self.tensorboard, bool),

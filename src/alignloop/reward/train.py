@@ -86,15 +86,20 @@ class RewardTrainConfig(StageConfig):
         for path in (self.data, self.held_out_data, self.normalize_prompts):
             if path is not None and not Path(path).exists():
                 raise InputError(path, "no such file or directory")
-        self.require(self.batch_size >= 1 and self.gradient_accumulation_steps >= 1,
-                     "batch_size and gradient_accumulation_steps must be >= 1")
-        self.require(self.epochs > 0 and self.lr > 0, "epochs and lr must be positive")
-        self.require(0 <= self.warmup < 1, "warmup is a fraction of the optimiser steps, in [0, 1)")
-        self.require(0 < self.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
-        self.require(self.max_length >= 8, "max_length must be >= 8 tokens")
-        self.require(self.pack_width >= 0, "pack_width must be >= 0 (0 turns packing off)")
+        check_preference_schedule(self)
         self.require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: no checkpoints)")
         self.require(self.normalize_samples >= 2, "normalize_samples must be >= 2 (a std needs two scores)")
+
+
+def check_preference_schedule(config: StageConfig) -> None:
+    """The checks every stage that trains on preference pairs shares (reward model, DPO)."""
+    config.require(config.batch_size >= 1 and config.gradient_accumulation_steps >= 1,
+                   "batch_size and gradient_accumulation_steps must be >= 1")
+    config.require(config.epochs > 0 and config.lr > 0, "epochs and lr must be positive")
+    config.require(0 <= config.warmup < 1, "warmup is a fraction of the optimiser steps, in [0, 1)")
+    config.require(0 < config.held_out_fraction < 0.5, "held_out_fraction must be in (0, 0.5)")
+    config.require(config.max_length >= 8, "max_length must be >= 8 tokens")
+    config.require(config.pack_width >= 0, "pack_width must be >= 0 (0 turns packing off)")
 
 
 # -- encoding and batching ---------------------------------------------------------------
