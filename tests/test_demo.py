@@ -45,6 +45,18 @@ def tiny_sections(corpus: Path) -> dict:
     }
 
 
+def tiny_fp32_cpu_sections(directory: Path, fortunes: list[str]) -> dict:
+    """`tiny_sections` on a corpus of 600 fortunes written to `directory`, every model stage in fp32 on
+    the CPU (the same sums in every run, whatever the bf16 probe would pick)."""
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n\n".join(fortunes[:600]) + "\n")
+    sections = tiny_sections(corpus)
+    for name, section in sections.items():
+        if name != "annotate":
+            section.update(precision="fp32", device="cpu")
+    return sections
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, fortunes):
     base = tmp_path_factory.mktemp("demo")

@@ -364,14 +364,9 @@ def test_a_killed_2_process_ppo_run_resumes_to_the_uninterrupted_one(tiny_lm_dir
 def test_the_pipeline_on_2_processes_trains_on_both_and_runs_the_other_stages_once(fortunes, tmp_path):
     """`alignloop pipeline --nproc 2`: pretrain, SFT, reward and PPO on 2 processes; sampling, simulated
     annotation and evaluation on rank 0 alone, the other waiting; every file written by rank 0."""
-    from test_demo import tiny_sections
+    from test_demo import tiny_fp32_cpu_sections
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(fortunes[:600]) + "\n")
-    sections = tiny_sections(corpus)
-    for name, section in sections.items():
-        if name != "annotate":
-            section.update(precision="fp32", device="cpu")
+    sections = tiny_fp32_cpu_sections(tmp_path, fortunes)
     out = tmp_path / "out"
     config = tmp_path / "pipeline.yaml"
     config.write_text(json.dumps({"out": str(out), "rounds": 1, **sections}))  # JSON is YAML

@@ -364,14 +364,9 @@ def test_evaluation_killed_at_random_moments_reruns_to_the_same_figures(tiny_lm_
 def test_the_pipeline_killed_at_random_moments_resumes_to_the_same_models_and_data(fortunes, tmp_path, one_thread):
     """Every stage of one tiny round, checkpointing every step or two, killed at moments spread over the whole run."""
     from alignloop.pipeline import load_pipeline_file, run_pipeline
-    from test_demo import tiny_sections
+    from test_demo import tiny_fp32_cpu_sections
 
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(fortunes[:600]) + "\n")
-    sections = tiny_sections(corpus)
-    for name, section in sections.items():
-        if name != "annotate":
-            section.update(precision="fp32", device="cpu")
+    sections = tiny_fp32_cpu_sections(tmp_path, fortunes)
     for name, every in (("pretrain", 2), ("sft", 2), ("reward", 2), ("ppo", 1)):
         sections[name]["checkpoint_every"] = every
     out = tmp_path / "out"
