@@ -203,10 +203,9 @@ def run_pipeline(spec: PipelineSpec) -> dict:
         if main:
             publish_round(state)
             report = write_pipeline_report(spec, ctx, summaries, rounds, configs, time.time() - started)
-    if not main:
-        return ctx.dist.broadcast(None)
-    log(f"pipeline: done in {time.time() - started:.1f} s; report: {out / 'report.html'}")
-    return ctx.dist.broadcast(report)
+    if main:
+        log(f"pipeline: done in {time.time() - started:.1f} s; report: {out / 'report.html'}")
+    return ctx.dist.broadcast(report if main else None)  # every process returns rank 0's report
 
 
 def publish_round(state: RoundState) -> None:

@@ -141,14 +141,15 @@ class ExperienceMaker:
         if dist.world_size == 1:
             return sampled
         pad, device = self.models.tokenizer.pad_token_id, sampled.input_ids.device
-        R = int(dist.all_reduce_max(sampled.responses.shape[1]))
-        extra = R - sampled.responses.shape[1]
-        responses = dist.gather_rows(torch.nn.functional.pad(sampled.responses, (0, extra), value=pad))
-        response_mask = dist.gather_rows(torch.nn.functional.pad(sampled.response_mask, (0, extra)))
+        extra = int(dist.all_reduce_max(sampled.responses.shape[1])) - sampled.responses.shape[1]
+
+        def gather(per_token: torch.Tensor, value: float = 0) -> torch.Tensor:  # every process's rows, width R
+            return dist.gather_rows(torch.nn.functional.pad(per_token, (0, extra), value=value))
+
         prompt_ids, prompt_mask = left_pad(prompts, pad, device, width)
-        batch = make_batch(prompt_ids, prompt_mask, responses, response_mask)
+        batch = make_batch(prompt_ids, prompt_mask, gather(sampled.responses, pad), gather(sampled.response_mask))
         if sampled.sampled_logprobs is not None:
-            batch.sampled_logprobs = dist.gather_rows(torch.nn.functional.pad(sampled.sampled_logprobs, (0, extra)))
+            batch.sampled_logprobs = gather(sampled.sampled_logprobs)
         return batch
 
     def paid_scores(self, batch: TokenBatch, raw_scores: torch.Tensor,
