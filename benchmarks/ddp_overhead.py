@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from alignloop.distributed import torchrun_command
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inputs import need  # noqa: E402
 
@@ -49,11 +51,11 @@ def stage_commands(out: Path, ppo_steps: int, reward_epochs: float) -> dict[str,
 
 def run_once(args: list[str], summary: str, key: str, out: Path, processes: int, cores: int) -> float:
     shutil.rmtree(out, ignore_errors=True)
-    threads = 1 if processes > 1 else cores
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-                if processes > 1 else [])
-    command = launcher + ["-m", "alignloop", *args] if launcher else [sys.executable, "-m", "alignloop", *args]
+    if processes > 1:  # what `--nproc N` runs
+        command, env = torchrun_command(processes, args)
+    else:
+        command, env = [sys.executable, "-m", "alignloop", *args], dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(cores // processes), TQDM_DISABLE="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"ddp_overhead.py: {' '.join(command[:8])} ... failed:\n{done.stderr[-2000:]}")
