@@ -387,3 +387,15 @@ def test_an_accelerate_config_that_shards_the_model_is_refused_not_ignored(engin
     with pytest.raises(ConfigError, match="would be ignored") as refused:
         from_environment.__wrapped__()  # uncached: what the first StageContext of a process calls
     assert "\n" not in str(refused.value) and "ddp_cpu.yaml" in str(refused.value)
+
+
+def test_nproc_runs_the_command_under_torchrun_and_refuses_more_processes_than_cores(monkeypatch):
+    from alignloop.distributed import torchrun_command
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    command, env = torchrun_command(cores, ["sft", "--model", "m"])
+    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(cores),
+                           "-m", "alignloop", "sft", "--model", "m"] and env["OMP_NUM_THREADS"] == "1"
+    with pytest.raises(ConfigError, match=f"more processes than the {cores} core"):
+        torchrun_command(cores + 1, ["sft"])

@@ -181,6 +181,8 @@ def torchrun_command(nproc: int, args: list[str]) -> tuple[list[str], dict[str, 
     """The command and environment that run `alignloop <args>` on `nproc` processes of this machine
     (what `--nproc N` does): torchrun, with the cores shared out unless OMP_NUM_THREADS is set."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if nproc > cores:  # each process needs a core of its own; more only thrash (and each loads every model)
+        raise ConfigError(f"--nproc {nproc} is more processes than the {cores} core(s) this process may use")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // nproc))}
     return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
              "-m", "alignloop", *args], env)
