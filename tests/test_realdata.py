@@ -237,6 +237,24 @@ def test_held_out_pairs_do_not_depend_on_the_training_label_mode(tmp_path):
         (tmp_path / "sampled-vote" / "held_out_pairs.jsonl").read_text()
 
 
+def test_gold_split_shares_no_sentence_with_the_proxy_or_held_out_pairs(tmp_path):
+    archive = write_archive(tmp_path)
+    plain = human_sentiment(HumanSentimentConfig(out_dir=tmp_path / "plain", archive=archive, scorers=[],
+                                                 held_out_fraction=0.25))
+    summary = human_sentiment(HumanSentimentConfig(out_dir=tmp_path / "gold", archive=archive, scorers=[],
+                                                   held_out_fraction=0.25, gold_fraction=0.5))
+    texts = lambda name: {t for p in read_jsonl(tmp_path / "gold" / name) for t in (p["chosen"], p["rejected"])}
+    proxy, gold, held = texts("train_pairs.jsonl"), texts("gold_train_pairs.jsonl"), texts("held_out_pairs.jsonl")
+    assert gold and proxy and proxy.isdisjoint(gold) and held.isdisjoint(gold) and held.isdisjoint(proxy)
+    assert all(p["label"] == "majority" for p in read_jsonl(tmp_path / "gold" / "gold_train_pairs.jsonl"))
+    assert summary["gold_train_pairs"] == len(read_jsonl(tmp_path / "gold" / "gold_train_pairs.jsonl"))
+    # the held-out split does not move when a gold split is asked for
+    assert (tmp_path / "gold" / "held_out_pairs.jsonl").read_text() == (tmp_path / "plain" / "held_out_pairs.jsonl").read_text()
+    assert plain["gold_train_pairs"] == 0 and not (tmp_path / "plain" / "gold_train_pairs.jsonl").exists()
+    splits = {r["split"] for r in read_jsonl(tmp_path / "gold" / "sentences.jsonl")}
+    assert splits == {"train", "gold", "held_out"}
+
+
 def test_cli_human_sentiment_and_agreement(tmp_path):
     from typer.testing import CliRunner
 

@@ -286,6 +286,30 @@ def test_packed_sequences_score_exactly_as_padded_ones(tiny_lm_dir):
         assert torch.allclose(item_scores(model, packed, "fp32"), item_scores(model, padded, "fp32"), atol=1e-5)
 
 
+def test_items_sharing_a_prompt_pack_it_once_and_score_as_padded(tiny_lm_dir):
+    from alignloop.modeling import load_tokenizer
+    from alignloop.reward.model import init_reward_model
+    from alignloop.reward.train import shared_prompt_units
+
+    tok = load_tokenizer(tiny_lm_dir)
+    torch.manual_seed(0)
+    model = init_reward_model(tiny_lm_dir, tok)
+    p, q = [7, 8, 9, 10], [11, 12]
+    items = [EncodedItem([p + [20, 21], p + [22]], [0, 1], None, 4),
+             EncodedItem([q + [23, 24, 25], q + [26]], [1, 0], None, 2),
+             EncodedItem([p + [27], p + [28, 29], p + [30]], [2, 0, 1], None, 4),
+             EncodedItem([p + [31] * 9, p + [32]], [0, 1], None, 4)]  # no room left in p's first unit of width 16
+    units, index = shared_prompt_units(items, width=16)
+    assert units == [(p, [[20, 21], [22], [27], [28, 29], [30]]), (q, [[23, 24, 25], [26]]), (p, [[31] * 9, [32]])]
+    assert index == [[0, 1, 0], [5, 6, 0], [2, 3, 4], [7, 8, 0]]
+    padded = collate(items, tok.pad_token_id, torch.device("cpu"))
+    packed = collate(items, tok.pad_token_id, torch.device("cpu"), pack_width=16)
+    assert packed.real_tokens == 4 + 7 + 2 + 4 + 4 + 10  # each unit's prompt once
+    with torch.no_grad():
+        torch.testing.assert_close(item_scores(model, packed, "fp32"), item_scores(model, padded, "fp32"),
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_score_reads_the_last_non_pad_token(tiny_lm_dir):
     from alignloop.modeling import load_tokenizer
     from alignloop.prompts import encode_prompt, encode_response, pad_right

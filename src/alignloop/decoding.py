@@ -31,7 +31,7 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_kwarg(model_class: type) -> str:
+def cache_argument_name(model_class: type) -> str:
     # transformers 5 names the KV cache argument `cache`; 4.x called it `past_key_values`.
     params = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -45,7 +45,7 @@ class HFDecoder:
         self.model, self.prompt_ids, self.prompt_mask = model, prompt_ids, prompt_mask
         # A peft wrapper forwards **kwargs: ask the wrapped model which name its cache argument has.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.cache_arg = _cache_kwarg(type(base))
+        self.cache_arg = cache_argument_name(type(base))
         # The whole attention mask allocated once; after t steps the model attends to the first P + t columns.
         batch = prompt_ids.shape[0]
         self.mask = torch.cat([prompt_mask, prompt_mask.new_ones((batch, max_new_tokens))], dim=1)

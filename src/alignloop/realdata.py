@@ -377,6 +377,7 @@ class HumanSentimentConfig(StageConfig):
     cache_dir: Path | None = None  # where pip puts the download; None: out_dir/cache
     label: str = "majority"  # training pairs: 'majority' or 'sampled-vote'
     held_out_fraction: float = 0.1
+    gold_fraction: float = 0.0  # of the training sentences: set aside for a gold RM (gold_train_pairs.jsonl)
     pairs_per_sentence: int = 2
     held_out_pairs_per_sentence: int = 2
     min_mean_gap: float = 0.5  # on the -4..+4 scale; closer sentences are not paired
@@ -386,6 +387,7 @@ class HumanSentimentConfig(StageConfig):
     def validate(self) -> None:
         self.require(self.label in ("majority", "sampled-vote"), f"label must be 'majority' or 'sampled-vote', got {self.label!r}")
         self.require(0 < self.held_out_fraction < 1, "held_out_fraction must be in (0, 1)")
+        self.require(0 <= self.gold_fraction < 1, "gold_fraction must be in [0, 1) (0: no gold split)")
         self.require(self.pairs_per_sentence >= 1 and self.held_out_pairs_per_sentence >= 1, "pairs per sentence must be >= 1")
         self.require(0 <= self.min_mean_gap < RATING_MAX - RATING_MIN, "min_mean_gap must be in [0, 8)")
         if self.archive is not None and not Path(self.archive).is_file():
@@ -397,18 +399,28 @@ def human_sentiment(config: HumanSentimentConfig) -> dict:
 
     Writes `train_pairs.jsonl` (label mode as configured), `held_out_pairs.jsonl`
     (majority), one `held_out_pairs.<domain>.jsonl` per domain, `sentences.jsonl`
-    (every kept sentence with its split and votes) and `agreement.json`.
+    (every kept sentence with its split and votes) and `agreement.json`. With `gold_fraction`,
+    that share of the training sentences is split off (by text, per domain, as the held-out
+    split is) into `gold_train_pairs.jsonl` (majority labels): a gold reward model trained on
+    them shares no sentence with the proxy reward model that the policy is trained against.
     """
     out = Path(config.out_dir)
     archive = config.archive or fetch_vader_sdist(config.cache_dir or out / "cache")
     sentences, dropped = read_human_ratings(archive)
     train, held = split_by_sentence(sentences, config.held_out_fraction, config.seed)
+    gold: list[Sentence] = []
+    if config.gold_fraction:
+        train, gold = split_by_sentence(train, config.gold_fraction, config.seed + 1)
     # Separate generators: the held-out pairs are the same whatever the training label mode.
     train_pairs = make_pairs(train, random.Random(f"{config.seed}:train"), config.pairs_per_sentence,
                              config.min_mean_gap, config.label)
     held_pairs = make_pairs(held, random.Random(f"{config.seed}:held_out"), config.held_out_pairs_per_sentence,
                             config.min_mean_gap, "majority")
     write_jsonl(out / "train_pairs.jsonl", train_pairs)
+    gold_pairs = make_pairs(gold, random.Random(f"{config.seed}:gold"), config.pairs_per_sentence,
+                            config.min_mean_gap, "majority")
+    if config.gold_fraction:
+        write_jsonl(out / "gold_train_pairs.jsonl", gold_pairs)
     write_jsonl(out / "held_out_pairs.jsonl", held_pairs)
     domains = sorted({s.domain for s in sentences})
     for d in domains:
@@ -416,9 +428,9 @@ def human_sentiment(config: HumanSentimentConfig) -> dict:
     if not train_pairs or not held_pairs:
         raise AlignloopError(f"{len(train_pairs)} training and {len(held_pairs)} held-out pairs: too few sentences "
                              f"for held_out_fraction={config.held_out_fraction} and min_mean_gap={config.min_mean_gap}")
-    held_ids = {(s.domain, s.id) for s in held}
+    split_of = {**{(s.domain, s.id): "held_out" for s in held}, **{(s.domain, s.id): "gold" for s in gold}}
     write_jsonl(out / "sentences.jsonl", ({"domain": s.domain, "id": s.id, "text": s.text, "mean": round(s.mean, 4),
-                                          "split": "held_out" if (s.domain, s.id) in held_ids else "train",
+                                          "split": split_of.get((s.domain, s.id), "train"),
                                           "votes": s.ratings} for s in sentences))
     table = agreement_table(out / "held_out_pairs.jsonl", config.scorers)
     atomic_write_json(out / "agreement.json", table)
@@ -427,7 +439,7 @@ def human_sentiment(config: HumanSentimentConfig) -> dict:
         "out_dir": str(out), "archive": str(archive),
         "sentences": {d: sum(s.domain == d for s in sentences) for d in domains},
         "dropped_inconsistent": dropped,
-        "train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs),
+        "train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs), "gold_train_pairs": len(gold_pairs),
         "train_label": config.label,
         "train_labels_agreeing_with_majority": round(statistics.fmean(p["agrees_with_majority"] for p in train_pairs), 4),
         "held_out_agreement": {c: table[c]["all"]["agreement"] for c in table},

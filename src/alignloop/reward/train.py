@@ -14,7 +14,10 @@ Where the time goes on a small model, and what we do about it:
   its K responses after it, each response attending to the prompt and itself
   (a shared-prefix mask), so a pair costs prompt + chosen + rejected tokens,
   not 2 x prompt + chosen + rejected, and scores exactly as two sequences would;
-- matmul dtype: bf16 autocast where the `choose_precision` probe measured it faster.
+- matmul dtype: bf16 autocast where the `choose_precision` probe measured it faster;
+- the whole trunk trained when only its top matters: `train_layers = k` freezes the embeddings
+  and the lower layers and runs them once per distinct sequence (`frozen_trunk.py`), so a
+  step costs k layers, and a sentence that sits in many pairs is read by the lower trunk once.
 Dropout is off (as for the policy in PPO: scores must be deterministic).
 """
 
@@ -46,6 +49,7 @@ from ..splits import hash_split, shuffled_split, split_items
 from ..stage import RoundState, StageContext, run_stage, section_number, stage_checkpointer
 from ..training import check_finite, model_optimizer, optimizer_step, warmup_cosine
 from .data import Preference, PreferenceData, read_preferences
+from .frozen_trunk import FrozenTrunk
 from .losses import kway_ranking_loss, pairwise_accuracy
 from .model import RewardModel, init_reward_model
 
@@ -68,6 +72,7 @@ class RewardTrainConfig(StageConfig):
     grad_clip: float = 1.0
     max_length: int | None = None  # tokens of prompt + response + EOS (None: 192, or the model's context if shorter)
     pack_width: int = 256  # pack a batch's items (prompt once + K responses) into rows this wide (0: pad instead)
+    train_layers: int = 0  # > 0: train only the top this many layers (+ final norm, head); the rest run once per text
     checkpoint_every: int = 100  # optimiser steps between checkpoints a killed run resumes from (0: none)
     normalize_prompts: Path | None = None  # prompts to sample reference responses from; None: the data's responses
     normalize_samples: int = 256
@@ -88,6 +93,8 @@ class RewardTrainConfig(StageConfig):
                 raise InputError(path, "no such file or directory")
         check_preference_schedule(self)
         self.require(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: no checkpoints)")
+        self.require(self.train_layers >= 0, "train_layers must be >= 0 (0 trains every layer)")
+        self.require(not self.train_layers or self.pack_width, "train_layers needs packed rows (pack_width > 0)")
         self.require(self.normalize_samples >= 2, "normalize_samples must be >= 2 (a std needs two scores)")
 
 
@@ -231,6 +238,33 @@ def shared_prefix_mask(unit: torch.Tensor, branch: torch.Tensor) -> torch.Tensor
     return (same_unit & not_after & visible)[:, None]
 
 
+def shared_prompt_units(items: list[EncodedItem], width: int) -> tuple[list[Unit], list[list[int]]]:
+    """Items that share a prompt, as units of that prompt once and all their responses (each unit at
+    most `width` tokens, unless one item alone is wider), and per item, the overall number of each
+    of its responses in unit order (what `pack_rows` numbers its `ends` by; 0 on padding slots).
+
+    Preference data often asks one prompt many times (several annotators, a fixed instruction per
+    domain): its tokens are then computed once per unit, not once per item.
+    """
+    k_max = max(len(it.seqs) for it in items)
+    units: list[Unit] = []
+    open_unit: dict[tuple[int, ...], int] = {}
+    placed: list[list[tuple[int, int]]] = []  # per item: (unit, position in the unit) of each response
+    for it in items:
+        prompt, responses = it.seqs[0][:it.prompt_len], [s[it.prompt_len:] for s in it.seqs]
+        u = open_unit.get(tuple(prompt))
+        if u is None or unit_size(units[u]) + sum(len(r) for r in responses) > width:
+            u = open_unit[tuple(prompt)] = len(units)
+            units.append((prompt, []))
+        placed.append([(u, len(units[u][1]) + k) for k in range(len(responses))])
+        units[u][1].extend(responses)
+    first = [0]
+    for _, responses in units:
+        first.append(first[-1] + len(responses))
+    index = [[first[u] + k for u, k in mine] + [0] * (k_max - len(mine)) for mine in placed]
+    return units, index
+
+
 def collate(items: list[EncodedItem], pad_id: int, device: torch.device, pack_width: int = 0) -> RMBatch:
     k_max = max(len(it.seqs) for it in items)
     seqs, index, valid, ranks = [], [], [], []
@@ -242,7 +276,7 @@ def collate(items: list[EncodedItem], pad_id: int, device: torch.device, pack_wi
         seqs += it.seqs
     t = lambda x, **kw: torch.tensor(x, device=device, **kw)
     if pack_width:
-        units = [(it.seqs[0][:it.prompt_len], [s[it.prompt_len:] for s in it.seqs]) for it in items]
+        units, index = shared_prompt_units(items, pack_width)
         ids, pos, ends, unit, branch = pack_rows(units, pack_width, pad_id)
         mask, pos = shared_prefix_mask(t(unit), t(branch)), t(pos)
         real = sum(unit_size(u) for u in units)
@@ -275,14 +309,19 @@ def length_buckets(items: list[EncodedItem], batch_size: int, rng: random.Random
     return batches
 
 
-def item_scores(model: PreTrainedModel, batch: RMBatch, precision: str) -> torch.Tensor:
-    """(batch, K_max) fp32 scores, each response scored once, read at its last token (the EOS)."""
+def item_scores(model: PreTrainedModel, batch: RMBatch, precision: str, trunk: FrozenTrunk | None = None) -> torch.Tensor:
+    """(batch, K_max) fp32 scores, each response scored once, read at its last token (the EOS).
+
+    With a `trunk`, the batch holds slot ids of its cached lower-trunk states and only the top layers run."""
     with autocast(batch.input_ids.device, precision):
         if batch.position_ids is None:  # padded: the HF head finds the last non-pad token itself
             seq_scores = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0]
         else:  # packed: run the backbone under the shared-prefix mask, apply the head at each response's end
-            hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
+            if trunk is not None:
+                hidden = trunk.hidden(model, batch)
+            else:
+                hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                          position_ids=batch.position_ids, use_cache=False).last_hidden_state
             seq_scores = model.score(hidden[batch.ends[:, 0], batch.ends[:, 1]])[:, 0]
     return seq_scores.float()[batch.index]
 
@@ -291,12 +330,12 @@ class ItemScorer(torch.nn.Module):
     """`item_scores` as one module call, the forward that DistributedDataParallel must see: the packed
     path runs the backbone and the head separately, which DDP, wrapping the model, would not."""
 
-    def __init__(self, model: PreTrainedModel, precision: str):
+    def __init__(self, model: PreTrainedModel, precision: str, trunk: FrozenTrunk | None = None):
         super().__init__()
-        self.model, self.precision = model, precision
+        self.model, self.precision, self.trunk = model, precision, trunk
 
     def forward(self, batch: RMBatch) -> torch.Tensor:
-        return item_scores(self.model, batch, self.precision)
+        return item_scores(self.model, batch, self.precision, self.trunk)
 
 
 def null_item(item: EncodedItem) -> EncodedItem:
@@ -317,6 +356,25 @@ def packing_works(model: PreTrainedModel, pad_id: int, device: torch.device) -> 
         return False
     padded = item_scores(model, collate(items, pad_id, device), "fp32")
     return torch.allclose(packed, padded, atol=1e-4, rtol=1e-4)
+
+
+PROBE_ITEMS = [EncodedItem([[5, 6, 7, 8, 9], [5, 6, 11, 12]], [0, 1], None, prompt_len=2),
+               EncodedItem([[19, 20, 21, 13, 14], [19, 20, 21, 15, 16, 17], [19, 20, 21, 7]], [1, 0, 2], None,
+                           prompt_len=3),
+               EncodedItem([[5, 6, 7, 8, 9], [5, 6, 22]], [0, 1], None, prompt_len=2)]  # repeats a sequence
+
+
+@torch.no_grad()
+def check_split_exact(model: PreTrainedModel, train_layers: int, pad_id: int, device: torch.device) -> None:
+    """Refuse `train_layers` where the top layers run from cached states do not score what the whole
+    model scores (checked in fp32 on two packed items; freezes the lower trunk as training will)."""
+    whole = item_scores(model, collate(PROBE_ITEMS, pad_id, device, pack_width=16), "fp32")
+    trunk, slotted = FrozenTrunk.build(model, PROBE_ITEMS, train_layers, pad_id, "fp32", batch_size=4)
+    split = item_scores(model, collate(slotted, 0, device, pack_width=16), "fp32", trunk)
+    if not torch.allclose(whole, split, atol=1e-4, rtol=1e-4):
+        raise ConfigError(f"train_layers={train_layers}: this {model.config.model_type} model does not score the same "
+                          f"when its top layers start from the lower layers' cached states (it transforms "
+                          f"inputs_embeds before its first layer); set train_layers: 0")
 
 
 def accumulate_gradients(model: PreTrainedModel | torch.nn.Module, micro: list[RMBatch], precision: str,
@@ -488,8 +546,17 @@ def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, 
         raise InputError(config.data, f"every item is longer than max_length={config.max_length} tokens")
     # Checked on the fp32 model, before optimise() gives it bf16 weights.
     pack_width = config.pack_width if config.pack_width and packing_works(model, tokenizer.pad_token_id, device) else 0
+    trunk = None
+    if config.train_layers:
+        if not pack_width:
+            raise ConfigError(f"train_layers: this {model.config.model_type} model cannot score packed rows "
+                              f"(checked), which the cached lower trunk needs; set train_layers: 0")
+        check_split_exact(model, config.train_layers, tokenizer.pad_token_id, device)
+        # Every process caches the whole training set (each draws from all of it).
+        trunk, train_enc = FrozenTrunk.build(model, train_enc, config.train_layers, tokenizer.pad_token_id,
+                                             precision, config.eval_batch_size)
     checkpointer = stage_checkpointer(config, ctx)
-    run = optimise(config, model, tokenizer, train_enc, pack_width, precision, rng, checkpointer, ctx.dist)
+    run = optimise(config, model, tokenizer, train_enc, pack_width, precision, rng, checkpointer, ctx.dist, trunk)
     model.eval()
     if not ctx.dist.is_main:  # rank 0 normalises, evaluates and saves; run_stage hands its summary to all
         return {"out_dir": str(config.out_dir), "steps": run.steps, "examples_per_process": run.examples_per_process}
@@ -513,6 +580,7 @@ def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, 
         "train_accuracy": run.correct / max(run.compared, 1),
         "padding_fraction": run.pad_tokens / max(run.pad_tokens + run.real_tokens, 1),
         "packed": bool(pack_width),
+        "frozen_trunk": trunk.summary() if trunk is not None else None,
         "held_out_accuracy": held.get("accuracy"),
         "held_out_loss": held.get("loss"),
         "held_out_mean_margin": held.get("mean_margin"),
@@ -526,7 +594,7 @@ def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, 
 
 def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train_enc: list[EncodedItem],
              pack_width: int, precision: str, rng: random.Random, checkpointer: Checkpointer,
-             dist: Distributed = SINGLE_PROCESS) -> TrainingRun:
+             dist: Distributed = SINGLE_PROCESS, trunk: FrozenTrunk | None = None) -> TrainingRun:
     """The optimisation loop: shuffled micro-batches, K-way loss, one optimiser step per accumulation.
 
     An interrupted run of the same config resumes from its last checkpoint: the micro-batches are
@@ -534,6 +602,7 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
     Under several processes (`dist`) every process draws the same global micro-batches and scores
     its block of each; the loss is divided by the step's global item count and the processes'
     gradients add up, so the step is the one-process step up to the order of the float sums.
+    With a `trunk`, `train_enc` holds slot ids (`FrozenTrunk.build`) and only its top layers train.
     """
     device = next(model.parameters()).device
     step_items = config.batch_size * config.gradient_accumulation_steps
@@ -553,7 +622,7 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
         block scores one null item instead, so that every process runs the backward DDP waits for)."""
         mine = [train_enc[indices[i]] for i in dist.shard(len(indices))]
         items = mine or [null_item(train_enc[indices[0]])]
-        return collate(items, tokenizer.pad_token_id, device, pack_width), len(mine)
+        return collate(items, 0 if trunk is not None else tokenizer.pad_token_id, device, pack_width), len(mine)
 
     model.eval()  # dropout off (init_reward_model also zeroes it in the config); grads still flow
     batches = micro_batches()
@@ -567,7 +636,7 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
         run, first = TrainingRun(**state["run"]), state["step"]
         for _ in range(first * config.gradient_accumulation_steps):
             local_items += len(dist.shard(len(next(batches))))
-    scorer = dist.wrap(ItemScorer(model, precision))  # after the masters: DDP's buckets are for the bf16 weights
+    scorer = dist.wrap(ItemScorer(model, precision, trunk))  # after the masters: DDP's buckets are for the bf16 weights
     bar = progress(total=total_steps, initial=first, desc="reward", disable=not dist.is_main)
     start = time.time() - run.seconds
     for step in range(first, total_steps):
