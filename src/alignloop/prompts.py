@@ -47,9 +47,22 @@ def pad_right(sequences: list[list[int]], pad_id: int) -> tuple[list[list[int]],
     return ids, mask
 
 
+def prompt_files(path: Path) -> list[Path]:
+    """A prompts file, or each `*.jsonl` file of a directory of them in name order (prompts gathered
+    from several sources, e.g. `realdata.write_prompt_split`); a `datasets` directory is one source."""
+    path = Path(path)
+    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise InputError(path, "a directory of prompts needs *.jsonl files in it")
+        return files
+    return [path]
+
+
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
-    """The distinct non-empty prompts of a `{"prompt": ...}` file, in file order; the first `limit`."""
-    rows = read_records(path, required={"prompt": str})
+    """The distinct non-empty prompts of a `{"prompt": ...}` file (or a directory of them: `prompt_files`),
+    in file order; the first `limit`."""
+    rows = [row for file in prompt_files(path) for row in read_records(file, required={"prompt": str})]
     prompts = list(dict.fromkeys(r["prompt"] for r in rows if r["prompt"].strip()))
     if not prompts:
         raise InputError(path, "no non-empty prompts")

@@ -28,22 +28,25 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import io
 import math
 import random
+import re
 import statistics
 import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .config import StageConfig
 from .errors import AlignloopError, InputError
 from .files import atomic_write_json
 from .jsonl import decode_utf8, read_jsonl, read_text, write_jsonl
 from .splits import shuffled_split, split_items
+from .stage import RoundState, StageContext, run_stage
 
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
@@ -61,6 +64,30 @@ DOMAIN_PROMPTS = {
     "nyt_editorials": "Write a sentence from a newspaper editorial.",
     "amazon_reviews": "Write a sentence from a product review.",
 }
+# Policy prompts made from the data: the domain's kind of text, about a topic its sentences talk about.
+TOPIC_PROMPTS = {
+    "tweets": "Write a tweet about {topic}.",
+    "movie_reviews": "Write a sentence from a movie review about {topic}.",
+    "nyt_editorials": "Write a sentence from a newspaper editorial about {topic}.",
+    "amazon_reviews": "Write a sentence from a product review about {topic}.",
+}
+# Words that are never a topic: English function words and verbs of no subject matter.
+NOT_TOPICS = frozenset("""
+about above after again against also although always among another anyone anything around because been before
+being below between both cannot could does doing done down during each either else enough even ever every
+from further getting going gonna have having here hers herself himself into itself just know last least less
+like little made make makes making many maybe might more most much must myself near need never next none nothing
+often once only other others ought ours ourselves over own quite rather really said same says seem seems shall
+should since some something still such sure take than that their theirs them themselves then there these they
+thing things think this those though through thus together took toward under until upon very want wants was
+wasn were weren what whatever when where whether which while whom whose will with within without would year
+years yet your yours yourself yourselves goes went come comes came gets got give gives gave keep look looks
+lots thats dont didnt doesnt isnt cant wont youre theyre http https www html didn doesn isn wasn couldn wouldn
+first second third back long short small large real young right left wait tell check feel found works work
+already almost enough away ahead everyone everything someone anyway today tonight tomorrow yesterday however
+able different find read despite sometimes takes haven mean thought three four five half whole full high seen
+self sense start soon hear send remember call follow part point name feels sounds anonymous
+""".split())
 RATING_MIN, RATING_MAX = -4, 4
 MEAN_TOLERANCE = 1e-3  # the files print means to 9+ digits; anything further off is a different number
 
@@ -378,6 +405,8 @@ class HumanSentimentConfig(StageConfig):
     label: str = "majority"  # training pairs: 'majority' or 'sampled-vote'
     held_out_fraction: float = 0.1
     gold_fraction: float = 0.0  # of the training sentences: set aside for a gold RM (gold_train_pairs.jsonl)
+    topics_per_domain: int = 0  # > 0: also write policy prompts, this many topics per domain (topic_prompts)
+    prompts_dir: Path | None = None  # where the policy prompts go (train/, held_out/); None: out_dir
     pairs_per_sentence: int = 2
     held_out_pairs_per_sentence: int = 2
     min_mean_gap: float = 0.5  # on the -4..+4 scale; closer sentences are not paired
@@ -388,13 +417,14 @@ class HumanSentimentConfig(StageConfig):
         self.require(self.label in ("majority", "sampled-vote"), f"label must be 'majority' or 'sampled-vote', got {self.label!r}")
         self.require(0 < self.held_out_fraction < 1, "held_out_fraction must be in (0, 1)")
         self.require(0 <= self.gold_fraction < 1, "gold_fraction must be in [0, 1) (0: no gold split)")
+        self.require(self.topics_per_domain >= 0, "topics_per_domain must be >= 0 (0: no policy prompts)")
         self.require(self.pairs_per_sentence >= 1 and self.held_out_pairs_per_sentence >= 1, "pairs per sentence must be >= 1")
         self.require(0 <= self.min_mean_gap < RATING_MAX - RATING_MIN, "min_mean_gap must be in [0, 8)")
         if self.archive is not None and not Path(self.archive).is_file():
             raise InputError(self.archive, "no such archive")
 
 
-def human_sentiment(config: HumanSentimentConfig) -> dict:
+def human_sentiment(config: HumanSentimentConfig, ctx: StageContext | None = None) -> dict:
     """Fetch (or read) the ratings, split by sentence, write pairs and the lexicons' agreement with the majority.
 
     Writes `train_pairs.jsonl` (label mode as configured), `held_out_pairs.jsonl`
@@ -403,7 +433,12 @@ def human_sentiment(config: HumanSentimentConfig) -> dict:
     that share of the training sentences is split off (by text, per domain, as the held-out
     split is) into `gold_train_pairs.jsonl` (majority labels): a gold reward model trained on
     them shares no sentence with the proxy reward model that the policy is trained against.
+    With `topics_per_domain`, it also writes policy prompts (`topic_prompts`).
     """
+    return run_stage(HUMAN_SENTIMENT, config, ctx)
+
+
+def write_human_sentiment(config: HumanSentimentConfig) -> dict:
     out = Path(config.out_dir)
     archive = config.archive or fetch_vader_sdist(config.cache_dir or out / "cache")
     sentences, dropped = read_human_ratings(archive)
@@ -434,7 +469,11 @@ def human_sentiment(config: HumanSentimentConfig) -> dict:
                                           "votes": s.ratings} for s in sentences))
     table = agreement_table(out / "held_out_pairs.jsonl", config.scorers)
     atomic_write_json(out / "agreement.json", table)
-    config.save(out)
+    prompts = {}
+    if config.topics_per_domain:
+        train_prompts, held_prompts = topic_prompts(sentences, config.topics_per_domain, config.held_out_fraction,
+                                                    config.seed)
+        prompts = write_prompt_split(Path(config.prompts_dir or out), "human_sentiment", train_prompts, held_prompts)
     summary = {
         "out_dir": str(out), "archive": str(archive),
         "sentences": {d: sum(s.domain == d for s in sentences) for d in domains},
@@ -443,8 +482,72 @@ def human_sentiment(config: HumanSentimentConfig) -> dict:
         "train_label": config.label,
         "train_labels_agreeing_with_majority": round(statistics.fmean(p["agrees_with_majority"] for p in train_pairs), 4),
         "held_out_agreement": {c: table[c]["all"]["agreement"] for c in table},
+        "prompts": prompts,
     }
     return summary
+
+
+@functools.lru_cache(maxsize=1)
+def sentiment_words() -> frozenset[str]:
+    """Every word VADER's lexicon scores: a sentiment word is what a topic must not be."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return frozenset(SentimentIntensityAnalyzer().lexicon)
+
+
+def topic_prompts(sentences: Sequence[Sentence], per_domain: int, held_out_fraction: float,
+                  seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) policy prompts: per domain, its `per_domain` commonest topic words (in how
+    many of its sentences they appear; words of 4+ letters that are neither function words nor
+    sentiment words), each put in the domain's `TOPIC_PROMPTS` instruction; split by topic, so a
+    held-out prompt's topic is in no training prompt of that domain."""
+    train, held = [], []
+    lexicon = sentiment_words()
+    for domain in sorted({s.domain for s in sentences}):
+        counts: dict[str, int] = {}
+        for s in sentences:
+            if s.domain == domain:
+                for word in {w for w in re.findall(r"[a-z]+", s.text.lower()) if len(w) >= 4}:
+                    counts[word] = counts.get(word, 0) + 1
+        # Verb forms and adverbs by their endings ('using', 'used', 'recently'): a topic is a thing.
+        is_topic = lambda w: w not in NOT_TOPICS and w not in lexicon and not w.endswith(("ing", "ed", "ly"))
+        ranked = sorted(filter(is_topic, counts), key=lambda w: (-counts[w], w))
+        topics = ranked[:per_domain]
+        if not topics:
+            continue
+        domain_train, domain_held = shuffled_split(topics, held_out_fraction, random.Random(f"{seed}:topics:{domain}"),
+                                                   count=max(1, round(held_out_fraction * len(topics))))
+        for group, split in ((domain_train, train), (domain_held, held)):
+            split += [{"prompt": TOPIC_PROMPTS[domain].format(topic=t), "domain": domain, "topic": t} for t in group]
+    return train, held
+
+
+def write_prompt_split(prompts_dir: Path, source: str, train: list[dict], held: list[dict]) -> dict[str, str]:
+    """`prompts_dir/train/<source>.jsonl` and `prompts_dir/held_out/<source>.jsonl`: several sources
+    can share one prompts directory, which every prompt-reading stage takes whole (`read_prompts`)."""
+    paths = {"train": prompts_dir / "train" / f"{source}.jsonl", "held_out": prompts_dir / "held_out" / f"{source}.jsonl"}
+    write_jsonl(paths["train"], train)
+    write_jsonl(paths["held_out"], held)
+    return {split: str(path) for split, path in paths.items()}
+
+
+class HumanSentimentStage:
+    name = "human_sentiment"
+    config_class = HumanSentimentConfig
+
+    def outputs(self, config: HumanSentimentConfig) -> dict[str, Path]:
+        out = Path(config.out_dir)
+        return {"train_pairs": out / "train_pairs.jsonl", "held_out_pairs": out / "held_out_pairs.jsonl",
+                "gold_train_pairs": out / "gold_train_pairs.jsonl", "sentences": out / "sentences.jsonl"}
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
+        return {"out_dir": state.out / "human_sentiment", **user}
+
+    def run(self, config: HumanSentimentConfig, ctx: StageContext) -> dict[str, Any]:
+        return write_human_sentiment(config)
+
+
+HUMAN_SENTIMENT = HumanSentimentStage()
 
 
 # -- chatterbot prompts -------------------------------------------------------
@@ -494,6 +597,49 @@ def read_chatterbot_file(path: str | Path, skipped: list[str] | None = None) -> 
             if prompt and response:
                 rows.append({"prompt": prompt, "response": response, "category": category})
     return rows
+
+
+@dataclasses.dataclass
+class ChatterbotConfig(StageConfig):
+    out_dir: Path = Path("runs/chatterbot")
+    language: str = "english"
+    data_dir: Path | None = None  # the corpus's YAML root; None: the installed chatterbot-corpus package
+    held_out_fraction: float = 0.1
+    seed: int = 0
+    prompts_dir: Path | None = None  # also write the prompt split as train/chatterbot.jsonl, held_out/chatterbot.jsonl
+
+    def validate(self) -> None:
+        self.require(0 < self.held_out_fraction < 1, "held_out_fraction must be in (0, 1)")
+
+
+class ChatterbotStage:
+    name = "chatterbot"
+    config_class = ChatterbotConfig
+
+    def outputs(self, config: ChatterbotConfig) -> dict[str, Path]:
+        out = Path(config.out_dir)
+        return {"train_prompts": out / "train_prompts.jsonl", "held_out_prompts": out / "held_out_prompts.jsonl"}
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
+        return {"out_dir": state.out / "chatterbot", **user}
+
+    def run(self, config: ChatterbotConfig, ctx: StageContext) -> dict[str, Any]:
+        summary = chatterbot_prompts(config.out_dir, config.language, config.data_dir, config.held_out_fraction,
+                                     config.seed)
+        if config.prompts_dir is not None:
+            out = Path(config.out_dir)
+            summary["prompts"] = write_prompt_split(Path(config.prompts_dir), "chatterbot",
+                                                    read_jsonl(out / "train_prompts.jsonl"),
+                                                    read_jsonl(out / "held_out_prompts.jsonl"))
+        return summary
+
+
+CHATTERBOT = ChatterbotStage()
+
+
+def chatterbot(config: ChatterbotConfig, ctx: StageContext | None = None) -> dict[str, Any]:
+    """The chatterbot prompts and turns, as `chatterbot_prompts` writes them; reused when rerun unchanged."""
+    return run_stage(CHATTERBOT, config, ctx)
 
 
 def chatterbot_prompts(out_dir: str | Path, language: str = "english", data_dir: str | Path | None = None,

@@ -175,7 +175,9 @@ def summary_path(stage: Stage, config: StageConfig) -> Path:
     return Path(config.out_dir) / f"{stage.name}_summary.json"
 
 
-OUTPUT_KEYS = ("out_dir", "out")  # where a stage writes (sample's `out`: the deprecated name of its campaign file)
+# Where a stage writes (sample's `out`: the deprecated name of its campaign file; the data sources' shared
+# `prompts_dir`): not inputs, so not in its fingerprint.
+OUTPUT_KEYS = ("out_dir", "out", "prompts_dir")
 
 
 def config_fingerprint(config: StageConfig) -> str:

@@ -498,6 +498,23 @@ class RewardStage:
 STAGE = RewardStage()
 
 
+class GoldRewardStage(RewardStage):
+    """A second reward model, trained once in a pipeline on data the policy never trains against
+    (e.g. the gold split of the human-sentiment pairs): every round's evaluation is judged by it
+    too, the held-out judge that shows where optimising the proxy stops helping (Gao et al. 2023)."""
+
+    name = "gold_reward"
+
+    def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
+        if "data" not in user:
+            raise ConfigError("gold_reward.data is needed: preference pairs no other stage trains on "
+                              "(e.g. human_sentiment's gold_train_pairs.jsonl, with gold_fraction > 0)")
+        return {"model": state.policy_dir(), "out_dir": state.out / "gold_reward_model", **user}
+
+
+GOLD_STAGE = GoldRewardStage()
+
+
 def train_reward_model(config: RewardTrainConfig, ctx: StageContext | None = None) -> dict[str, Any]:
     """Train, normalise and save a reward model (and evaluate it on `held_out_data` when given)."""
     return run_stage(STAGE, config, ctx)
