@@ -84,11 +84,12 @@ def test_real_data_pipeline_runs_every_step_itself_and_reuses_them(tmp_path, tin
 def test_a_prompts_directory_reads_every_file_in_name_order(tmp_path):
     from alignloop.errors import InputError
 
-    (tmp_path / "b.jsonl").write_text('{"prompt": "from b"}\n{"prompt": "shared"}\n')
     (tmp_path / "a.jsonl").write_text('{"prompt": "from a"}\n{"prompt": "shared"}\n')
     (tmp_path / "notes.txt").write_text("not prompts")
-    assert read_prompts(tmp_path) == ["from a", "shared", "from b"]
-    assert read_prompts(tmp_path, limit=2) == ["from a", "shared"]
+    (tmp_path / "b.jsonl").write_text('{"prompt": "b1"}\n{"prompt": "shared"}\n{"prompt": "b3"}\n')
+    # round-robin over the files, so that a limit takes from each source
+    assert read_prompts(tmp_path) == ["from a", "b1", "shared", "b3"]
+    assert read_prompts(tmp_path, limit=2) == ["from a", "b1"]
     (tmp_path / "c.jsonl").write_text('{"text": "no prompt field"}\n')
     with pytest.raises(InputError, match=r"c\.jsonl:1.*prompt"):
         read_prompts(tmp_path)

@@ -60,9 +60,12 @@ def prompt_files(path: Path) -> list[Path]:
 
 
 def read_prompts(path: Path, limit: int | None = None) -> list[str]:
-    """The distinct non-empty prompts of a `{"prompt": ...}` file (or a directory of them: `prompt_files`),
-    in file order; the first `limit`."""
-    rows = [row for file in prompt_files(path) for row in read_records(file, required={"prompt": str})]
+    """The distinct non-empty prompts of a `{"prompt": ...}` file, in file order; the first `limit`.
+
+    A directory of them (`prompt_files`) is read round-robin, one prompt of each file in turn, so
+    that the first `limit` draw on every source, not only on the first file."""
+    sources = [read_records(file, required={"prompt": str}) for file in prompt_files(path)]
+    rows = [source[i] for i in range(max(map(len, sources))) for source in sources if i < len(source)]
     prompts = list(dict.fromkeys(r["prompt"] for r in rows if r["prompt"].strip()))
     if not prompts:
         raise InputError(path, "no non-empty prompts")

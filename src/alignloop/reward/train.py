@@ -488,10 +488,14 @@ class RewardStage:
             # Its own context, of this one process: the evaluation's time is part of this stage's,
             # not a stage of the run's.
             ev = evaluate_reward_model(RewardEvalConfig(reward_model=config.out_dir, data=config.held_out_data,
+                                                        batch_size=config.eval_batch_size, max_length=config.max_length,
                                                         device=config.device, precision=config.precision),
                                        StageContext(dist=SINGLE_PROCESS))
             summary["held_out_eval"] = {k: ev[k] for k in ("items", "comparisons", "accuracy", "loss", "mean_margin",
                                                            "calibration", "agreement", "calibration_png")}
+            summary.update(held_out_accuracy=ev["accuracy"], held_out_loss=ev["loss"], held_out_mean_margin=ev["mean_margin"])
+            summary["data"].update(held_out_items=ev["items"],
+                                   dropped_too_long=summary["data"]["dropped_too_long"] + ev["dropped_too_long"])
         return summary
 
 
@@ -581,7 +585,9 @@ def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, 
     rm = RewardModel(model, tokenizer, precision=precision)
     norm_prompts, norm_responses, norm_source = reference_responses(config, tokenizer, device, precision, train_items)
     rm.gain, rm.bias = fit_normalization(rm.score(norm_prompts, norm_responses, config.eval_batch_size, normalize=False))
-    held_metrics = preference_metrics(rm, held_items, config.eval_batch_size, config.max_length) if held_items else None
+    # A held-out file is scored once, by the stage's evaluation after saving; a split of `data` here.
+    held_metrics = (preference_metrics(rm, held_items, config.eval_batch_size, config.max_length)
+                    if held_items and config.held_out_data is None else None)
     rm.save_pretrained(config.out_dir)
     checkpointer.remove()
     held = held_metrics or {}
