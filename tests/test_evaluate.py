@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from alignloop.evaluate import EvaluateConfig, evaluate, win_rate
+from alignloop.errors import ConfigError
+from alignloop.evaluate import EvaluateConfig, distinct_n, evaluate, win_rate
 from alignloop.logprobs import response_logprobs, token_logprobs
 from alignloop.modeling import load_causal_lm, load_tokenizer
 from alignloop.prompts import encode_prompt, encode_response
@@ -16,6 +17,12 @@ from alignloop.reward.model import RewardModel, init_reward_model
 
 def test_win_rate_counts_ties_half():
     assert win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_distinct_2_hand_computed():
+    # bigrams: (a b) (b a) (a b) | (a b) (b c) -> 3 distinct of 5; a one-word text has none
+    assert distinct_n(["a b a b", "a b c", "word"], 2) == pytest.approx(3 / 5)
+    assert distinct_n(["x y z"], 1) == 1.0 and distinct_n(["one"], 2) == 0.0
 
 
 def test_token_logprobs_hand_computed():
@@ -47,9 +54,13 @@ def test_evaluate_policy_equal_to_reference_gives_zero_kl_and_even_win_rate(tmp_
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["Love is", "The sky", "Never", "Why"]))
     s = evaluate(EvaluateConfig(policy=tiny_lm_dir, reference=tiny_lm_dir, reward_model=rm_dir, prompts=prompts,
-                                out_dir=tmp_path / "eval", max_new_tokens=8, precision="fp32"))
+                                out_dir=tmp_path / "eval", max_new_tokens=8, precision="fp32", other_judges=["afinn"]))
     assert s["kl_to_reference_mean"] == pytest.approx(0.0, abs=1e-5)
-    assert s["win_rate_policy_over_sft"] == {"by_rm": 0.5, "by_judge": 0.5}  # same samples: every item a tie
+    # same samples: every item a tie, for every judge
+    assert s["win_rate_policy_over_sft"] == {"by_rm": 0.5, "by_judge": 0.5, "by_afinn": 0.5}
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert all(r["policy_afinn"] == r["sft_afinn"] for r in rows)
+    assert 0 <= s["policy"]["distinct_2"] <= 1
     assert s["policy"] == s["sft"]
     assert s["policy_perplexity_under_reference"] > 1
     assert (tmp_path / "eval" / "samples.jsonl").is_file()
@@ -81,3 +92,10 @@ def test_best_of_n_picks_the_rm_best_sample_and_reports_its_kl_bound(tmp_path, t
     rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 16 and all("policy_gold" in r and "sft_gold" in r for r in rows)
     assert s["policy"]["gold_score_mean"] == pytest.approx(sum(r["policy_gold"] for r in rows) / 16)
+
+
+def test_other_judges_are_checked_before_sampling(tmp_path, tiny_lm_dir):
+    with pytest.raises(ConfigError, match="label function .nosuch."):
+        EvaluateConfig(policy=tiny_lm_dir, reference=tiny_lm_dir, reward_model=tiny_lm_dir, other_judges=["nosuch"])
+    with pytest.raises(ConfigError, match="must be different"):
+        EvaluateConfig(policy=tiny_lm_dir, reference=tiny_lm_dir, reward_model=tiny_lm_dir, other_judges=["vader"])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class EvaluateConfig(StageConfig):
     prompts: Path = Path("runs/demo/sft/held_out_pairs.jsonl")
     out_dir: Path = Path("runs/demo/eval")
     judge: str = "vader"  # label function: 'vader', 'module:function' or 'file.py:function'
+    other_judges: list[str] = field(default_factory=list)  # more label functions, each a win rate of its own
     num_prompts: int = 200
     temperature: float = 1.0
     top_p: float = 1.0
@@ -64,6 +65,11 @@ class EvaluateConfig(StageConfig):
         self.require(1 <= self.best_of_n <= MAX_BEST_OF_N, f"best_of_n must be in [1, {MAX_BEST_OF_N}]")
         with self.about("judge"):
             load_label_function(self.judge)  # fail now, not after sampling
+        with self.about("other_judges"):
+            for name in self.other_judges:
+                load_label_function(name)
+            self.require(len({judge_key(j) for j in [self.judge, *self.other_judges]}) == 1 + len(self.other_judges),
+                         "judge and other_judges must be different label functions")
 
 
 def win_outcomes(a: list[float], b: list[float]) -> list[float]:
@@ -108,12 +114,25 @@ def best_of_n(policy, tokenizer, prompts: list[str], settings: SamplingSettings,
     return best
 
 
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016): distinct word n-grams over all n-grams of `texts` (0 when there are none).
+    A policy that says the same things to every prompt scores low."""
+    grams = [tuple(words[i:i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def judge_key(spec: str) -> str:
+    """'afinn' -> 'afinn', 'pkg.module:function' or 'file.py:function' -> 'function': a judge's name in the figures."""
+    return spec.rsplit(":", 1)[-1]
+
+
 def _side(completions: list[Completion], rm_scores: list[float], judge_scores: list[float]) -> dict:
     return {
         "rm_score_mean": statistics.fmean(rm_scores),
         "judge_score_mean": statistics.fmean(judge_scores),
         "length_mean": statistics.fmean(len(c.token_ids) for c in completions),
         "eos_rate": sum(c.finished for c in completions) / len(completions),
+        "distinct_2": distinct_n([c.completion for c in completions], 2),
     }
 
 
@@ -168,6 +187,11 @@ def compare_with_reference(config: EvaluateConfig, device, precision: str) -> di
                 "policy_gold": gold_rm.score(prompts, [c.completion for c in pol_out])}
     ref_judge = [float(s) for s in judge(prompts, [c.completion for c in ref_out])]
     pol_judge = [float(s) for s in judge(prompts, [c.completion for c in pol_out])]
+    others = {}
+    for spec in config.other_judges:
+        score = load_label_function(spec)
+        others[judge_key(spec)] = ([float(s) for s in score(prompts, [c.completion for c in pol_out])],
+                                   [float(s) for s in score(prompts, [c.completion for c in ref_out])])
 
     # KL(policy || reference) on the policy's own samples: sum over tokens of log pi - log pi_ref (k1, unbiased).
     prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
@@ -183,12 +207,14 @@ def compare_with_reference(config: EvaluateConfig, device, precision: str) -> di
 
     write_jsonl(STAGE.outputs(config)["samples"], (
         {"prompt": p, "sft": r.completion, "policy": q.completion, "sft_rm": a, "policy_rm": b,
-         "sft_judge": c, "policy_judge": d, "kl": k, **{key: values[i] for key, values in gold.items()}}
+         "sft_judge": c, "policy_judge": d, "kl": k, **{key: values[i] for key, values in gold.items()},
+         **{f"{side}_{name}": pair[j][i] for name, pair in others.items() for j, side in enumerate(("policy", "sft"))}}
         for i, (p, r, q, a, b, c, d, k) in enumerate(zip(prompts, ref_out, pol_out, ref_rm, pol_rm, ref_judge,
                                                          pol_judge, kl))))
     by = {"by_rm": (pol_rm, ref_rm), "by_judge": (pol_judge, ref_judge)}
     if gold:
         by["by_gold"] = (gold["policy_gold"], gold["sft_gold"])
+    by.update({f"by_{name}": pair for name, pair in others.items()})
     sft_side, policy_side = _side(ref_out, ref_rm, ref_judge), _side(pol_out, pol_rm, pol_judge)
     if gold:
         sft_side["gold_score_mean"] = statistics.fmean(gold["sft_gold"])
