@@ -220,6 +220,20 @@ def test_policy_moves_and_writes_a_plain_hf_directory(tiny_lm_dir, rm_dir, promp
     assert all(0 <= r["sampler_logprob_gap"] <= r["sampler_logprob_gap_max"] < 1e-4 for r in rows)
 
 
+def test_a_gold_reward_model_scores_every_step_without_changing_the_run(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
+    plain = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "plain", steps=2))
+    judged = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "judged", steps=2, gold_reward_model=rm_dir))
+    rows = [json.loads(line) for line in (tmp_path / "judged" / "metrics.jsonl").read_text().splitlines()]
+    # the gold RM here is the proxy itself: the same scores, logged, and nothing else moves
+    assert all(r["gold_score_mean"] == pytest.approx(r["score_mean"], abs=1e-6) and r["seconds_gold_scoring"] > 0
+               for r in rows)
+    assert judged["final_gold_score_mean"] == pytest.approx(judged["final_score_mean"], abs=1e-6)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "judged")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "final_gold_score_mean" not in plain
+    assert "gold_score" in json.loads((tmp_path / "judged" / "samples.jsonl").read_text().splitlines()[0])
+
+
 def test_a_sampler_drawing_from_a_cut_distribution_reports_no_logprob_gap(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
     trainer = PPOTrainer(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path, top_p=0.9))
     exp = trainer.rollout(0)

@@ -73,7 +73,11 @@ def test_real_data_pipeline_runs_every_step_itself_and_reuses_them(tmp_path, tin
     assert any(p.startswith("Question number") for p in held) and any(p.startswith("Write a") for p in held)
     assert not set(train) & set(held)
     assert (out / "policy" / "config.json").is_file() and (out / "report.html").is_file()
-    assert ppo["steps"] == 2
+    assert ppo["steps"] == 2 and ppo["final_gold_score_mean"] is not None  # PPO logs the gold RM's score each step
+    metrics = [json.loads(line) for line in (out / "round1" / "policy" / "metrics.jsonl").read_text().splitlines()]
+    assert all("gold_score_mean" in m for m in metrics)
+    assert (out / "plots" / "ppo_gold_vs_proxy.png").is_file() and (out / "plots" / "eval_win_rate.png").is_file()
+    assert report["headline"]["win_rate_policy_over_sft_by_gold"] == evaluation["win_rate_policy_over_sft"]["by_gold"]
 
     again = run_pipeline(PipelineSpec(sections, out, source="test"))  # a rerun: every stage reused
     assert again["rounds"][0]["evaluate"]["win_rate_policy_over_sft"] == evaluation["win_rate_policy_over_sft"]

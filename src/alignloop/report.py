@@ -102,7 +102,28 @@ def plot_ppo_rounds(metrics_files: list[Path], out_dir: Path, prefix: str = "") 
         if len(points) > 1:
             ax.legend(fontsize=8)
         plots.append(save_figure(fig, out_dir / f"{prefix}ppo_frontier.png"))
+    gold = [(k, s, g) for rows, _ in runs if (k := _column(rows, "kl_mean")) and (s := _column(rows, "score_mean"))
+            and (g := _column(rows, "gold_score_mean"))]
+    if gold:
+        plots.append(plot_proxy_and_gold(out_dir / f"{prefix}ppo_gold_vs_proxy.png", gold))
     return plots
+
+
+def plot_proxy_and_gold(path: Path, runs: list[tuple[list[float], list[float], list[float]]]) -> Path:
+    """Proxy and gold RM score of each PPO step against its KL (Gao et al. 2023's over-optimisation plot):
+    where the proxy keeps rising and the gold one stops, optimising the proxy no longer helps."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+    for i, (kl, proxy, gold) in enumerate(runs):
+        order = sorted(range(len(kl)), key=lambda j: kl[j])
+        suffix = f" (round {i + 1})" if len(runs) > 1 else ""
+        ax.plot([kl[j] for j in order], [proxy[j] for j in order], marker=".", label=f"proxy RM (trained against){suffix}")
+        ax.plot([kl[j] for j in order], [gold[j] for j in order], marker=".", label=f"gold RM (held out){suffix}")
+    ax.set_xlabel("KL to reference (nats / sequence)")
+    ax.set_ylabel("mean normalised score")
+    ax.set_title("Proxy vs gold reward over the PPO run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def plot_bars(path: Path, title: str, groups: list[str], bars: dict[str, list[float | None]],
@@ -285,8 +306,8 @@ def round_figures(record: dict) -> dict:
                                 "held_out_mean_margin", "normalization", "seconds")),
                    "held_out_ece": (held.get("calibration") or {}).get("ece")},
         "ppo": _pick(record.get("ppo"), ("steps", "episodes", "stopped", "first_score_mean", "final_score_mean",
-                                         "final_kl_mean", "final_eos_rate", "kl_coef", "episodes_per_second",
-                                         "seconds")),
+                                         "first_gold_score_mean", "final_gold_score_mean", "final_kl_mean",
+                                         "final_eos_rate", "kl_coef", "episodes_per_second", "seconds")),
         "evaluate": ev,
     }
 
@@ -353,11 +374,13 @@ def pipeline_report(out: Path, summaries: dict, rounds: list[dict], configs: dic
     ev = [r.get("evaluate") or {} for r in rounds]
     if all("win_rate_policy_over_sft" in e for e in ev) and ev:
         se = [e.get("win_rate_stderr") or {} for e in ev]
+        # Every scorer every round has: the judge, the proxy RM, the gold RM, other judges.
+        keys = [k for k in ev[0]["win_rate_policy_over_sft"] if all(k in e["win_rate_policy_over_sft"] for e in ev)]
+        names = {"by_judge": f"by judge ({ev[0].get('judge', 'judge')})", "by_rm": "by RM", "by_gold": "by gold RM"}
+        name = lambda k: names.get(k, k.replace("_", " "))
         images.append(plot_bars(plots / "eval_win_rate.png", "Win rate of policy over SFT (held-out prompts)",
-                                labels, {"by judge": [e["win_rate_policy_over_sft"]["by_judge"] for e in ev],
-                                         "by RM": [e["win_rate_policy_over_sft"]["by_rm"] for e in ev]},
-                                errors={"by judge": [s.get("by_judge") for s in se],
-                                        "by RM": [s.get("by_rm") for s in se]},
+                                labels, {name(k): [e["win_rate_policy_over_sft"][k] for e in ev] for k in keys},
+                                errors={name(k): [s.get(k) for s in se] for k in keys},
                                 ylabel="win rate (ties half)", ylim=(0, 1.05), hline=0.5))
         images.append(plot_eval_frontier(plots / "eval_frontier.png", (0.0, ev[0]["sft"]["judge_score_mean"]),
                                          [(e["kl_to_reference_mean"], e["policy"]["judge_score_mean"]) for e in ev],
@@ -370,6 +393,8 @@ def pipeline_report(out: Path, summaries: dict, rounds: list[dict], configs: dic
         "win_rate_policy_over_sft_by_judge": (last_eval.get("win_rate_policy_over_sft") or {}).get("by_judge"),
         "win_rate_policy_over_sft_by_rm": (last_eval.get("win_rate_policy_over_sft") or {}).get("by_rm"),
         "win_rate_by_judge_stderr": (last_eval.get("win_rate_stderr") or {}).get("by_judge"),
+        "win_rate_policy_over_sft_by_gold": (last_eval.get("win_rate_policy_over_sft") or {}).get("by_gold"),
+        "win_rate_by_gold_stderr": (last_eval.get("win_rate_stderr") or {}).get("by_gold"),
         "kl_to_sft_mean": last_eval.get("kl_to_reference_mean"),
         "judge_score_sft": (last_eval.get("sft") or {}).get("judge_score_mean"),
         "judge_score_policy": (last_eval.get("policy") or {}).get("judge_score_mean"),

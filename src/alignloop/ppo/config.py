@@ -21,6 +21,7 @@ class PPOConfig(StageConfig):
     # -- inputs and outputs ---------------------------------------------------
     policy: Path = Path("runs/demo/sft")  # the SFT model: the policy starts here and the reference stays here
     reward_model: Path = Path("runs/demo/reward_model")
+    gold_reward_model: Path | None = None  # a held-out RM that scores every step's responses too (logged, never paid)
     value_model: Path | None = None  # critic init; None: the reward model (critic="separate")
     init_policy: Path | None = None  # start the policy from these weights (a previous round's); None: from `policy`
     prompts: Path = Path("runs/demo/sft/train_prompts.jsonl")
@@ -100,6 +101,8 @@ class PPOConfig(StageConfig):
     def validate(self) -> None:
         check_model_dir(self.policy)
         check_model_dir(self.reward_model)
+        if self.gold_reward_model is not None:
+            check_model_dir(self.gold_reward_model)
         for path in (self.value_model, self.init_policy):
             if path is not None:
                 check_model_dir(path)

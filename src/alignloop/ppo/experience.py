@@ -49,6 +49,7 @@ class Experience:
     # The rollout's own policy and critic forwards, graph kept, when the first update can use them (see make).
     live: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (logprobs, logits, values)
     live_rows: torch.Tensor | None = None  # the episodes `live` is of: this process's shard
+    gold_scores: torch.Tensor | None = None  # (B,) the gold RM's normalised scores, when there is one: logged only
 
     @property
     def size(self) -> int:
@@ -123,6 +124,11 @@ class ExperienceMaker:
         raw_scores = m.reward_scores(local)
         self.seconds["generation"] += t1 - t0
         self.seconds["scoring"] += time.perf_counter() - t1
+        gold_scores = None
+        if m.gold is not None:  # timed apart: judging the run is not part of its cost
+            t2 = time.perf_counter()
+            gold_scores = dist.gather_rows(m.reward_scores(local, m.gold))
+            self.seconds["gold_scoring"] = self.seconds.get("gold_scoring", 0.0) + time.perf_counter() - t2
         logprobs, values, raw_scores = (dist.gather_rows(t) for t in (logprobs, values, raw_scores))
         ref_logprobs = dist.gather_rows(ref_logprobs) if ref_logprobs is not None else None
         finished = finished_rows(batch, tok.eos_token_id)
@@ -133,7 +139,7 @@ class ExperienceMaker:
         rewards = token_rewards(scores, kl, self.kl_ctl.value, mask)
         advantages, returns = self.estimate_advantages(rewards, values, mask, c)
         return Experience(batch, mask, logprobs, ref_logprobs, values, raw_scores, scores, kl, rewards, advantages,
-                          returns, finished, live, torch.arange(mine.start, mine.stop))
+                          returns, finished, live, torch.arange(mine.start, mine.stop), gold_scores)
 
     def gathered(self, sampled: TokenBatch, prompts: list[list[int]], width: int) -> TokenBatch:
         """The global batch of episodes from every process's sampled shard (this one's alone in one process)."""

@@ -48,6 +48,7 @@ class RLModels:
     precision: str
     temperature: float
     uses_reference: bool = True  # False: no KL term anywhere, so no reference forward (and no copy of it)
+    gold: RewardModel | None = None  # a held-out RM the run is judged by, never trained against
 
     @property
     def critic_module(self) -> torch.nn.Module | None:
@@ -97,10 +98,11 @@ class RLModels:
             return self.value_head.score(policy_hidden.float()).squeeze(-1)
         return torch.zeros(batch.responses.shape, device=batch.responses.device)
 
-    def reward_scores(self, batch: TokenBatch) -> torch.Tensor:
-        """(B,) RM scores at each response's last token, normalised by the RM's gain and bias."""
-        return self.reward.normalize(sequence_scores(scalar_head_outputs(self.reward.model, batch, self.precision),
-                                                     batch))
+    def reward_scores(self, batch: TokenBatch, reward: RewardModel | None = None) -> torch.Tensor:
+        """(B,) RM scores at each response's last token, normalised by the RM's gain and bias
+        (`reward`: another RM than the one the policy is paid by, e.g. the gold one)."""
+        reward = reward or self.reward
+        return reward.normalize(sequence_scores(scalar_head_outputs(reward.model, batch, self.precision), batch))
 
 
 def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device,
@@ -110,6 +112,10 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
     reward = RewardModel.from_pretrained(c.reward_model, device, precision)
     # The policy's token ids go straight into the reward model and the critic: one tokenizer for all.
     check_same_tokenizer(Path(c.policy), tokenizer, Path(c.reward_model), reward.tokenizer)
+    gold = None
+    if c.gold_reward_model is not None:
+        gold = RewardModel.from_pretrained(c.gold_reward_model, device, precision)
+        check_same_tokenizer(Path(c.policy), tokenizer, Path(c.gold_reward_model), gold.tokenizer)
     if c.value_model is not None:
         check_same_tokenizer(Path(c.policy), tokenizer, Path(c.value_model), load_tokenizer(c.value_model))
     reference = None
@@ -139,7 +145,9 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
     if bf16_masters and reference is not None:
         cast_frozen_matmul_weights(reference)
     if precision == "bf16":
-        cast_frozen_matmul_weights(reward.model.requires_grad_(False))
+        for frozen in (reward, gold):
+            if frozen is not None:
+                cast_frozen_matmul_weights(frozen.model.requires_grad_(False))
     if c.gradient_checkpointing:
         for model in (policy, critic):
             if model is not None:
@@ -147,7 +155,7 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
         if c.lora_r > 0:
             policy.enable_input_require_grads()
     return RLModels(policy, reference, critic, value_head, reward, tokenizer, masters, precision, c.temperature,
-                    c.uses_reference)
+                    c.uses_reference, gold)
 
 
 def load_initial_policy(models: RLModels, init_policy: Path, device: torch.device) -> None:

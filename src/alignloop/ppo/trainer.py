@@ -130,6 +130,7 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         c = self.config
         step = self.step_index
+        judged_before = self.experience.seconds.get("gold_scoring", 0.0)
         t0 = time.perf_counter()
         exp = self.rollout(step)
         t1 = time.perf_counter()
@@ -137,12 +138,14 @@ class PPOTrainer:
         self.experience.sampler.policy_updated()
         t2 = time.perf_counter()
         self.update_seconds += t2 - t1
+        judging = self.experience.seconds.get("gold_scoring", 0.0) - judged_before  # not the method's cost
         if step > 0:  # the first step pays one-off costs (kernel selection, allocator warm-up)
-            self.steady_seconds += t2 - t0
+            self.steady_seconds += t2 - t0 - judging
             self.steady_episodes += c.batch_size
         metrics = {**self.experience_metrics(exp), **stats, "lr": self.scheduler.get_last_lr()[0],
-                   "seconds_rollout": t1 - t0,  # generation and the scoring forwards
-                   "seconds_update": t2 - t1}
+                   "seconds_rollout": t1 - t0 - judging,  # generation and the scoring forwards
+                   "seconds_update": t2 - t1,
+                   **({"seconds_gold_scoring": judging} if exp.gold_scores is not None else {})}
         if "kl_mean" in metrics:
             self.kl_ctl.update(metrics["kl_mean"], c.batch_size)
         self.step_index += 1
@@ -158,6 +161,7 @@ class PPOTrainer:
         return {
             "score_mean": float(exp.raw_scores.mean()),
             "score_std": float(exp.raw_scores.std()) if len(exp.raw_scores) > 1 else 0.0,
+            **({"gold_score_mean": float(exp.gold_scores.mean())} if exp.gold_scores is not None else {}),
             "reward_mean": float(exp.scores.mean()),
             **kl,
             "response_length_mean": float(exp.batch.response_mask.sum(1).float().mean()),
@@ -307,6 +311,7 @@ class PPOTrainer:
             rows.append({"prompt": tok.decode(prompt, skip_special_tokens=True),
                          "response": tok.decode(response, skip_special_tokens=True),
                          "score": round(float(exp.raw_scores[i]), 3),
+                         **({"gold_score": round(float(exp.gold_scores[i]), 3)} if exp.gold_scores is not None else {}),
                          "kl": round(float((exp.kl[i] * exp.mask[i]).sum()), 3)})
         return rows
 
@@ -344,6 +349,8 @@ class PPOTrainer:
                                                          * (self.step_index - resumed_from)),
             "first_score_mean": history[0]["score_mean"] if history else None,
             "final_score_mean": mean("score_mean"),
+            **({"first_gold_score_mean": history[0].get("gold_score_mean") if history else None,
+                "final_gold_score_mean": mean("gold_score_mean")} if c.gold_reward_model is not None else {}),
             "final_kl_mean": mean("kl_mean"),
             "final_eos_rate": mean("eos_rate"),
             "kl_coef": self.kl_ctl.value,
@@ -372,6 +379,8 @@ class PPOStage:
         wired = {"policy": state.policy_dir(), "reward_model": state.outputs["reward"]["model"],
                  "prompts": state.prompts("ppo", "train_prompts"), "out_dir": state.dir / "policy",
                  "init_policy": state.outputs["ppo"]["model"] if "ppo" in state.outputs else None}
+        if "gold_reward" in state.outputs:  # the held-out judge scores every step too
+            wired["gold_reward_model"] = state.outputs["gold_reward"]["model"]
         return {**wired, **user, "seed": state.seed(user)}
 
     def run(self, config: PPOConfig, ctx: StageContext) -> dict[str, Any]:
