@@ -255,6 +255,21 @@ def test_gold_split_shares_no_sentence_with_the_proxy_or_held_out_pairs(tmp_path
     assert splits == {"train", "gold", "held_out"}
 
 
+def test_topic_prompts_come_from_the_data_and_hold_out_whole_topics():
+    from alignloop.realdata import topic_prompts
+
+    texts = ["the camera battery died", "great camera, awful battery", "my camera works", "the battery and the lens",
+             "lens cap lost", "using the lens", "the screen is bright", "screen glare"]
+    sentences = [Sentence("amazon_reviews", str(i), t, [1, 2]) for i, t in enumerate(texts)]
+    train, held = topic_prompts(sentences, per_domain=4, held_out_fraction=0.25, seed=0)
+    topics = [p["topic"] for p in train + held]
+    # commonest first (camera, battery, lens in 3 sentences each; screen in 2); 'great', 'awful' are
+    # sentiment words, 'using' a verb form, 'works' a function word: never topics
+    assert sorted(topics) == ["battery", "camera", "lens", "screen"] and len(held) == 1
+    assert all(p["prompt"] == f"Write a sentence from a product review about {p['topic']}." for p in train + held)
+    assert not {p["topic"] for p in held} & {p["topic"] for p in train}
+
+
 def test_cli_human_sentiment_and_agreement(tmp_path):
     from typer.testing import CliRunner
 
