@@ -101,3 +101,17 @@ def test_a_prompts_directory_reads_every_file_in_name_order(tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="needs \\*.jsonl files"):
         read_prompts(empty)
+
+
+def test_the_people_example_is_a_valid_pipeline_file():
+    """examples/smollm2_people.yaml: every section a stage, every key and value checked as `pipeline` checks them."""
+    from alignloop.pipeline import check_spec, load_pipeline_file
+
+    spec = load_pipeline_file(Path(__file__).parent.parent / "examples" / "smollm2_people.yaml")
+    check_spec(spec)
+    assert set(spec.sections) == {"import_gguf", "human_sentiment", "chatterbot", "gold_reward", "sample", "annotate",
+                                  "reward", "ppo", "evaluate"}
+    assert spec.out == Path("runs/smollm2_people")
+    # the proxy and the gold RM train on the two halves of the training sentences
+    assert spec.sections["reward"]["data"].endswith("/train_pairs.jsonl")
+    assert spec.sections["gold_reward"]["data"].endswith("/gold_train_pairs.jsonl")
