@@ -394,3 +394,19 @@ def test_subsample_pairs_caps_each_domain(tmp_path):
     assert subsample_pairs(tmp_path / "p.jsonl", tmp_path / "s.jsonl", 4) == {"a": 4, "b": 3}
     kept = read_jsonl(tmp_path / "s.jsonl")
     assert len({r["chosen"] for r in kept}) == 7
+
+
+def test_each_text_once_scores_a_repeated_sentence_once():
+    from alignloop.realdata import agreement, each_text_once
+
+    calls = []
+
+    def length(prompts, responses):
+        calls.append(len(responses))
+        return [float(len(r)) for r in responses]
+
+    pairs = [{"prompt": "p", "chosen": "longer one", "rejected": "short", "domain": "d"},
+             {"prompt": "p", "chosen": "short", "rejected": "tiny", "domain": "d"},
+             {"prompt": "p", "chosen": "longer one", "rejected": "tiny", "domain": "d"}]
+    table = agreement(pairs, each_text_once(length))
+    assert calls == [3] and table["d"]["agreement"] == 1.0 and table["all"]["pairs"] == 3

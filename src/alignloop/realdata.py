@@ -330,8 +330,9 @@ def agreement(pairs: Sequence[dict], scorer: Callable[[Sequence[str], Sequence[s
     because a lexicon scores many sentences exactly 0.
     """
     prompts = [p["prompt"] for p in pairs]
-    chosen = scorer(prompts, [p["chosen"] for p in pairs])
-    rejected = scorer(prompts, [p["rejected"] for p in pairs])
+    # One call for both sides, so a scorer that skips repeated texts sees every repeat at once.
+    both = scorer(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    chosen, rejected = both[:len(pairs)], both[len(pairs):]
     by_domain: dict[str, list[float]] = {}
     ties: dict[str, int] = {}
     for p, c, r in zip(pairs, chosen, rejected):
@@ -364,12 +365,22 @@ def agreement_table(pairs_path: str | Path, scorers: Sequence[str] = ("vader", "
     for spec in scorers:
         table[spec] = agreement(pairs, load_label_function(spec))
     for rm_dir in reward_models:
-        from .device import resolve_device
+        from .device import choose_precision, resolve_device
         from .reward.model import RewardModel
 
-        rm = RewardModel.from_pretrained(rm_dir, resolve_device("auto"))
-        table[str(rm_dir)] = agreement(pairs, lambda ps, rs: rm.score(list(ps), list(rs), normalize=False))
+        device = resolve_device("auto")
+        rm = RewardModel.from_pretrained(rm_dir, device, choose_precision(device, "auto"))
+        table[str(rm_dir)] = agreement(pairs, each_text_once(lambda ps, rs: rm.score(list(ps), list(rs), normalize=False)))
     return table
+
+
+def each_text_once(score: Callable[[Sequence[str], Sequence[str]], list[float]]) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+    """`score`, called on each distinct (prompt, response) once: a sentence sits in several pairs."""
+    def scorer(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        unique = list(dict.fromkeys(zip(prompts, responses)))
+        values = dict(zip(unique, score([p for p, _ in unique], [r for _, r in unique])))
+        return [values[key] for key in zip(prompts, responses)]
+    return scorer
 
 
 def format_agreement_table(table: dict[str, dict]) -> str:
