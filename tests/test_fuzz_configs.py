@@ -176,6 +176,10 @@ def assert_typed_and_capped(config: StageConfig) -> None:
     limits = type(config).limits()
     for f in dataclasses.fields(config):
         value, hint = getattr(config, f.name), hints[f.name]
+        if typing.get_origin(hint) is list:  # e.g. EvaluateConfig.other_judges: list[str]
+            (item,) = typing.get_args(hint)
+            assert isinstance(value, list) and all(type(v) is item for v in value), (f.name, value)
+            continue
         kinds = [k for k in (typing.get_args(hint) or (hint,))]
         if value is None:
             assert type(None) in kinds, f.name
