@@ -367,7 +367,7 @@ PROBE_ITEMS = [EncodedItem([[5, 6, 7, 8, 9], [5, 6, 11, 12]], [0, 1], None, prom
 @torch.no_grad()
 def check_split_exact(model: PreTrainedModel, train_layers: int, pad_id: int, device: torch.device) -> None:
     """Refuse `train_layers` where the top layers run from cached states do not score what the whole
-    model scores (checked in fp32 on two packed items; freezes the lower trunk as training will)."""
+    model scores (checked in fp32 on three packed items; freezes the lower trunk as training will)."""
     whole = item_scores(model, collate(PROBE_ITEMS, pad_id, device, pack_width=16), "fp32")
     trunk, slotted = FrozenTrunk.build(model, PROBE_ITEMS, train_layers, pad_id, "fp32", batch_size=4)
     split = item_scores(model, collate(slotted, 0, device, pack_width=16), "fp32", trunk)
