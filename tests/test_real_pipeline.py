@@ -115,3 +115,13 @@ def test_the_people_example_is_a_valid_pipeline_file():
     # the proxy and the gold RM train on the two halves of the training sentences
     assert spec.sections["reward"]["data"].endswith("/train_pairs.jsonl")
     assert spec.sections["gold_reward"]["data"].endswith("/gold_train_pairs.jsonl")
+
+
+def test_a_gold_reward_section_without_data_is_refused_before_anything_runs(tmp_path):
+    from alignloop.errors import ConfigError
+
+    spec = PipelineSpec({"import_gguf": {"gguf": str(tmp_path / "any.gguf")}, "gold_reward": {"lr": 1e-4}},
+                        tmp_path / "out", source="p.yaml")
+    with pytest.raises(ConfigError, match=r"p\.yaml: gold_reward\.data is needed"):
+        run_pipeline(spec)
+    assert not (tmp_path / "out").exists()

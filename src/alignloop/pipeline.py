@@ -159,6 +159,9 @@ def check_spec(spec: PipelineSpec) -> None:
                 if key in spec.sections.get(name, {}):
                     raise ConfigError(f"{spec.source}: {name}.{key} is set, but with rounds > 1 each round writes "
                                       f"its own (under {spec.out}/round<n>/): remove {name}.{key}")
+    if "gold_reward" in spec.sections and "data" not in spec.sections["gold_reward"]:
+        raise ConfigError(f"{spec.source}: gold_reward.data is needed: preference pairs no other stage trains on "
+                          f"(e.g. human_sentiment's gold_train_pairs.jsonl, with gold_fraction > 0)")
     if not {"sft", "policy", "import_gguf"} & set(spec.sections):
         raise ConfigError(f"{spec.source}: no sft, policy or import_gguf section: the loop needs a supervised "
                           f"policy to start from")

@@ -510,9 +510,7 @@ class GoldRewardStage(RewardStage):
     name = "gold_reward"
 
     def wire(self, state: RoundState, user: dict[str, Any]) -> dict[str, Any]:
-        if "data" not in user:
-            raise ConfigError("gold_reward.data is needed: preference pairs no other stage trains on "
-                              "(e.g. human_sentiment's gold_train_pairs.jsonl, with gold_fraction > 0)")
+        """Its `data` is the user's (the pipeline checks it is given): no earlier stage's output is the gold data."""
         return {"model": state.policy_dir(), "out_dir": state.out / "gold_reward_model", **user}
 
 
