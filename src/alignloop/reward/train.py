@@ -267,20 +267,19 @@ def shared_prompt_units(items: list[EncodedItem], width: int) -> tuple[list[Unit
 
 def collate(items: list[EncodedItem], pad_id: int, device: torch.device, pack_width: int = 0) -> RMBatch:
     k_max = max(len(it.seqs) for it in items)
-    seqs, index, valid, ranks = [], [], [], []
-    for it in items:
-        k = len(it.seqs)
-        index.append([len(seqs) + i for i in range(k)] + [0] * (k_max - k))
-        valid.append([True] * k + [False] * (k_max - k))
-        ranks.append(it.ranks + [0] * (k_max - k))
-        seqs += it.seqs
+    valid = [[True] * len(it.seqs) + [False] * (k_max - len(it.seqs)) for it in items]
+    ranks = [it.ranks + [0] * (k_max - len(it.seqs)) for it in items]
     t = lambda x, **kw: torch.tensor(x, device=device, **kw)
     if pack_width:
         units, index = shared_prompt_units(items, pack_width)
         ids, pos, ends, unit, branch = pack_rows(units, pack_width, pad_id)
         mask, pos = shared_prefix_mask(t(unit), t(branch)), t(pos)
         real = sum(unit_size(u) for u in units)
-    else:
+    else:  # one row per sequence, items' responses in order
+        seqs, index = [], []
+        for it in items:
+            index.append([len(seqs) + i for i in range(len(it.seqs))] + [0] * (k_max - len(it.seqs)))
+            seqs += it.seqs
         ids, mask = pad_right(seqs, pad_id)
         mask, pos, ends = t(mask), None, [(i, len(s) - 1) for i, s in enumerate(seqs)]
         real = sum(len(s) for s in seqs)
