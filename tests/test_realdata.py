@@ -16,6 +16,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from alignloop.errors import InputError
 from alignloop.jsonl import read_jsonl
@@ -396,17 +397,18 @@ def test_subsample_pairs_caps_each_domain(tmp_path):
     assert len({r["chosen"] for r in kept}) == 7
 
 
-def test_each_text_once_scores_a_repeated_sentence_once():
-    from alignloop.realdata import agreement, each_text_once
+def test_reward_model_scores_a_repeated_sentence_once(rm_dir):
+    """In the human pairs each sentence sits in several pairs: the RM runs on each distinct text once."""
+    from alignloop.reward.model import RewardModel
 
-    calls = []
-
-    def length(prompts, responses):
-        calls.append(len(responses))
-        return [float(len(r)) for r in responses]
-
-    pairs = [{"prompt": "p", "chosen": "longer one", "rejected": "short", "domain": "d"},
-             {"prompt": "p", "chosen": "short", "rejected": "tiny", "domain": "d"},
-             {"prompt": "p", "chosen": "longer one", "rejected": "tiny", "domain": "d"}]
-    table = agreement(pairs, each_text_once(length))
-    assert calls == [3] and table["d"]["agreement"] == 1.0 and table["all"]["pairs"] == 3
+    rm = RewardModel.from_pretrained(rm_dir, torch.device("cpu"), "fp32")
+    rows_scored = []
+    score_ids = rm.score_ids
+    rm.score_ids = lambda ids, mask, normalize: rows_scored.append(len(ids)) or score_ids(ids, mask, normalize)
+    prompts = ["p", "p", "p", "q"]
+    responses = ["longer one", "short", "longer one", "short"]
+    repeated = rm.score(prompts, responses)
+    assert sum(rows_scored) == 3  # ("p", "longer one") once
+    assert repeated[0] == repeated[2]
+    one_by_one = [rm.score([p], [r])[0] for p, r in zip(prompts, responses)]
+    assert repeated == pytest.approx(one_by_one, abs=1e-5)

@@ -370,17 +370,8 @@ def agreement_table(pairs_path: str | Path, scorers: Sequence[str] = ("vader", "
 
         device = resolve_device("auto")
         rm = RewardModel.from_pretrained(rm_dir, device, choose_precision(device, "auto"))
-        table[str(rm_dir)] = agreement(pairs, each_text_once(lambda ps, rs: rm.score(list(ps), list(rs), normalize=False)))
+        table[str(rm_dir)] = agreement(pairs, lambda ps, rs: rm.score(list(ps), list(rs), normalize=False))
     return table
-
-
-def each_text_once(score: Callable[[Sequence[str], Sequence[str]], list[float]]) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
-    """`score`, called on each distinct (prompt, response) once: a sentence sits in several pairs."""
-    def scorer(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        unique = list(dict.fromkeys(zip(prompts, responses)))
-        values = dict(zip(unique, score([p for p, _ in unique], [r for _, r in unique])))
-        return [values[key] for key in zip(prompts, responses)]
-    return scorer
 
 
 def format_agreement_table(table: dict[str, dict]) -> str:

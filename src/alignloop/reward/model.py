@@ -90,8 +90,17 @@ class RewardModel:
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, normalize: bool = True) -> list[float]:
-        """Scores of text pairs, batched by length so padding stays small."""
-        seqs = [encode_prompt(self.tokenizer, p) + encode_response(self.tokenizer, r) for p, r in zip(prompts, responses)]
+        """Scores of text pairs, batched by length so padding stays small.
+
+        Each distinct (prompt, response) is scored once: in preference data a sentence sits in
+        several pairs, and a policy's samples repeat.
+        """
+        pairs = list(zip(prompts, responses))
+        unique = list(dict.fromkeys(pairs))
+        if len(unique) < len(pairs):
+            values = dict(zip(unique, self.score([p for p, _ in unique], [r for _, r in unique], batch_size, normalize)))
+            return [values[pair] for pair in pairs]
+        seqs = [encode_prompt(self.tokenizer, p) + encode_response(self.tokenizer, r) for p, r in pairs]
         limit = getattr(self.model.config, "n_positions", None) or getattr(self.model.config, "max_position_embeddings", None)
         if limit:
             # Longer than the model's context: keep the end, where the response and the EOS we score are.
