@@ -27,11 +27,14 @@ from safetensors.torch import load_file
 from alignloop.distributed import SINGLE_PROCESS, Distributed, from_environment
 from alignloop.errors import ConfigError
 from alignloop.training import IGNORE, LMBatch
+from test_reward_frozen_trunk import tiny_llama_dir  # noqa: F401 (a fixture)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "alignloop"]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 DDP_CPU_YAML = Path(__file__).parent.parent / "examples" / "accelerate" / "ddp_cpu.yaml"
+FSDP_YAML = Path(__file__).parent.parent / "examples" / "accelerate" / "fsdp.yaml"
+ACCELERATE_FSDP = ACCELERATE + ["--config_file", str(FSDP_YAML), "-m", "alignloop"]
 
 MAX_ABS, MAX_MEAN = 5e-5, 3e-8  # |parameter difference|, 2 processes vs 1: largest, mean (module docstring)
 SFT_SETS = {"batch_size": 7, "epochs": 4, "warmup_steps": 2, "lr": 1e-3, "checkpoint_every": 3,
@@ -247,6 +250,31 @@ def test_reward_training_on_2_processes_is_the_1_process_run_up_to_the_order_of_
     assert_rank_0_alone_wrote(writes, out, "reward_summary.json")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone, train_layers", [("tiny_lm_dir", 0), ("tiny_llama_dir", 2)])
+def test_reward_training_sharded_by_fsdp_is_the_1_process_run_up_to_the_order_of_sums(backbone, train_layers, data,
+                                                                                     tmp_path, request):
+    """GPT-2 trained whole, and a Llama (rotary positions) with its top 2 of 3 layers trained from the
+    frozen lowest one's cached states: the FSDP root is the item scorer, whose forward runs the
+    backbone and the head apart."""
+    from alignloop.reward.train import RewardTrainConfig, train_reward_model
+
+    model_dir = request.getfixturevalue(backbone)
+    settings = {**REWARD_SETS, "train_layers": train_layers}
+    one = train_reward_model(RewardTrainConfig(model=model_dir, data=data["rm"], held_out_data=data["rm_held"],
+                                               out_dir=tmp_path / "one", **settings))
+    out = tmp_path / "fsdp"
+    run(ACCELERATE_FSDP + ["reward", "train", "--model", str(model_dir), "--data", str(data["rm"]),
+                           "--held-out-data", str(data["rm_held"]), "--out-dir", str(out), *sets(settings)])
+    two = json.loads((out / "reward_summary.json").read_text())
+    assert (two["world_size"], two["sharding"], two["examples_per_process"]) == (2, "fsdp", [26, 24])
+    max_diff, mean_diff = parameter_differences(tmp_path / "one", out)
+    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
+    assert mean_movement(out, model_dir) > 5e-4  # over every parameter, the frozen lowest layer's too
+    for key in ("final_train_loss", "train_accuracy", "held_out_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+
+
 def worker_pids(launcher: int) -> list[int]:
     return [int(pid) for task in Path(f"/proc/{launcher}/task").iterdir()
             for pid in (task / "children").read_text().split()]
@@ -360,6 +388,36 @@ def test_a_killed_2_process_ppo_run_resumes_to_the_uninterrupted_one(tiny_lm_dir
     assert metric_rows(tmp_path / "whole") == metric_rows(killed)
 
 
+# DPO: 37 preference pairs in micro-batches of 6 (the last of 1 leaves rank 1 a pair that counts for
+# nothing), 2 micro-batches per step, packed pairs; the reference log-probs each process computes for its
+# block and gathers.
+DPO_SETS = {"batch_size": 6, "gradient_accumulation_steps": 2, "epochs": 2, "lr": 1e-3, "max_length": 96,
+            "checkpoint_every": 0, "eval_every": 2, "tensorboard": False, "precision": "fp32", "device": "cpu"}
+
+
+@pytest.mark.slow
+def test_dpo_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(tiny_lm_dir, data, tmp_path):
+    from alignloop.dpo.train import DPOConfig, train_dpo
+
+    two_out = tmp_path / "two"
+    writes = recorded_run(TORCHRUN + ["dpo", "--model", str(tiny_lm_dir), "--data", str(data["rm"]),
+                                      "--out-dir", str(two_out), *sets({**DPO_SETS, "held_out_data": data["rm_held"]})],
+                          two_out, tmp_path)
+    one = train_dpo(DPOConfig(model=tiny_lm_dir, data=data["rm"], held_out_data=data["rm_held"],
+                              out_dir=tmp_path / "one", **DPO_SETS))
+    two = json.loads((two_out / "dpo_summary.json").read_text())
+    assert (one["world_size"], two["world_size"]) == (1, 2) and one["steps"] == two["steps"] == 7
+    assert sum(two["examples_per_process"]) == one["examples_per_process"][0] == 2 * 37
+    assert two["examples_per_process"][0] > two["examples_per_process"][1]  # the last micro-batch's one pair
+    max_diff, mean_diff = parameter_differences(tmp_path / "one", two_out)
+    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
+    assert mean_movement(two_out, tiny_lm_dir) > 1e-3
+    for key in ("first_train_loss", "final_train_loss", "final_train_reward_margin", "held_out_loss",
+                "held_out_reward_accuracy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    assert_rank_0_alone_wrote(writes, two_out, "dpo_summary.json")
+
+
 @pytest.mark.slow
 def test_the_pipeline_on_2_processes_trains_on_both_and_runs_the_other_stages_once(fortunes, tmp_path):
     """`alignloop pipeline --nproc 2`: pretrain, SFT, reward and PPO on 2 processes; sampling, simulated
@@ -380,13 +438,110 @@ def test_the_pipeline_on_2_processes_trains_on_both_and_runs_the_other_stages_on
     assert json.loads((out / "round1" / "policy" / "ppo_summary.json").read_text())["episodes_per_process"] == [8, 8]
 
 
-@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
-def test_an_accelerate_config_that_shards_the_model_is_refused_not_ignored(engine, monkeypatch):
+@pytest.mark.parametrize("environ, refusal", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "ZeRO stage would be ignored"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set `fsdp_version: 2`"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "sometimes"},
+     "expected true or false"),
+])
+def test_a_sharding_config_alignloop_cannot_honour_is_refused_not_ignored(environ, refusal, monkeypatch):
     # The same ConfigError path as the accelerate CPU launch above, which checks the CLI's one line.
-    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
-    with pytest.raises(ConfigError, match="would be ignored") as refused:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=refusal) as refused:
         from_environment.__wrapped__()  # uncached: what the first StageContext of a process calls
-    assert "\n" not in str(refused.value) and "ddp_cpu.yaml" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_fsdp_settings_come_from_accelerates_environment():
+    from alignloop.fsdp import FSDPSettings, settings_from_environment
+
+    assert settings_from_environment({}) is None
+    assert settings_from_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}) == FSDPSettings()
+    zero2 = settings_from_environment({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2",
+                                       "FSDP_RESHARD_AFTER_FORWARD": "false", "FSDP_OFFLOAD_PARAMS": "true",
+                                       "FSDP_TRANSFORMER_CLS_TO_WRAP": "GPT2Block, LlamaDecoderLayer"})
+    assert zero2 == FSDPSettings(reshard_after_forward=False, offload_params=True,
+                                 block_classes=("GPT2Block", "LlamaDecoderLayer"))
+
+
+# FSDP (examples/accelerate/fsdp.yaml, gloo on the CPU): each process holds half of every block's
+# parameters, gradients and Adam state. Its gradients are reduce-scattered (each process gets the
+# average of its shard), where DDP all-reduces whole buckets: other sums in another order, so the
+# 2-process FSDP run matches 1 process to the same tolerance as DDP does, not bit for bit.
+@pytest.fixture(scope="module")
+def sft_fsdp(tmp_path_factory, tiny_lm_dir, data) -> tuple[Path, dict, dict]:
+    tmp = tmp_path_factory.mktemp("fsdp_sft")
+    out = tmp / "fsdp"
+    writes = recorded_run(ACCELERATE_FSDP + sft_args(tiny_lm_dir, data, out), out, tmp)
+    return out, json.loads((out / "sft_summary.json").read_text()), writes
+
+
+@pytest.mark.slow
+def test_sft_sharded_by_fsdp_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(sft_fsdp, tiny_lm_dir,
+                                                                                        data, tmp_path):
+    from alignloop.sft import SFTConfig, sft
+
+    out, two, writes = sft_fsdp
+    one = sft(SFTConfig(model=tiny_lm_dir, data=data["sft"], held_out_data=data["sft_held"], out_dir=tmp_path / "one",
+                        **SFT_SETS))
+    assert (two["world_size"], two["sharding"]) == (2, "fsdp") and two["examples_per_process"] == [17 * 4, 12 * 4]
+    max_diff, mean_diff = parameter_differences(tmp_path / "one", out)
+    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
+    assert mean_movement(out, tiny_lm_dir) > 1e-3
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-6)
+    assert two["held_out_response_perplexity"]["after_sft"] == pytest.approx(
+        one["held_out_response_perplexity"]["after_sft"], rel=1e-5)
+    assert_rank_0_alone_wrote(writes, out, "sft_summary.json")
+    # The saved model is a plain HF directory: the tied head is the embedding, as in the 1-process model.
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights.keys() == load_file(str(tmp_path / "one" / "model.safetensors")).keys()
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_one_and_refuses_a_ddp_resume(sft_fsdp, tiny_lm_dir, data,
+                                                                                     tmp_path):
+    whole, whole_summary, _ = sft_fsdp
+    killed = tmp_path / "killed"
+    args = sft_args(tiny_lm_dir, data, killed)
+    launcher = subprocess.Popen(ACCELERATE_FSDP + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint" / "state.pt").is_file():
+        assert launcher.poll() is None, f"finished before its first checkpoint: {launcher.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    for pid in worker_pids(launcher.pid) + [launcher.pid]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)
+    assert state["sharding"] == "fsdp" and len(state["rng"]) == 2 and state["step"] < 20
+    # The optimiser state of a sharded run is keyed by parameter name: a DDP launch must not take it.
+    refused = subprocess.run(TORCHRUN + args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "written by a fsdp run and this one is replicated" in errors[0], refused.stderr[-2000:]
+    # The one traceback is torchrun's own report that a worker exited non-zero; none comes from alignloop.
+    assert "alignloop/" not in refused.stderr.partition("Traceback")[2]
+    resumed = run(ACCELERATE_FSDP + args)
+    assert "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    assert parameter_differences(whole, killed) == (0.0, 0.0)
+    summary = json.loads((killed / "sft_summary.json").read_text())
+    for key in ("steps", "examples_per_process", "final_train_loss", "held_out_response_perplexity", "world_size"):
+        assert summary[key] == whole_summary[key], key
+
+
+@pytest.mark.parametrize("stage", ["ppo", "dpo"])
+def test_a_stage_that_cannot_shard_yet_refuses_fsdp_in_one_line(stage, tiny_lm_dir, rm_dir, prompts_file, data,
+                                                                tmp_path):
+    out = str(tmp_path / "out")
+    args = {"dpo": ["dpo", "--model", str(tiny_lm_dir), "--data", str(data["rm"]), "--out-dir", out, *sets(DPO_SETS)],
+            "ppo": ppo_args(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "out")}[stage]
+    done = subprocess.run(ACCELERATE_FSDP + args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "does not run under FSDP yet" in errors[0] and "ddp_cpu.yaml" in errors[0], done.stderr[-2000:]
+    assert "alignloop/" not in done.stderr.partition("Traceback")[2]  # only the launcher's report of a failed worker
 
 
 def test_nproc_runs_the_command_under_torchrun_and_refuses_more_processes_than_cores(monkeypatch):

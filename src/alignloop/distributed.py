@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from .checkpoint import rng_state, set_rng_state
 from .errors import ConfigError
+from .fsdp import FSDPSettings, settings_from_environment
 
 T = TypeVar("T")
 
@@ -51,6 +52,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0  # rank on this machine: which GPU the process uses
+    fsdp: FSDPSettings | None = None  # set: a trained model is sharded over the processes (fsdp.py), not replicated
 
     @property
     def is_main(self) -> bool:
@@ -63,6 +65,12 @@ class Distributed:
         base, extra = divmod(n, self.world_size)
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (self.rank < extra))
+
+    def refuse_sharding(self, stage: str) -> None:
+        """Stop a stage that trains replicated models only when the launch asked for FSDP."""
+        if self.fsdp is not None:
+            raise ConfigError(f"{stage} does not run under FSDP yet (pretrain, sft and reward training do): launch it with "
+                              "examples/accelerate/ddp_cpu.yaml or ddp_gpu.yaml (docs/scale.md)")
 
     def place(self, device: torch.device) -> torch.device:
         """The device this process computes on: under several processes, plain `cuda` is its own GPU."""
@@ -188,20 +196,24 @@ def torchrun_command(nproc: int, args: list[str]) -> tuple[list[str], dict[str, 
              "-m", "alignloop", *args], env)
 
 
-SHARDED_HINT = ("accelerate launched alignloop with {engine}: alignloop trains data-parallel with full model copies "
-                "(DDP) only, so that config's sharding would be ignored; launch with examples/accelerate/ddp_cpu.yaml "
-                "or ddp_gpu.yaml (docs/scale.md)")
+DEEPSPEED_HINT = ("accelerate launched alignloop with DeepSpeed: alignloop shards with FSDP2 "
+                  "(examples/accelerate/fsdp.yaml) or trains full copies (DDP), so that config's ZeRO stage would be "
+                  "ignored (docs/scale.md)")
 
 
 @functools.cache
 def from_environment() -> Distributed:
     """This process's place in the job that torchrun or accelerate launch started (joining its
     process group on the first call), or `SINGLE_PROCESS` when no launcher started several."""
-    sharded = [name for name, flag in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-               if os.environ.get(flag, "").lower() in ("true", "1")]
-    if sharded:
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("true", "1"):
         # Training on with DDP's full copies would ignore the memory plan the user asked for.
-        raise ConfigError(SHARDED_HINT.format(engine=sharded[0]))
+        raise ConfigError(DEEPSPEED_HINT)
+    fsdp = settings_from_environment(os.environ)
+    if fsdp is not None:
+        # accelerate's default asks transformers to load real weights in rank 0 only (the others get
+        # empty ones, for FSDP1 to fill by a broadcast). alignloop loads the whole model in every process
+        # (each probes and caches with it before training) and then shards it: every load must be real.
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         # accelerate's CPU launcher runs the command once, with MASTER_ADDR set for the N processes
@@ -218,4 +230,4 @@ def from_environment() -> Distributed:
             backend = "gloo"
         dist.init_process_group(backend)
         atexit.register(dist.destroy_process_group)
-    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+    return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, fsdp=fsdp)

@@ -145,6 +145,7 @@ def train_base_model(config: PretrainConfig, ctx: StageContext) -> dict[str, Any
     checkpointer = stage_checkpointer(config, ctx)
     run = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
                    config.grad_clip, precision, desc="pretrain", checkpointer=checkpointer, dist=ctx.dist)
+    model = run.model  # under FSDP a fresh, unsharded copy of the trained weights
     held_ppl = perplexity(model, held_batches, precision, ctx.dist)
 
     if ctx.dist.is_main:

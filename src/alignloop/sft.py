@@ -197,6 +197,7 @@ def fine_tune(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     checkpointer = stage_checkpointer(config, ctx)
     run = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
                    config.grad_clip, precision, desc="sft", checkpointer=checkpointer, dist=ctx.dist)
+    model = run.model  # under FSDP a fresh, unsharded copy of the trained weights
     held_ppl_after = perplexity(model, held_batches, precision, ctx.dist)
 
     out = Path(config.out_dir)

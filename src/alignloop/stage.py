@@ -219,7 +219,8 @@ def run_stage(stage: Stage, config: StageConfig, ctx: StageContext | None = None
     say(f"{label}: running (load average {before})")
     summary = stage.run(config, ctx)
     seconds = time.time() - start
-    summary = {"stage": stage.name, **summary, "world_size": ctx.dist.world_size, "seconds": seconds,
+    sharding = {"sharding": "fsdp" if ctx.dist.fsdp is not None else "ddp"} if ctx.dist.world_size > 1 else {}
+    summary = {"stage": stage.name, **summary, "world_size": ctx.dist.world_size, **sharding, "seconds": seconds,
                "fingerprint": fingerprint}
     if ctx.dist.is_main:
         config.save(config.out_dir)

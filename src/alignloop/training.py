@@ -16,10 +16,11 @@ from typing import Iterator
 import torch
 from transformers import PreTrainedModel
 
+from . import fsdp
 from .checkpoint import Checkpointer
 from .device import autocast
 from .distributed import SINGLE_PROCESS, Distributed
-from .errors import AlignloopError
+from .errors import AlignloopError, InputError
 from .mixed_precision import MasterWeights
 from .progress import progress
 
@@ -86,19 +87,94 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     of 1.0 otherwise). A non-finite norm leaves the gradients alone; the step it poisons is caught
     by the caller's NaN guard.
     """
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    sharded = isinstance(grads[0], DTensor)  # FSDP: each process holds one shard of every gradient
     squares = []
     for g in grads:
-        flat = g.reshape(-1).float()
-        squares.append(torch.dot(flat, flat).to(grads[0].device))
-    total_norm = torch.stack(squares).sum().sqrt()
+        flat = (g.to_local() if sharded else g).reshape(-1).float()
+        squares.append(torch.dot(flat, flat).to(flat.device))
+    total_square = torch.stack(squares).sum()
+    if sharded:
+        torch.distributed.all_reduce(total_square)  # the shards' squares add up to the whole gradient's
+    total_norm = total_square.sqrt()
     coef = max_norm / (float(total_norm) + 1e-6)
     if coef < 1.0:
         for g in grads:
             g.mul_(coef)
     return total_norm
+
+
+class ModelOptimization:
+    """The optimiser side of training one model (pretrain, SFT), the model replicated or sharded.
+
+    Replicated (one process, or DDP's full copy in each): bf16 matmul weights with fp32 masters
+    (`model_optimizer`), the forwards through `dist.wrap`'s DDP module. Sharded (the launch asked
+    for FSDP, fsdp.py): each process holds 1/N of the fp32 parameters, which the optimiser steps
+    directly, and FSDP computes in bf16 itself. Either way the loop is the same: forward through
+    `module`, `after_backward()`, `step()`, and `finish()` hands back a plain fp32 model.
+    """
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, precision: str, dist: Distributed,
+                 forward: torch.nn.Module | None = None):
+        """`forward`: the module the training forwards call, if not the model itself (a wrapper whose
+        forward runs the model's parts separately, which DDP must see as one call)."""
+        self.model, self.dist = model, dist
+        self.sharding = "fsdp" if dist.fsdp is not None else "replicated"
+        if dist.fsdp is not None:
+            self.model_class, self.device = type(model), next(model.parameters()).device
+            self.module = forward or model  # the FSDP root: its call gathers the unit of the non-block weights
+            # State dicts are read through the root, keyed by its names: `prefix` + the model's own.
+            self.prefix = next(f"{name}." for name, m in self.module.named_modules() if m is model) if forward else ""
+            fsdp.shard(model, dist.fsdp, precision, root=self.module)
+            self.masters = MasterWeights([model], enabled=False)  # the sharded fp32 parameters are the masters
+            self.optimizer = make_optimizer(model, lr, weight_decay)
+            self.params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            self.masters, self.optimizer, self.params = model_optimizer(model, lr, weight_decay, precision)
+            self.module = dist.wrap(forward or model)  # after the masters: DDP's gradient buckets are for the bf16 weights
+
+    def after_backward(self) -> None:
+        self.masters.accumulate_grads()
+
+    def step(self, scheduler: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float) -> torch.Tensor:
+        return optimizer_step(self.optimizer, scheduler, self.masters, self.params, max_grad_norm)
+
+    def state_dict(self) -> dict:
+        """The model's fp32 weights and the optimiser's state for a checkpoint; under FSDP a collective
+        whose result only rank 0 holds (the one that saves it)."""
+        if self.sharding == "fsdp":
+            return {"model": self.model_state(fsdp.full_state_dict(self.module)),
+                    "optimizer": fsdp.full_optimizer_state(self.module, self.optimizer), "sharding": "fsdp"}
+        return {"model": self.masters.state_dict(0), "optimizer": self.optimizer.state_dict(), "sharding": "replicated"}
+
+    def model_state(self, root_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's entries of a state dict of the FSDP root, under the model's own names."""
+        return {k[len(self.prefix):]: v for k, v in root_state.items() if k.startswith(self.prefix)}
+
+    def load_state_dict(self, state: dict, source: object) -> None:
+        saved = state.get("sharding", "replicated")
+        if saved != self.sharding:  # the optimiser state is keyed by parameter name under FSDP, by index otherwise
+            raise InputError(source, f"the checkpoint was written by a {saved} run and this one is {self.sharding}: "
+                                     f"resume it launched as it was, or remove the checkpoint to start over")
+        if self.sharding == "fsdp":
+            fsdp.load_full_state_dict(self.module, {self.prefix + k: v for k, v in state["model"].items()})
+            fsdp.load_full_optimizer_state(self.module, self.optimizer, state["optimizer"])
+        else:
+            self.masters.load_state_dict(0, state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def finish(self) -> torch.nn.Module:
+        """Training is over: the plain fp32 model, in every process (the caller evaluates and saves it)."""
+        if self.sharding == "fsdp":
+            state = self.model_state(fsdp.full_state_dict(self.module, everywhere=True))
+            self.optimizer.state.clear()
+            return fsdp.unsharded_copy(self.model, state, self.model_class, self.device)
+        self.masters.release()
+        return self.model
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -185,6 +261,7 @@ class LMTraining:
     examples_per_process: list[int]  # rows (sequences) each process trained on, in rank order
     tokens: int  # target tokens trained on, over every process (this run's steps, not a resumed run's earlier ones)
     seconds: float = field(compare=False)  # the training loop's time (this run's); runs compare by their numbers
+    model: torch.nn.Module | None = field(default=None, compare=False, repr=False)  # the trained fp32 model
 
     @property
     def tokens_per_second(self) -> float:
@@ -237,20 +314,19 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
     """
     device = next(model.parameters()).device
     model.train()
-    masters, optimizer, params = model_optimizer(model, lr, weight_decay, precision)
-    scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
+    training = ModelOptimization(model, lr, weight_decay, precision, dist)
+    scheduler = warmup_cosine(training.optimizer, warmup_steps, total_steps)
     losses: list[float] = []
     start, examples = 0, 0
     state = checkpointer.load(device) if checkpointer is not None else None
     if state is not None:
-        masters.load_state_dict(0, state["models"]["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        training.load_state_dict({**state["models"], "optimizer": state["optimizer"],
+                                  "sharding": state.get("sharding", "replicated")}, checkpointer.directory)
         scheduler.load_state_dict(state["scheduler"])
         dist.restore_rng_state(state["rng"], checkpointer.log)
         losses, start = list(state["losses"]), state["step"]
         for _ in range(start):
             examples += len(dist.shard(len(next(batches))))
-    trained = dist.wrap(model)  # after the masters: DDP's gradient buckets are for the bf16 weights
     bar = progress(total=total_steps, initial=start, desc=desc, disable=not dist.is_main)
     began, tokens = time.perf_counter(), 0
     for step in range(start, total_steps):
@@ -261,11 +337,11 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
         tokens += n_tokens
         rows, n_rows = batch.shard(dist, device)
         examples += n_rows
-        loss_sum, _ = lm_loss_sum(trained, rows, precision)
+        loss_sum, _ = lm_loss_sum(training.module, rows, precision)
         loss = loss_sum / max(n_tokens, 1)
         dist.backward(loss)
-        masters.accumulate_grads()
-        grad_norm = optimizer_step(optimizer, scheduler, masters, params, grad_clip)
+        training.after_backward()
+        grad_norm = training.step(scheduler, grad_clip)
         losses.append(dist.all_reduce_sum([loss.item()])[0])
         check_finite(desc, step + 1, losses[-1], grad_norm, checkpointer)
         bar.update(1)
@@ -273,12 +349,13 @@ def train_lm(model: PreTrainedModel, batches: Iterator[LMBatch], total_steps: in
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if checkpointer is not None and checkpointer.due(step + 1) and step + 1 < total_steps:
             rngs = dist.rng_states()
+            trained = training.state_dict()  # every process: a collective under FSDP
             if dist.is_main:
-                checkpointer.save({"step": step + 1, "models": {"model": masters.state_dict(0)},
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "rng": rngs, "losses": losses})
+                checkpointer.save({"step": step + 1, "models": {"model": trained["model"]},
+                                   "optimizer": trained["optimizer"], "sharding": trained["sharding"],
+                                   "scheduler": scheduler.state_dict(), "rng": rngs, "losses": losses})
     bar.close()
     seconds = time.perf_counter() - began
-    masters.release()  # the caller gets (and saves) the fp32 weights
+    model = training.finish()  # the caller gets (and saves) the fp32 weights
     model.eval()  # dropout off for whatever comes next (generation, scoring)
-    return LMTraining(losses, dist.all_gather(examples), tokens, seconds)
+    return LMTraining(losses, dist.all_gather(examples), tokens, seconds, model)

@@ -34,9 +34,10 @@ from typing import Any, Iterator
 import torch
 from transformers import PreTrainedModel
 
-from ..checkpoint import Checkpointer, rng_state, set_rng_state
+from ..checkpoint import Checkpointer
 from ..config import StageConfig
 from ..device import autocast
+from ..distributed import SINGLE_PROCESS, Distributed
 from ..errors import InputError
 from ..jsonl import read_jsonl
 from ..logprobs import token_logprobs
@@ -46,7 +47,7 @@ from ..reward.data import Preference
 from ..reward.train import (EncodedItem, check_preference_schedule, encode_items, length_buckets, load_splits,
                             pack_rows, shared_prefix_mask, split_rankings, unit_size)
 from ..stage import RoundState, StageContext, run_stage, section_number, stage_checkpointer
-from ..training import check_finite, model_optimizer, optimizer_step, warmup_cosine
+from ..training import ModelOptimization, check_finite, warmup_cosine
 from .losses import LOSSES, PreferenceLoss, dpo_loss, ipo_loss, reward_accuracy
 
 
@@ -179,6 +180,18 @@ def sequence_logprobs(model: PreTrainedModel, batch: PairBatch, precision: str) 
     return torch.cat([per_token, per_token.new_zeros(1)])[batch.token_index].sum(1)
 
 
+class PairScorer(torch.nn.Module):
+    """`sequence_logprobs` as one module call, the forward that DistributedDataParallel must see: the
+    packed path runs the trunk and the LM head separately, which DDP, wrapping the model, would not."""
+
+    def __init__(self, model: PreTrainedModel, precision: str):
+        super().__init__()
+        self.model, self.precision = model, precision
+
+    def forward(self, batch: PairBatch) -> torch.Tensor:
+        return sequence_logprobs(self.model, batch, self.precision)
+
+
 @torch.no_grad()
 def packing_works(model: PreTrainedModel, pad_id: int, device: torch.device) -> bool:
     """Does this architecture give packed pairs exactly the log-probs of padded ones? Checked, not assumed."""
@@ -223,11 +236,15 @@ class Scorer:
         return collate_pairs(pairs, self.pad_id, self.device, self.pack_width)
 
     @torch.no_grad()
-    def logprobs(self, model: PreTrainedModel, pairs: list[EncodedItem]) -> torch.Tensor:
-        """(2 * len(pairs),) fp32 on the CPU: log π(chosen), log π(rejected) of each pair in turn."""
-        out = [sequence_logprobs(model, self.batch(pairs[i:i + self.batch_size]), self.precision).cpu()
-               for i in range(0, len(pairs), self.batch_size)]
-        return torch.cat(out) if out else torch.zeros(0)
+    def logprobs(self, model: PreTrainedModel, pairs: list[EncodedItem],
+                 dist: Distributed = SINGLE_PROCESS) -> torch.Tensor:
+        """(2 * len(pairs),) fp32 on the CPU: log π(chosen), log π(rejected) of each pair in turn.
+        Under several processes each scores its block of the pairs and every process gets them all."""
+        block = dist.shard(len(pairs))
+        mine = pairs[block.start:block.stop]
+        out = [sequence_logprobs(model, self.batch(mine[i:i + self.batch_size]), self.precision).cpu()
+               for i in range(0, len(mine), self.batch_size)]
+        return torch.cat(dist.all_gather(torch.cat(out) if out else torch.zeros(0)))
 
 
 def response_lengths(pairs: list[EncodedItem]) -> torch.Tensor:
@@ -244,9 +261,10 @@ def pair_metrics(terms: PreferenceLoss) -> dict[str, float]:
 
 
 def evaluate_pairs(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, pairs: list[EncodedItem],
-                   reference: torch.Tensor) -> dict[str, float]:
+                   reference: torch.Tensor, dist: Distributed = SINGLE_PROCESS) -> dict[str, float]:
     """`pair_metrics` of the model on `pairs` (held-out), against their reference log-probs."""
-    return pair_metrics(preference_loss(config, scorer.logprobs(model, pairs), reference, response_lengths(pairs)))
+    return pair_metrics(preference_loss(config, scorer.logprobs(model, pairs, dist), reference,
+                                        response_lengths(pairs)))
 
 
 # -- training ------------------------------------------------------------------------------------------
@@ -274,16 +292,21 @@ def tail_mean(values: list[float], n: int = 20) -> float | None:
 
 def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pairs: list[EncodedItem],
              held_pairs: list[EncodedItem], reference: dict[str, torch.Tensor], reference_seconds: float,
-             state: dict | None, checkpointer: Checkpointer, ctx: StageContext) -> tuple[TrainingRun, int]:
+             state: dict | None, checkpointer: Checkpointer, ctx: StageContext) -> tuple[TrainingRun, int, list[int]]:
     """The loop: shuffled micro-batches of pairs, the preference loss, one optimiser step per accumulation.
 
-    Returns the run and the step it resumed at. The micro-batches are drawn from a generator seeded
-    by the config alone, so a resumed run draws the ones already trained on again to put it back.
+    Returns the run, the step it resumed at and the pairs each process trained on. The micro-batches
+    are drawn from a generator seeded by the config alone, so a resumed run draws the ones already
+    trained on again to put it back. Under several processes every process draws the same global
+    micro-batches and trains on its block of each, its loss sum divided by the step's global pair
+    count: the processes' gradients add up to the one-process step's (distributed.py).
     """
+    dist = ctx.dist
     step_pairs = config.batch_size * config.gradient_accumulation_steps
     total_steps = max(1, math.ceil(len(train_pairs) * config.epochs / step_pairs))
-    masters, optimizer, params = model_optimizer(model, config.lr, config.weight_decay, scorer.precision)
-    scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
+    training = ModelOptimization(model, config.lr, config.weight_decay, scorer.precision, dist,
+                                 forward=PairScorer(model, scorer.precision))
+    scheduler = warmup_cosine(training.optimizer, max(1, int(config.warmup * total_steps)), total_steps)
     rng = random.Random(config.seed)
     # Padded rows want pairs of similar length together; packed rows want a mix, whose short pairs fill gaps.
     mega = 1 if scorer.pack_width else 32
@@ -293,15 +316,14 @@ def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pa
             yield from length_buckets(train_pairs, config.batch_size, rng, mega)
 
     batches = micro_batches()
-    run, first = TrainingRun(total_steps, [], [], []), 0
+    run, first, local_pairs = TrainingRun(total_steps, [], [], []), 0, 0
     if state is not None:
-        masters.load_state_dict(0, state["models"]["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        training.load_state_dict({**state["models"], "optimizer": state["optimizer"]}, checkpointer.directory)
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        dist.restore_rng_state(state["rng"], checkpointer.log)
         run, first = TrainingRun(**state["run"]), state["step"]
         for _ in range(first * config.gradient_accumulation_steps):
-            next(batches)
+            local_pairs += len(dist.shard(len(next(batches))))
     logger = ctx.metrics(config.out_dir, config.tensorboard, resume_step=first)
     model.eval()  # dropout off; gradients still flow
     bar = ctx.progress(total=total_steps, initial=first, desc=config.loss)
@@ -311,19 +333,28 @@ def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pa
         n_pairs = sum(len(ids) for ids in micro)
         lr = scheduler.get_last_lr()[0]
         step_terms: list[PreferenceLoss] = []
+        tokens = [0, 0]  # real, padding
         for ids in micro:
-            batch = scorer.batch([train_pairs[i] for i in ids])
-            ref = reference["train"][sequence_ids(ids)].to(scorer.device)
-            terms = preference_loss(config, sequence_logprobs(model, batch, scorer.precision), ref, batch.lengths)
-            # Summed over the micro-batch, divided by the pairs of the whole step: accumulation gives the
-            # gradient of the mean over all of them, as one batch would.
-            (terms.loss.sum() / n_pairs).backward()
-            masters.accumulate_grads()  # bf16: summed in fp32, micro-batch by micro-batch
-            step_terms.append(terms)
-            run.real_tokens += batch.real_tokens
-            run.pad_tokens += batch.input_ids.numel() - batch.real_tokens
-        grad_norm = optimizer_step(optimizer, scheduler, masters, params, config.grad_clip)
-        metrics = pair_metrics(PreferenceLoss(*(torch.cat(parts) for parts in zip(*step_terms))))
+            mine = [ids[i] for i in dist.shard(len(ids))]
+            # A process left without pairs runs one that counts for nothing: DDP waits for its backward.
+            weight, mine = (1.0, mine) if mine else (0.0, ids[:1])
+            batch = scorer.batch([train_pairs[i] for i in mine])
+            ref = reference["train"][sequence_ids(mine)].to(scorer.device)
+            terms = preference_loss(config, training.module(batch), ref, batch.lengths)
+            # Summed over the micro-batch, divided by the pairs of the whole step (every process's):
+            # accumulation gives the gradient of the mean over all of them, as one batch would.
+            dist.backward(terms.loss.sum() * weight / n_pairs)
+            training.after_backward()  # bf16: summed in fp32, micro-batch by micro-batch
+            if weight:
+                step_terms.append(PreferenceLoss(*(t.detach().cpu() for t in terms)))
+                tokens = [tokens[0] + batch.real_tokens, tokens[1] + batch.input_ids.numel() - batch.real_tokens]
+                local_pairs += len(mine)
+        grad_norm = training.step(scheduler, config.grad_clip)
+        # The step's metrics are over every process's pairs, so every process logs and guards alike.
+        gathered = [t for terms in dist.all_gather(step_terms) for t in terms]
+        metrics = pair_metrics(PreferenceLoss(*(torch.cat(parts) for parts in zip(*gathered))))
+        real, pad = dist.all_reduce_sum(tokens)
+        run.real_tokens, run.pad_tokens = run.real_tokens + int(real), run.pad_tokens + int(pad)
         run.losses.append(metrics["loss"])
         run.accuracies.append(metrics["reward_accuracy"])
         run.margins.append(metrics["reward_margin"])
@@ -334,7 +365,7 @@ def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pa
         last = step + 1 == total_steps
         if held_pairs and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
             started = time.perf_counter()
-            run.held_out = evaluate_pairs(config, model, scorer, held_pairs, reference["held_out"])
+            run.held_out = evaluate_pairs(config, model, scorer, held_pairs, reference["held_out"], dist)
             run.eval_seconds += time.perf_counter() - started
             metrics.update({f"eval_{k}": v for k, v in run.held_out.items()})
         logger.log(step + 1, metrics)
@@ -342,14 +373,17 @@ def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pa
         if step % 10 == 0 or last:
             bar.set_postfix(loss=f"{tail_mean(run.losses, 10):.3f}", acc=f"{tail_mean(run.accuracies, 10):.2f}")
         if checkpointer.due(step + 1) and not last:
-            checkpointer.save({"step": step + 1, "models": {"model": masters.state_dict(0)},
-                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                               "rng": rng_state(), "run": dataclasses.asdict(run), "reference": reference,
-                               "reference_seconds": reference_seconds})
+            rngs = dist.rng_states()
+            trained = training.state_dict()
+            if dist.is_main:
+                checkpointer.save({"step": step + 1, "models": {"model": trained["model"]},
+                                   "optimizer": trained["optimizer"], "scheduler": scheduler.state_dict(),
+                                   "rng": rngs, "run": dataclasses.asdict(run), "reference": reference,
+                                   "reference_seconds": reference_seconds})
     bar.close()
     logger.close()
-    masters.release()  # saved in fp32 from here on
-    return run, first
+    training.finish()  # saved in fp32 from here on
+    return run, first, dist.all_gather(local_pairs)
 
 
 def fit_dpo(config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
@@ -373,13 +407,14 @@ def fit_dpo(config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
         reference_seconds = state["reference_seconds"]
     else:  # the model is still the SFT model: its log-probs are the reference's, computed once
         started = time.perf_counter()
-        reference = {"train": scorer.logprobs(model, train_pairs)}
+        reference = {"train": scorer.logprobs(model, train_pairs, ctx.dist)}
         reference_seconds = time.perf_counter() - started
-        reference["held_out"] = scorer.logprobs(model, held_pairs)
-    run, resumed_from = optimise(config, model, scorer, train_pairs, held_pairs, reference, reference_seconds, state,
-                                 checkpointer, ctx)
-    save_model_dir(model, tokenizer, config.out_dir)
-    checkpointer.remove()
+        reference["held_out"] = scorer.logprobs(model, held_pairs, ctx.dist)
+    run, resumed_from, pairs_per_process = optimise(config, model, scorer, train_pairs, held_pairs, reference,
+                                                    reference_seconds, state, checkpointer, ctx)
+    if ctx.dist.is_main:
+        save_model_dir(model, tokenizer, config.out_dir)
+        checkpointer.remove()
     held = run.held_out or {}
     return {
         "out_dir": str(config.out_dir),
@@ -391,6 +426,7 @@ def fit_dpo(config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
                  "dropped_too_long": too_long + held_too_long},
         "steps": run.steps,
         "pairs_per_step": config.batch_size * config.gradient_accumulation_steps,
+        "examples_per_process": pairs_per_process,  # training pairs each process trained on, in rank order
         "resumed_from_step": resumed_from,
         "first_train_loss": run.losses[0],
         "final_train_loss": tail_mean(run.losses),
@@ -417,6 +453,7 @@ def fit_dpo(config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
 class DPOStage:
     name = "dpo"
     config_class = DPOConfig
+    data_parallel = True
 
     def outputs(self, config: DPOConfig) -> dict[str, Path]:
         out = Path(config.out_dir)
@@ -432,6 +469,7 @@ class DPOStage:
         return {**wired, **user, "seed": state.seed(user)}
 
     def run(self, config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
+        ctx.dist.refuse_sharding("dpo")
         return fit_dpo(config, ctx)
 
 

@@ -50,6 +50,7 @@ class PPOTrainer:
         self.device, self.precision = self.ctx.device_and_precision(c)
         self.out_dir = Path(c.out_dir)
         self.dist = self.ctx.dist
+        self.dist.refuse_sharding("ppo")
         if c.mini_batch_size < self.dist.world_size:
             raise ConfigError(f"mini_batch_size ({c.mini_batch_size}) must be at least the number of processes "
                               f"({self.dist.world_size}): each process trains on its rows of every mini-batch")

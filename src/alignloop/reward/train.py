@@ -47,7 +47,7 @@ from ..progress import progress
 from ..prompts import DEFAULT_MAX_LENGTH, encode_prompt, encode_response, pad_right, read_prompts
 from ..splits import hash_split, shuffled_split, split_items
 from ..stage import RoundState, StageContext, run_stage, section_number, stage_checkpointer
-from ..training import check_finite, model_optimizer, optimizer_step, warmup_cosine
+from ..training import ModelOptimization, check_finite, warmup_cosine
 from .data import Preference, PreferenceData, read_preferences
 from .frozen_trunk import FrozenTrunk
 from .losses import kway_ranking_loss, pairwise_accuracy
@@ -574,7 +574,8 @@ def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, 
         trunk, train_enc = FrozenTrunk.build(model, train_enc, config.train_layers, tokenizer.pad_token_id,
                                              precision, config.eval_batch_size)
     checkpointer = stage_checkpointer(config, ctx)
-    run = optimise(config, model, tokenizer, train_enc, pack_width, precision, rng, checkpointer, ctx.dist, trunk)
+    run, model = optimise(config, model, tokenizer, train_enc, pack_width, precision, rng, checkpointer, ctx.dist,
+                          trunk)
     model.eval()
     if not ctx.dist.is_main:  # rank 0 normalises, evaluates and saves; run_stage hands its summary to all
         return {"out_dir": str(config.out_dir), "steps": run.steps, "examples_per_process": run.examples_per_process}
@@ -614,7 +615,8 @@ def fit_reward_model(config: RewardTrainConfig, ctx: StageContext) -> dict[str, 
 
 def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train_enc: list[EncodedItem],
              pack_width: int, precision: str, rng: random.Random, checkpointer: Checkpointer,
-             dist: Distributed = SINGLE_PROCESS, trunk: FrozenTrunk | None = None) -> TrainingRun:
+             dist: Distributed = SINGLE_PROCESS,
+             trunk: FrozenTrunk | None = None) -> tuple[TrainingRun, PreTrainedModel]:
     """The optimisation loop: shuffled micro-batches, K-way loss, one optimiser step per accumulation.
 
     An interrupted run of the same config resumes from its last checkpoint: the micro-batches are
@@ -623,12 +625,15 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
     its block of each; the loss is divided by the step's global item count and the processes'
     gradients add up, so the step is the one-process step up to the order of the float sums.
     With a `trunk`, `train_enc` holds slot ids (`FrozenTrunk.build`) and only its top layers train.
+    Returns the run and the trained fp32 model (under FSDP a fresh, unsharded copy).
     """
     device = next(model.parameters()).device
     step_items = config.batch_size * config.gradient_accumulation_steps
     total_steps = max(1, math.ceil(len(train_enc) * config.epochs / step_items))
-    masters, optimizer, params = model_optimizer(model, config.lr, config.weight_decay, precision)
-    scheduler = warmup_cosine(optimizer, max(1, int(config.warmup * total_steps)), total_steps)
+    # The forward DDP (or FSDP, as its root) sees: the packed path runs the backbone and the head apart.
+    training = ModelOptimization(model, config.lr, config.weight_decay, precision, dist,
+                                 forward=ItemScorer(model, precision, trunk))
+    scheduler = warmup_cosine(training.optimizer, max(1, int(config.warmup * total_steps)), total_steps)
     # Padded batches want items of similar length together; packed rows want a mix, whose short
     # items fill the gaps that long ones leave.
     mega = 1 if pack_width else 32
@@ -649,21 +654,21 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
     run = TrainingRun(total_steps, [], 0.0, 0.0, 0, 0, 0, 0.0)
     first, local_items = 0, 0
     if (state := checkpointer.load(device)) is not None:
-        masters.load_state_dict(0, state["models"]["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        training.load_state_dict({**state["models"], "optimizer": state["optimizer"],
+                                  "sharding": state.get("sharding", "replicated")}, checkpointer.directory)
         scheduler.load_state_dict(state["scheduler"])
         dist.restore_rng_state(state["rng"], checkpointer.log)
         run, first = TrainingRun(**state["run"]), state["step"]
         for _ in range(first * config.gradient_accumulation_steps):
             local_items += len(dist.shard(len(next(batches))))
-    scorer = dist.wrap(ItemScorer(model, precision, trunk))  # after the masters: DDP's buckets are for the bf16 weights
     bar = progress(total=total_steps, initial=first, desc="reward", disable=not dist.is_main)
     start = time.time() - run.seconds
     for step in range(first, total_steps):
         global_micro = [next(batches) for _ in range(config.gradient_accumulation_steps)]
         micro, counts = zip(*(local_micro_batch(indices) for indices in global_micro))
         n_items = sum(len(indices) for indices in global_micro)
-        step_loss, c, n = accumulate_gradients(scorer, list(micro), precision, masters, n_items, dist)
+        step_loss, c, n = accumulate_gradients(training.module, list(micro), precision, training.masters, n_items,
+                                               dist)
         real = sum(b.real_tokens for b, k in zip(micro, counts) if k)
         pad = sum(b.input_ids.numel() - b.real_tokens for b, k in zip(micro, counts) if k)
         step_loss, c, n, real, pad = dist.all_reduce_sum([step_loss, c, n, real, pad])
@@ -671,7 +676,7 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
         run.real_tokens, run.pad_tokens = run.real_tokens + int(real), run.pad_tokens + int(pad)
         run.items_seen += n_items
         local_items += sum(counts)
-        grad_norm = optimizer_step(optimizer, scheduler, masters, params, config.grad_clip)
+        grad_norm = training.step(scheduler, config.grad_clip)
         run.losses.append(step_loss)
         check_finite("reward", step + 1, step_loss, grad_norm, checkpointer)
         bar.update(1)
@@ -682,12 +687,12 @@ def optimise(config: RewardTrainConfig, model: PreTrainedModel, tokenizer, train
         if checkpointer.due(step + 1) and step + 1 < total_steps:
             run.seconds = time.time() - start
             rngs = dist.rng_states()
+            trained = training.state_dict()  # every process: a collective under FSDP
             if dist.is_main:
-                checkpointer.save({"step": step + 1, "models": {"model": masters.state_dict(0)},
-                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "rng": rngs, "run": dataclasses.asdict(run)})
+                checkpointer.save({"step": step + 1, "models": {"model": trained["model"]},
+                                   "optimizer": trained["optimizer"], "sharding": trained["sharding"],
+                                   "scheduler": scheduler.state_dict(), "rng": rngs, "run": dataclasses.asdict(run)})
     bar.close()
     run.seconds = time.time() - start
     run.examples_per_process = dist.all_gather(local_items)
-    masters.release()  # scored, evaluated and saved in fp32 from here on
-    return run
+    return run, training.finish()  # scored, evaluated and saved in fp32 from here on
