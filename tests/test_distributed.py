@@ -419,6 +419,32 @@ def test_dpo_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(tiny_lm
 
 
 @pytest.mark.slow
+def test_a_killed_2_process_dpo_run_resumes_to_the_uninterrupted_one(tiny_lm_dir, data, tmp_path):
+    args = lambda out: ["dpo", "--model", str(tiny_lm_dir), "--data", str(data["rm"]), "--out-dir", str(out),  # noqa: E731
+                        *sets({**DPO_SETS, "held_out_data": data["rm_held"], "checkpoint_every": 2})]
+    run(TORCHRUN + args(tmp_path / "whole"))
+    killed = tmp_path / "killed"
+    launcher = subprocess.Popen(TORCHRUN + args(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint" / "state.pt").is_file():
+        assert launcher.poll() is None, f"finished before its first checkpoint: {launcher.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    for pid in worker_pids(launcher.pid) + [launcher.pid]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)
+    assert len(state["rng"]) == 2 and state["step"] in (2, 4, 6)  # every rank's RNG state
+    resumed = run(TORCHRUN + args(killed))
+    assert "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    assert parameter_differences(tmp_path / "whole", killed) == (0.0, 0.0)
+    whole, again = (json.loads((d / "dpo_summary.json").read_text()) for d in (tmp_path / "whole", killed))
+    for key in ("final_train_loss", "held_out_loss", "held_out_reward_accuracy", "examples_per_process"):
+        assert again[key] == whole[key], key
+
+
+@pytest.mark.slow
 def test_the_pipeline_on_2_processes_trains_on_both_and_runs_the_other_stages_once(fortunes, tmp_path):
     """`alignloop pipeline --nproc 2`: pretrain, SFT, reward and PPO on 2 processes; sampling, simulated
     annotation and evaluation on rank 0 alone, the other waiting; every file written by rank 0."""

@@ -109,7 +109,7 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 
 
 class ModelOptimization:
-    """The optimiser side of training one model (pretrain, SFT), the model replicated or sharded.
+    """The optimiser side of training one model (pretrain, SFT, reward model, DPO), replicated or sharded.
 
     Replicated (one process, or DDP's full copy in each): bf16 matmul weights with fp32 masters
     (`model_optimizer`), the forwards through `dist.wrap`'s DDP module. Sharded (the launch asked
