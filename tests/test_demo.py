@@ -74,6 +74,12 @@ def test_whole_loop_writes_every_output_and_a_report_per_round(tiny_run):
         assert (out / d / "config.json").is_file(), d
     for f in ("preferences.jsonl", "rankings.jsonl", "report.json", "report.html", "timings.json"):
         assert (out / f).is_file(), f
+    # Every stage records the process's peak memory so far (it never falls from one stage to the next)
+    # and what it held when the stage ended (at most the peak).
+    stages = json.loads((out / "timings.json").read_text()).values()
+    peaks = [t["peak_memory_gib_so_far"] for t in stages]
+    assert peaks and all(p > 0 for p in peaks) and peaks == sorted(peaks), peaks
+    assert all(0 < t["memory_gib_after"] <= t["peak_memory_gib_so_far"] + 0.01 for t in stages), list(stages)
     # The RM of round 2 saw every ranking of rounds 1 and 2: 12 prompts x 2 annotators each round.
     rankings = [json.loads(line) for line in (out / "rankings.jsonl").read_text().splitlines()]
     assert len(rankings) == 2 * 12 * 2

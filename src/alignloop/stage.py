@@ -59,6 +59,26 @@ def load_average() -> float | None:
         return None
 
 
+def peak_memory_gib() -> float | None:
+    """This process's peak resident memory so far (Linux and macOS; None elsewhere)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 2)  # bytes on macOS, KiB on Linux
+
+
+def resident_memory_gib() -> float | None:
+    """This process's resident memory now (Linux; None elsewhere): what a finished stage left behind."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((line for line in status.splitlines() if line.startswith("VmRSS:")), None)
+    return round(int(line.split()[1]) / 2**20, 2) if line else None
+
+
 @dataclass
 class StageContext:
     """Built once per process and handed to every stage, so none re-derives it.
@@ -230,7 +250,8 @@ def run_stage(stage: Stage, config: StageConfig, ctx: StageContext | None = None
     after = load_average()
     say(f"{label}: done in {_seconds(seconds)} (load average {before} -> {after})")
     ctx.timings.append({"stage": label or stage.name, "seconds": round(seconds, 2), "load_before": before,
-                        "load_after": after, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "reused": False})
+                        "load_after": after, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "reused": False,
+                        "peak_memory_gib_so_far": peak_memory_gib(), "memory_gib_after": resident_memory_gib()})
     return summary
 
 
