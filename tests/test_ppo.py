@@ -256,6 +256,22 @@ def test_lora_trains_adapters_only_and_the_reference_is_the_adapter_free_model(t
     assert summary["steps"] == 3
 
 
+def test_under_lora_a_separate_critic_still_trains_bf16_weights_with_fp32_masters(tiny_lm_dir, rm_dir, prompts_file,
+                                                                                   tmp_path):
+    cfg = small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "lora", lora_r=4, lr=5e-3, critic="separate",
+                       precision="bf16")
+    trainer = PPOTrainer(cfg)
+    critic = trainer.models.critic
+    assert trainer.models.masters.models == [critic]  # the policy's base stays fp32, to be merged
+    assert critic.score.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in trainer.policy.named_parameters() if "lora_" in n} == {torch.float32}
+    trainer.train()
+    saved = weights(tmp_path / "lora" / "critic")
+    start = weights(rm_dir)
+    assert saved["score.weight"].dtype == torch.float32  # saved from the masters
+    assert not torch.equal(saved["score.weight"], start["score.weight"])
+
+
 def test_critic_warmup_leaves_the_policy_alone_and_value_head_critic_runs(tiny_lm_dir, rm_dir, prompts_file, tmp_path):
     out = tmp_path / "warm"
     ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, out, steps=2, critic_warmup_steps=1, critic="value_head"))

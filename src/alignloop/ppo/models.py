@@ -139,10 +139,11 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
         value_head = ValueHead(policy.config.hidden_size).to(device)
     # bf16: the models compute with bf16 matmul weights they hold, the optimiser steps fp32 masters
     # (mixed_precision.py: the same numbers as autocast without its per-forward weight casts and
-    # per-backward gradient casts). Not under LoRA, whose frozen base must stay fp32 to be merged.
-    bf16_masters = precision == "bf16" and c.lora_r == 0
-    masters = MasterWeights([policy] + ([critic] if critic is not None else []), enabled=bf16_masters)
-    if bf16_masters and reference is not None:
+    # per-backward gradient casts). Not the policy under LoRA, whose frozen base must stay fp32 to be
+    # merged; a separate critic trains all its weights either way.
+    with_masters = ([policy] if c.lora_r == 0 else []) + ([critic] if critic is not None else [])
+    masters = MasterWeights(with_masters, enabled=precision == "bf16")
+    if precision == "bf16" and c.lora_r == 0 and reference is not None:
         cast_frozen_matmul_weights(reference)
     if precision == "bf16":
         for frozen in (reward, gold):
