@@ -557,17 +557,20 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_one_and_refuses_a_ddp_re
         assert summary[key] == whole_summary[key], key
 
 
-@pytest.mark.parametrize("stage", ["ppo", "dpo"])
+@pytest.mark.parametrize("stage", ["ppo", "dpo", "pipeline"])
 def test_a_stage_that_cannot_shard_yet_refuses_fsdp_in_one_line(stage, tiny_lm_dir, rm_dir, prompts_file, data,
                                                                 tmp_path):
     out = str(tmp_path / "out")
     args = {"dpo": ["dpo", "--model", str(tiny_lm_dir), "--data", str(data["rm"]), "--out-dir", out, *sets(DPO_SETS)],
-            "ppo": ppo_args(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "out")}[stage]
+            "ppo": ppo_args(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "out"),
+            "pipeline": ["pipeline", "--config", str(write_jsonl(tmp_path / "p.yaml", [
+                {"out": out, "policy": {"model": str(tiny_lm_dir)}}]))]}[stage]
     done = subprocess.run(ACCELERATE_FSDP + args, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert errors and "does not run under FSDP yet" in errors[0] and "ddp_cpu.yaml" in errors[0], done.stderr[-2000:]
     assert "alignloop/" not in done.stderr.partition("Traceback")[2]  # only the launcher's report of a failed worker
+    assert not Path(out).exists()  # refused before anything ran
 
 
 def test_nproc_runs_the_command_under_torchrun_and_refuses_more_processes_than_cores(monkeypatch):

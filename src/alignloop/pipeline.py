@@ -190,6 +190,7 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     check_spec(spec)
     out, sections = Path(spec.out), spec.sections
     ctx, started, registry = StageContext(), time.time(), stages()
+    ctx.dist.refuse_sharding("the pipeline (its ppo stage)")  # before any stage, not after hours of them
     main = ctx.dist.is_main  # under several processes: rank 0 writes the run's own files and says what happens
     if main:
         out.mkdir(parents=True, exist_ok=True)
