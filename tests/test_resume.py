@@ -296,9 +296,7 @@ def test_simulated_annotation_killed_at_random_moments_resumes_answer_for_answer
         for i in range(150)))
     out = tmp_path / "out"
     options = ["--label-function", judge, "--annotators", "3", "--overlap", "2", "--noise", "0.2", "--seed", "5"]
-    start = time.time()
     reference = run_simulated_annotation(campaign, out, judge, 3, 2, 0.2, "rank", 5)
-    work = time.time() - start
     out.rename(tmp_path / "reference")
 
     def after_kill(run):
@@ -309,15 +307,20 @@ def test_simulated_annotation_killed_at_random_moments_resumes_answer_for_answer
                     len((tmp_path / "reference" / name).read_text().splitlines())
         return answers_in(out / "annotations.db")
 
-    def answering(run):  # this run has stored an answer of its own
-        if not hasattr(run, "answers_before"):
-            run.answers_before = answers_in(out / "annotations.db")
-        return answers_in(out / "annotations.db") > run.answers_before
+    # Each kill comes when the database holds a random number of answers (three, increasing): a moment
+    # counted in answers, not seconds, so a run faster or slower than the reference is killed mid-work all
+    # the same (a kill timed as a fraction of the reference's seconds once found every answer stored).
+    rng = random.Random(2)  # one target in each of three spaced bands, so each run has answers of its own to store
+    targets = [int(reference["answers"] * rng.uniform(low, low + 0.2)) for low in (0.1, 0.37, 0.64)]
+
+    def reached(target):
+        return lambda run: answers_in(out / "annotations.db") >= target
 
     args = ["annotate", "simulate", str(campaign), str(out), *options]
-    stored = kill_at(args, random_moments(answering, work, kills=3, seed=2, fractions=(0.05, 0.3)), after_kill)
+    stored = kill_at(args, [(reached(t), 0.0) for t in targets], after_kill)
     # Each killed run kept what it had answered, and the next took up from there.
-    assert 0 < stored[0] < stored[1] < stored[2] < reference["answers"], stored
+    assert all(t <= n for t, n in zip(targets, stored)), (targets, stored)
+    assert 0 < stored[0] < stored[1] < stored[2] < reference["answers"], (targets, stored)
     summary = json.loads(run_to_the_end(args))
     assert summary["new_answers"] == reference["answers"] - stored[-1]  # resumed, not started again
     compared = same_outputs(tmp_path / "reference", out, skip=(r"annotations\.db.*",))
