@@ -280,22 +280,27 @@ def worker_pids(launcher: int) -> list[int]:
             for pid in (task / "children").read_text().split()]
 
 
+def killed_after_first_checkpoint(command: list[str], out: Path) -> dict:
+    """Start the job, SIGKILL it (launcher and workers) once its first checkpoint is written; that checkpoint."""
+    launcher = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint" / "state.pt").is_file():
+        assert launcher.poll() is None, f"finished before its first checkpoint: {launcher.communicate()[1][-2000:]}"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    # The whole job dies at once: torchrun's workers live in sessions of their own, so each is killed.
+    for pid in worker_pids(launcher.pid) + [launcher.pid]:
+        os.kill(pid, signal.SIGKILL)
+    launcher.wait()
+    return torch.load(out / "checkpoint" / "state.pt", weights_only=False)
+
+
 @pytest.mark.slow
 def test_a_killed_2_process_run_resumes_to_the_uninterrupted_one(sft_two, tiny_lm_dir, data, tmp_path):
     whole, whole_summary, _ = sft_two
     killed = tmp_path / "killed"
     args = sft_args(tiny_lm_dir, data, killed)
-    launcher = subprocess.Popen(TORCHRUN + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while not (killed / "checkpoint" / "state.pt").is_file():
-        assert launcher.poll() is None, f"finished before its first checkpoint: {launcher.communicate()[1][-2000:]}"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    # The whole job dies at once: torchrun's workers live in sessions of their own, so each is killed.
-    for pid in worker_pids(launcher.pid) + [launcher.pid]:
-        os.kill(pid, signal.SIGKILL)
-    launcher.wait()
-    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)
+    state = killed_after_first_checkpoint(TORCHRUN + args, killed)
     assert len(state["rng"]) == 2 and state["step"] % 3 == 0 and state["step"] < 20  # every rank's RNG state
     # Resumed by the other launcher: accelerate starts the same 2 processes through torchrun.
     resumed = run(ACCELERATE + ["--config_file", str(DDP_CPU_YAML), "-m", "alignloop", *args])
@@ -424,17 +429,7 @@ def test_a_killed_2_process_dpo_run_resumes_to_the_uninterrupted_one(tiny_lm_dir
                         *sets({**DPO_SETS, "held_out_data": data["rm_held"], "checkpoint_every": 2})]
     run(TORCHRUN + args(tmp_path / "whole"))
     killed = tmp_path / "killed"
-    launcher = subprocess.Popen(TORCHRUN + args(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
-    deadline = time.time() + 240
-    while not (killed / "checkpoint" / "state.pt").is_file():
-        assert launcher.poll() is None, f"finished before its first checkpoint: {launcher.communicate()[1][-2000:]}"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.01)
-    for pid in worker_pids(launcher.pid) + [launcher.pid]:
-        os.kill(pid, signal.SIGKILL)
-    launcher.wait()
-    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)
+    state = killed_after_first_checkpoint(TORCHRUN + args(killed), killed)
     assert len(state["rng"]) == 2 and state["step"] in (2, 4, 6)  # every rank's RNG state
     resumed = run(TORCHRUN + args(killed))
     assert "resuming from" in resumed.stderr, resumed.stderr[-2000:]
@@ -530,17 +525,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_one_and_refuses_a_ddp_re
     whole, whole_summary, _ = sft_fsdp
     killed = tmp_path / "killed"
     args = sft_args(tiny_lm_dir, data, killed)
-    launcher = subprocess.Popen(ACCELERATE_FSDP + args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
-    deadline = time.time() + 240
-    while not (killed / "checkpoint" / "state.pt").is_file():
-        assert launcher.poll() is None, f"finished before its first checkpoint: {launcher.communicate()[1][-2000:]}"
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.02)
-    for pid in worker_pids(launcher.pid) + [launcher.pid]:
-        os.kill(pid, signal.SIGKILL)
-    launcher.wait()
-    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)
+    state = killed_after_first_checkpoint(ACCELERATE_FSDP + args, killed)
     assert state["sharding"] == "fsdp" and len(state["rng"]) == 2 and state["step"] < 20
     # The optimiser state of a sharded run is keyed by parameter name: a DDP launch must not take it.
     refused = subprocess.run(TORCHRUN + args, env=ENV, capture_output=True, text=True, timeout=300)
