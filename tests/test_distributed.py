@@ -136,12 +136,16 @@ def sft_args(tiny_lm_dir: Path, data: dict[str, Path], out: Path) -> list[str]:
             *sets({**SFT_SETS, "held_out_data": data["sft_held"]})]
 
 
+def recorded_sft(launcher: list[str], tmp: Path, tiny_lm_dir: Path, data: dict[str, Path]) -> tuple[Path, dict, dict]:
+    """The SFT run of `sft_args` under `launcher`, every process's writes recorded: (out, summary, writes)."""
+    out = tmp / "out"
+    writes = recorded_run(launcher + sft_args(tiny_lm_dir, data, out), out, tmp)
+    return out, json.loads((out / "sft_summary.json").read_text()), writes
+
+
 @pytest.fixture(scope="module")
 def sft_two(tmp_path_factory, tiny_lm_dir, data) -> tuple[Path, dict, dict]:
-    tmp = tmp_path_factory.mktemp("ddp_sft")
-    out = tmp / "two"
-    writes = recorded_run(TORCHRUN + sft_args(tiny_lm_dir, data, out), out, tmp)
-    return out, json.loads((out / "sft_summary.json").read_text()), writes
+    return recorded_sft(TORCHRUN, tmp_path_factory.mktemp("ddp_sft"), tiny_lm_dir, data)
 
 
 def test_shard_gives_each_process_a_contiguous_block():
@@ -492,10 +496,7 @@ def test_fsdp_settings_come_from_accelerates_environment():
 # 2-process FSDP run matches 1 process to the same tolerance as DDP does, not bit for bit.
 @pytest.fixture(scope="module")
 def sft_fsdp(tmp_path_factory, tiny_lm_dir, data) -> tuple[Path, dict, dict]:
-    tmp = tmp_path_factory.mktemp("fsdp_sft")
-    out = tmp / "fsdp"
-    writes = recorded_run(ACCELERATE_FSDP + sft_args(tiny_lm_dir, data, out), out, tmp)
-    return out, json.loads((out / "sft_summary.json").read_text()), writes
+    return recorded_sft(ACCELERATE_FSDP, tmp_path_factory.mktemp("fsdp_sft"), tiny_lm_dir, data)
 
 
 @pytest.mark.slow
