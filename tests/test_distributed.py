@@ -444,6 +444,38 @@ def test_a_killed_2_process_dpo_run_resumes_to_the_uninterrupted_one(tiny_lm_dir
 
 
 @pytest.mark.slow
+def test_dpo_sharded_by_fsdp_is_the_1_process_run_and_a_killed_run_resumes_to_the_uninterrupted_one(
+        tiny_lm_dir, data, tmp_path):
+    """The FSDP root is the pair scorer (trunk and LM head on the predicting positions); held-out
+    evaluations every 2 steps go through it with both processes in step (37 pairs: ranks score 19 and 18)."""
+    from alignloop.dpo.train import DPOConfig, train_dpo
+
+    args = lambda out, every: ["dpo", "--model", str(tiny_lm_dir), "--data", str(data["rm"]),  # noqa: E731
+                               "--out-dir", str(out),
+                               *sets({**DPO_SETS, "held_out_data": data["rm_held"], "checkpoint_every": every})]
+    run(ACCELERATE_FSDP + args(tmp_path / "whole", 0))
+    one = train_dpo(DPOConfig(model=tiny_lm_dir, data=data["rm"], held_out_data=data["rm_held"],
+                              out_dir=tmp_path / "one", **DPO_SETS))
+    two = json.loads((tmp_path / "whole" / "dpo_summary.json").read_text())
+    assert (two["world_size"], two["sharding"], two["steps"]) == (2, "fsdp", one["steps"])
+    assert sum(two["examples_per_process"]) == one["examples_per_process"][0]
+    max_diff, mean_diff = parameter_differences(tmp_path / "one", tmp_path / "whole")
+    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
+    for key in ("final_train_loss", "held_out_loss", "held_out_reward_accuracy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+
+    killed = tmp_path / "killed"
+    state = killed_after_first_checkpoint(ACCELERATE_FSDP + args(killed, 2), killed)
+    assert state["sharding"] == "fsdp" and len(state["rng"]) == 2 and state["step"] in (2, 4, 6)
+    resumed = run(ACCELERATE_FSDP + args(killed, 2))
+    assert "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    assert parameter_differences(tmp_path / "whole", killed) == (0.0, 0.0)
+    again = json.loads((killed / "dpo_summary.json").read_text())
+    for key in ("final_train_loss", "held_out_loss", "examples_per_process"):
+        assert again[key] == two[key], key
+
+
+@pytest.mark.slow
 def test_the_pipeline_on_2_processes_trains_on_both_and_runs_the_other_stages_once(fortunes, tmp_path):
     """`alignloop pipeline --nproc 2`: pretrain, SFT, reward and PPO on 2 processes; sampling, simulated
     annotation and evaluation on rank 0 alone, the other waiting; every file written by rank 0."""
@@ -543,12 +575,10 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_one_and_refuses_a_ddp_re
         assert summary[key] == whole_summary[key], key
 
 
-@pytest.mark.parametrize("stage", ["ppo", "dpo", "pipeline"])
-def test_a_stage_that_cannot_shard_yet_refuses_fsdp_in_one_line(stage, tiny_lm_dir, rm_dir, prompts_file, data,
-                                                                tmp_path):
+@pytest.mark.parametrize("stage", ["ppo", "pipeline"])
+def test_a_stage_that_cannot_shard_yet_refuses_fsdp_in_one_line(stage, tiny_lm_dir, rm_dir, prompts_file, tmp_path):
     out = str(tmp_path / "out")
-    args = {"dpo": ["dpo", "--model", str(tiny_lm_dir), "--data", str(data["rm"]), "--out-dir", out, *sets(DPO_SETS)],
-            "ppo": ppo_args(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "out"),
+    args = {"ppo": ppo_args(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "out"),
             "pipeline": ["pipeline", "--config", str(write_jsonl(tmp_path / "p.yaml", [
                 {"out": out, "policy": {"model": str(tiny_lm_dir)}}]))]}[stage]
     done = subprocess.run(ACCELERATE_FSDP + args, env=ENV, capture_output=True, text=True, timeout=300)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -15,7 +17,7 @@ from alignloop.modeling import FAST_SDPA, GELUTanh, load_causal_lm, load_tokeniz
 from alignloop.pretrain import PretrainConfig, pack_documents, pretrain
 from alignloop.prompts import encode_prompt, encode_response
 from alignloop.sft import SFTConfig, corpus_pairs, pair_batches, sft
-from alignloop.training import IGNORE, clip_grad_norm
+from alignloop.training import IGNORE, LMBatch, clip_grad_norm, lm_loss_sum
 
 
 def test_fortune_format_and_txt_and_jsonl(tmp_path):
@@ -133,6 +135,23 @@ def test_sft_labels_cover_response_only(tiny_lm_dir):
     assert labels[0] == [IGNORE] * len(p) + r
     assert labels[1] == [IGNORE] * len(short_p) + short_r + [IGNORE] * (len(p) + len(r) - len(short_p) - len(short_r))
     assert batch.attention_mask[1].sum() == len(short_p) + len(short_r)
+
+
+def test_lm_loss_sum_takes_labelled_positions_only_by_hand():
+    class FixedLogits(torch.nn.Module):  # position t's logits over a 2-token vocabulary, whatever the input
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 3.0]]])})
+
+    # Position t predicts label t+1: position 0 -> 1 and position 1 -> 0 count; the last position predicts
+    # nothing, and label 0 (a prompt token, IGNORE) is never predicted.
+    batch = LMBatch(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long),
+                    torch.tensor([[IGNORE, 1, 0]]))
+    loss, n = lm_loss_sum(FixedLogits(), batch, "fp32")
+    by_hand = math.log(2) + math.log1p(math.exp(-2.0))  # -log 1/2, -log e^2/(e^2 + 1)
+    assert n == 2 and loss.item() == pytest.approx(by_hand, abs=1e-6)
+    batch.labels[0, 2] = IGNORE  # a padded position adds nothing
+    loss, n = lm_loss_sum(FixedLogits(), batch, "fp32")
+    assert n == 1 and loss.item() == pytest.approx(math.log(2), abs=1e-6)
 
 
 def test_batched_left_padded_generation_matches_one_by_one(tiny_lm_dir):

@@ -14,7 +14,7 @@ from .prompts import pad_right
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T)[label] per position, in fp32. logits (B, T, V), labels (B, T) -> (B, T)."""
+    """log softmax(logits / T)[label] per position, in fp32. logits (..., V), labels (...) -> (...)."""
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
 
@@ -33,9 +33,10 @@ def response_logprobs(model: PreTrainedModel, prompt_ids: list[list[int]], respo
         ids_t, mask_t = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
         with autocast(device, precision):
             logits = model(input_ids=ids_t, attention_mask=mask_t).logits
-        # position t predicts token t+1
-        lp = token_logprobs(logits[:, :-1], ids_t[:, 1:], temperature)
+        # Position t predicts token t+1. One row's response positions at a time: the fp32 log-softmax
+        # over the vocabulary is the largest tensor here (a 49k vocabulary makes it 10x the model's
+        # activations), and a whole batch of it, prompts and padding included, would set the peak.
         for row, i in enumerate(idx):
             p, r = len(prompt_ids[i]), len(response_ids[i])
-            out[i] = lp[row, p - 1:p - 1 + r].cpu()
+            out[i] = token_logprobs(logits[row, p - 1:p - 1 + r], ids_t[row, p:p + r], temperature).cpu()
     return out

@@ -19,7 +19,7 @@ from .corpus import load_corpus, split_corpus
 from .modeling import build_causal_lm, count_matmul_params, save_model_dir
 from .tokenizer import train_tokenizer
 from .stage import RoundState, StageContext, run_stage, stage_checkpointer
-from .training import LMBatch, perplexity, train_lm
+from .training import LMBatch, eval_batch_size, perplexity, train_lm
 
 
 # Caps of a model pretrained here, far above the default one's (about 5 M parameters, 4 k tokens a step).
@@ -141,7 +141,7 @@ def train_base_model(config: PretrainConfig, ctx: StageContext) -> dict[str, Any
             yield from block_batches(train_blocks, config.batch_size, torch.device("cpu"), config.seed + epoch)
             epoch += 1
 
-    held_batches = list(block_batches(held_blocks, 64, device, None))
+    held_batches = list(block_batches(held_blocks, eval_batch_size(config.batch_size, ctx.dist), device, None))
     checkpointer = stage_checkpointer(config, ctx)
     run = train_lm(model, batches(), total_steps, config.lr, config.weight_decay, config.warmup_steps,
                    config.grad_clip, precision, desc="pretrain", checkpointer=checkpointer, dist=ctx.dist)

@@ -26,7 +26,7 @@ from .prompts import DEFAULT_MAX_LENGTH, encode_prompt, encode_response, pad_rig
 from .splits import shuffled_split
 from .stage import RoundState, StageContext, run_stage, stage_checkpointer
 from .tokenizer import CONTINUATION_TEMPLATE
-from .training import IGNORE, LMBatch, perplexity, train_lm
+from .training import IGNORE, LMBatch, eval_batch_size, perplexity, train_lm
 
 
 @dataclass
@@ -181,7 +181,7 @@ def fine_tune(config: SFTConfig, ctx: StageContext) -> dict[str, Any]:
     held_enc, dropped_held = encode_pairs(tokenizer, held_pairs, config.max_length)
     if not train_enc:
         raise InputError(config.data or "corpus", f"every pair is longer than max_length={config.max_length} tokens")
-    held_batches = list(pair_batches(held_enc, 64, tokenizer.pad_token_id, device, None))
+    held_batches = list(pair_batches(held_enc, eval_batch_size(config.batch_size, ctx.dist), tokenizer.pad_token_id, device, None))
     held_ppl_before = perplexity(model, held_batches, precision, ctx.dist)
 
     steps_per_epoch = -(-len(train_enc) // config.batch_size)

@@ -273,13 +273,19 @@ def lm_loss_sum(model: PreTrainedModel, batch: LMBatch, precision: str) -> tuple
     device = batch.input_ids.device
     with autocast(device, precision):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    # Shift: position t predicts token t+1. Cross-entropy in fp32 whatever the matmul dtype.
-    logits = logits[:, :-1].float()
+    # Shift: position t predicts token t+1. Cross-entropy in fp32 whatever the matmul dtype, over the
+    # labelled positions only: the fp32 copy and its log-softmax are vocabulary-wide per position, so
+    # prompts and padding (SFT's unlabelled tokens) would otherwise cost as much memory as responses.
     targets = batch.labels[:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, int((targets != IGNORE).sum())
+    labelled = targets != IGNORE
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1][labelled].float(), targets[labelled], reduction="sum")
+    return loss, int(labelled.sum())
+
+
+def eval_batch_size(batch_size: int, dist: Distributed) -> int:
+    """A held-out pass's batch: one process's share of the training batch, so evaluation never sets a
+    memory peak training does not reach (vocabulary-wide logits grow with the batch)."""
+    return max(1, batch_size // dist.world_size)
 
 
 @torch.no_grad()

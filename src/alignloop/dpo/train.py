@@ -19,6 +19,10 @@ Where the time goes and what we do about it (as in the reward model's training):
   token predicts the first token of both responses), not on every position;
 - bf16 autocast where the `choose_precision` probe measured it faster, fp32 masters for the optimiser.
 Dropout is off, as in every alignloop trainer: the policy's log-probs at step 0 equal the reference's.
+
+Under FSDP (examples/accelerate/fsdp.yaml) the reference log-probs come from the whole model, before
+it is sharded; from then on every forward, training and held-out, goes through the FSDP root
+(`PairScorer`), each process in step with the others (`Scorer.logprobs`).
 """
 
 from __future__ import annotations
@@ -236,14 +240,24 @@ class Scorer:
         return collate_pairs(pairs, self.pad_id, self.device, self.pack_width)
 
     @torch.no_grad()
-    def logprobs(self, model: PreTrainedModel, pairs: list[EncodedItem],
-                 dist: Distributed = SINGLE_PROCESS) -> torch.Tensor:
+    def logprobs(self, model: PreTrainedModel, pairs: list[EncodedItem], dist: Distributed = SINGLE_PROCESS,
+                 sharded: PairScorer | None = None) -> torch.Tensor:
         """(2 * len(pairs),) fp32 on the CPU: log π(chosen), log π(rejected) of each pair in turn.
-        Under several processes each scores its block of the pairs and every process gets them all."""
+        Under several processes each scores its block of the pairs and every process gets them all.
+
+        `sharded`: the FSDP root to score through once the model is sharded. Each of its calls gathers
+        weights from every process, so every process makes as many calls as the one with the most
+        batches; a process with fewer scores its first pair again and drops the result."""
         block = dist.shard(len(pairs))
         mine = pairs[block.start:block.stop]
-        out = [sequence_logprobs(model, self.batch(mine[i:i + self.batch_size]), self.precision).cpu()
-               for i in range(0, len(mine), self.batch_size)]
+        batches = [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        if sharded is None:
+            out = [sequence_logprobs(model, self.batch(b), self.precision).cpu() for b in batches]
+        else:
+            calls = max(dist.all_gather(len(batches)))
+            out = [sharded(self.batch(b)).cpu() for b in batches]
+            for _ in range(calls - len(batches)):
+                sharded(self.batch(pairs[:1]))
         return torch.cat(dist.all_gather(torch.cat(out) if out else torch.zeros(0)))
 
 
@@ -261,9 +275,10 @@ def pair_metrics(terms: PreferenceLoss) -> dict[str, float]:
 
 
 def evaluate_pairs(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, pairs: list[EncodedItem],
-                   reference: torch.Tensor, dist: Distributed = SINGLE_PROCESS) -> dict[str, float]:
+                   reference: torch.Tensor, dist: Distributed = SINGLE_PROCESS,
+                   sharded: PairScorer | None = None) -> dict[str, float]:
     """`pair_metrics` of the model on `pairs` (held-out), against their reference log-probs."""
-    return pair_metrics(preference_loss(config, scorer.logprobs(model, pairs, dist), reference,
+    return pair_metrics(preference_loss(config, scorer.logprobs(model, pairs, dist, sharded), reference,
                                         response_lengths(pairs)))
 
 
@@ -292,10 +307,12 @@ def tail_mean(values: list[float], n: int = 20) -> float | None:
 
 def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pairs: list[EncodedItem],
              held_pairs: list[EncodedItem], reference: dict[str, torch.Tensor], reference_seconds: float,
-             state: dict | None, checkpointer: Checkpointer, ctx: StageContext) -> tuple[TrainingRun, int, list[int]]:
+             state: dict | None, checkpointer: Checkpointer,
+             ctx: StageContext) -> tuple[PreTrainedModel, TrainingRun, int, list[int]]:
     """The loop: shuffled micro-batches of pairs, the preference loss, one optimiser step per accumulation.
 
-    Returns the run, the step it resumed at and the pairs each process trained on. The micro-batches
+    Returns the trained fp32 model (under FSDP a fresh, unsharded copy), the run, the step it resumed
+    at and the pairs each process trained on. The micro-batches
     are drawn from a generator seeded by the config alone, so a resumed run draws the ones already
     trained on again to put it back. Under several processes every process draws the same global
     micro-batches and trains on its block of each, its loss sum divided by the step's global pair
@@ -318,7 +335,8 @@ def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pa
     batches = micro_batches()
     run, first, local_pairs = TrainingRun(total_steps, [], [], []), 0, 0
     if state is not None:
-        training.load_state_dict({**state["models"], "optimizer": state["optimizer"]}, checkpointer.directory)
+        training.load_state_dict({**state["models"], "optimizer": state["optimizer"],
+                                  "sharding": state.get("sharding", "replicated")}, checkpointer.directory)
         scheduler.load_state_dict(state["scheduler"])
         dist.restore_rng_state(state["rng"], checkpointer.log)
         run, first = TrainingRun(**state["run"]), state["step"]
@@ -365,7 +383,8 @@ def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pa
         last = step + 1 == total_steps
         if held_pairs and (last or (config.eval_every and (step + 1) % config.eval_every == 0)):
             started = time.perf_counter()
-            run.held_out = evaluate_pairs(config, model, scorer, held_pairs, reference["held_out"], dist)
+            sharded = training.module if training.sharding == "fsdp" else None
+            run.held_out = evaluate_pairs(config, model, scorer, held_pairs, reference["held_out"], dist, sharded)
             run.eval_seconds += time.perf_counter() - started
             metrics.update({f"eval_{k}": v for k, v in run.held_out.items()})
         logger.log(step + 1, metrics)
@@ -377,13 +396,14 @@ def optimise(config: DPOConfig, model: PreTrainedModel, scorer: Scorer, train_pa
             trained = training.state_dict()
             if dist.is_main:
                 checkpointer.save({"step": step + 1, "models": {"model": trained["model"]},
-                                   "optimizer": trained["optimizer"], "scheduler": scheduler.state_dict(),
+                                   "optimizer": trained["optimizer"], "sharding": trained["sharding"],
+                                   "scheduler": scheduler.state_dict(),
                                    "rng": rngs, "run": dataclasses.asdict(run), "reference": reference,
                                    "reference_seconds": reference_seconds})
     bar.close()
     logger.close()
-    training.finish()  # saved in fp32 from here on
-    return run, first, dist.all_gather(local_pairs)
+    model = training.finish()  # saved in fp32 from here on
+    return model, run, first, dist.all_gather(local_pairs)
 
 
 def fit_dpo(config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
@@ -410,7 +430,7 @@ def fit_dpo(config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
         reference = {"train": scorer.logprobs(model, train_pairs, ctx.dist)}
         reference_seconds = time.perf_counter() - started
         reference["held_out"] = scorer.logprobs(model, held_pairs, ctx.dist)
-    run, resumed_from, pairs_per_process = optimise(config, model, scorer, train_pairs, held_pairs, reference,
+    model, run, resumed_from, pairs_per_process = optimise(config, model, scorer, train_pairs, held_pairs, reference,
                                                     reference_seconds, state, checkpointer, ctx)
     if ctx.dist.is_main:
         save_model_dir(model, tokenizer, config.out_dir)
@@ -469,7 +489,6 @@ class DPOStage:
         return {**wired, **user, "seed": state.seed(user)}
 
     def run(self, config: DPOConfig, ctx: StageContext) -> dict[str, Any]:
-        ctx.dist.refuse_sharding("dpo")
         return fit_dpo(config, ctx)
 
 
