@@ -174,7 +174,7 @@ def test_bf16_master_weights_train_exactly_like_plain_autocast(tiny_lm_dir, rm_d
     ours = trainer.train()
     monkeypatch.setattr(models_module, "MasterWeights",
                         lambda models, enabled: MasterWeights(models, enabled=False))  # plain autocast
-    monkeypatch.setattr(models_module, "cast_frozen_matmul_weights", lambda model: model)
+    monkeypatch.setattr(models_module, "cast_frozen_matmul_weights", lambda model, **kwargs: model)
     plain = ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "autocast", **cfg))
 
     for sub in ("", "critic"):
@@ -262,7 +262,7 @@ def test_under_lora_a_separate_critic_still_trains_bf16_weights_with_fp32_master
                        precision="bf16")
     trainer = PPOTrainer(cfg)
     critic = trainer.models.critic
-    assert trainer.models.masters.models == [critic]  # the policy's base stays fp32, to be merged
+    assert trainer.models.masters.models == [critic]  # the policy trains only its fp32 adapters: no masters
     assert critic.score.weight.dtype == torch.bfloat16
     assert {p.dtype for n, p in trainer.policy.named_parameters() if "lora_" in n} == {torch.float32}
     trainer.train()
@@ -270,6 +270,32 @@ def test_under_lora_a_separate_critic_still_trains_bf16_weights_with_fp32_master
     start = weights(rm_dir)
     assert saved["score.weight"].dtype == torch.float32  # saved from the masters
     assert not torch.equal(saved["score.weight"], start["score.weight"])
+
+
+def test_under_lora_a_bf16_base_is_autocasts_numbers_and_the_merge_adds_the_adapters_to_the_fp32_base(
+        tiny_lm_dir, rm_dir, prompts_file, tmp_path, monkeypatch):
+    """The frozen base holds bf16 weights (autocast recasts a frozen weight at every decoding step); the
+    run is the autocast run bit for bit, and the merged policy is the fp32 base plus the adapters."""
+    import alignloop.ppo.models as models_module
+
+    cfg = dict(lora_r=4, lr=5e-3, precision="bf16", steps=2)
+    trainer = PPOTrainer(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "bf16_base", **cfg))
+    dtypes = {n: p.dtype for n, p in trainer.policy.named_parameters()}
+    assert dtypes["base_model.model.transformer.h.0.mlp.c_fc.base_layer.weight"] == torch.bfloat16
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert dtypes["base_model.model.transformer.wte.weight"] == torch.float32  # embeddings (and the tied head) stay
+    trainer.train()
+    monkeypatch.setattr(models_module, "cast_frozen_matmul_weights", lambda model, **kwargs: model)
+    ppo(small_config(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "autocast", **cfg))
+    rows = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+            for d in ("bf16_base", "autocast")]
+    for key in ("score_mean", "kl_mean", "pg_loss", "grad_norm"):
+        assert [r[key] for r in rows[0]] == [r[key] for r in rows[1]], key
+    ours, plain, base = weights(tmp_path / "bf16_base"), weights(tmp_path / "autocast"), weights(tiny_lm_dir)
+    assert ours.keys() == plain.keys()
+    for k in ours:
+        assert ours[k].dtype == torch.float32 and torch.equal(ours[k], plain[k]), k
+    assert any(not torch.equal(ours[k], base[k]) for k in base)  # the adapters were merged in
 
 
 def test_critic_warmup_leaves_the_policy_alone_and_value_head_critic_runs(tiny_lm_dir, rm_dir, prompts_file, tmp_path):

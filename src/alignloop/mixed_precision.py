@@ -13,8 +13,10 @@ So, with the same numbers bit for bit:
   persistent fp32 buffers (the masters' .grad), and after each optimiser step the masters
   are rounded into the bf16 weights in place. Autocast would have computed with the same
   bf16 roundings of the same fp32 weights and produced the same bf16 gradients.
-- a frozen model (PPO's reference and reward model) stores its matmul weights in bf16
-  once: autocast would cast them to the same values on every forward.
+- a frozen model (PPO's reference and reward model, a LoRA policy's base) stores its matmul
+  weights in bf16 once: autocast would cast them to the same values on every forward (it
+  caches casts only of weights that train, so a frozen weight is cast again at every
+  decoding step).
 
 Only the weights of Linear / GPT-2 Conv1D layers change dtype; embeddings (and an LM head
 tied to them), norms and biases stay fp32 exactly as under plain autocast, so the residual
@@ -45,10 +47,14 @@ def matmul_weights(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter
 
 
 @torch.no_grad()
-def cast_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """Store a frozen model's matmul weights in `dtype` (what autocast would cast them to each forward)."""
+def cast_frozen_matmul_weights(model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16,
+                               skip_trained: bool = False) -> torch.nn.Module:
+    """Store a frozen model's matmul weights in `dtype` (what autocast would cast them to each forward).
+    `skip_trained`: the model trains some of its matmul weights (LoRA's adapters), which stay as they are."""
     for name, weight in matmul_weights(model):
         if weight.requires_grad:
+            if skip_trained:
+                continue
             raise ValueError(f"{name} is trained; use MasterWeights for a model that trains")
         weight.data = weight.data.to(dtype)
     return model

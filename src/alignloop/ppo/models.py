@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..device import autocast
 from ..logprobs import token_logprobs
-from ..mixed_precision import MasterWeights, cast_frozen_matmul_weights
+from ..mixed_precision import MasterWeights, cast_frozen_matmul_weights, matmul_weights
 from ..modeling import check_same_tokenizer, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
 from ..reward.model import RewardModel
 from ..rollout import TokenBatch, response_logits, scalar_head_outputs, sequence_scores
@@ -139,10 +139,14 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
         value_head = ValueHead(policy.config.hidden_size).to(device)
     # bf16: the models compute with bf16 matmul weights they hold, the optimiser steps fp32 masters
     # (mixed_precision.py: the same numbers as autocast without its per-forward weight casts and
-    # per-backward gradient casts). Not the policy under LoRA, whose frozen base must stay fp32 to be
-    # merged; a separate critic trains all its weights either way.
+    # per-backward gradient casts). Under LoRA the policy's frozen base holds bf16 weights as a
+    # frozen model does (the fp32 adapters are cast by autocast, cheaply), and the merge at the end
+    # adds the adapters to the fp32 base read again from disk (`restore_fp32_base`); a separate
+    # critic trains all its weights either way.
     with_masters = ([policy] if c.lora_r == 0 else []) + ([critic] if critic is not None else [])
     masters = MasterWeights(with_masters, enabled=precision == "bf16")
+    if precision == "bf16" and c.lora_r > 0:
+        cast_frozen_matmul_weights(policy, skip_trained=True)
     if precision == "bf16" and c.lora_r == 0 and reference is not None:
         cast_frozen_matmul_weights(reference)
     if precision == "bf16":
@@ -157,6 +161,15 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
             policy.enable_input_require_grads()
     return RLModels(policy, reference, critic, value_head, reward, tokenizer, masters, precision, c.temperature,
                     c.uses_reference, gold)
+
+
+@torch.no_grad()
+def restore_fp32_base(policy: torch.nn.Module, base_dir: Path) -> None:
+    """Put the fp32 weights of `base_dir` back under a LoRA policy's bf16 frozen base, before the merge."""
+    original = dict(load_causal_lm(base_dir, "cpu").named_parameters())
+    for name, weight in matmul_weights(policy.get_base_model()):
+        if weight.dtype != torch.float32 and not weight.requires_grad:
+            weight.data = original[name.replace(".base_layer", "")].to(weight.device)
 
 
 def load_initial_policy(models: RLModels, init_policy: Path, device: torch.device) -> None:

@@ -35,7 +35,7 @@ from .config import PPOConfig
 from .experience import Experience, ExperienceMaker
 from .kl_control import KLController
 from .losses import masked_mean
-from .models import build_models, load_initial_policy, load_trained_state, trained_state
+from .models import build_models, load_initial_policy, load_trained_state, restore_fp32_base, trained_state
 from .update import PPOUpdate
 
 # After rollback n the sampler is reseeded with seed + ROLLBACK_SEED_STRIDE * n, so the retry sees
@@ -322,6 +322,7 @@ class PPOTrainer:
         if self.config.lora_r > 0:
             with atomic_directory(self.out_dir / "adapter") as tmp:
                 policy.save_pretrained(tmp)  # the adapters alone, for peft users
+            restore_fp32_base(policy, self.config.policy)
             policy = policy.merge_and_unload()  # a plain HF model: loads with no peft
         # The saved weights are the fp32 masters, not their bf16 roundings.
         with self.models.masters.fp32_models():
