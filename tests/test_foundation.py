@@ -205,3 +205,15 @@ def test_sft_reads_user_pairs_and_counts_dropped(tmp_path, tiny_lm_dir):
     s = sft(SFTConfig(model=tiny_lm_dir, out_dir=tmp_path / "o", data=data, max_length=64, batch_size=8,
                       epochs=1, warmup_steps=1))
     assert s["pairs"]["dropped_too_long"] == 8  # every fifth pair is 100 words long
+
+
+def test_a_finished_stage_hands_freed_heap_memory_back_to_the_system():
+    from alignloop.stage import resident_memory_gib, return_freed_memory
+
+    chunks = [torch.ones(20_000) for _ in range(10_000)]  # 80 KB each, below glibc's mmap threshold: heap
+    keep = chunks[-1].clone()  # allocated above them, so the freed heap is not at its top
+    del chunks
+    held = resident_memory_gib()
+    return_freed_memory()
+    assert resident_memory_gib() < held - 0.5  # 0.75 GiB freed, most of it returned
+    assert keep.sum() == 20_000
