@@ -187,7 +187,9 @@ def test_sft_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(sft_two
     assert mean_movement(out, tiny_lm_dir) > 1e-3
     assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-6)
     ppl_one, ppl_two = one["held_out_response_perplexity"], two["held_out_response_perplexity"]
-    assert ppl_two["before_sft"] == pytest.approx(ppl_one["before_sft"], rel=1e-9)
+    # The held-out pass batches at one process's share of the batch (7 rows alone, 3 on each of two), so
+    # its sums group differently even before any training: float order only.
+    assert ppl_two["before_sft"] == pytest.approx(ppl_one["before_sft"], rel=1e-6)
     assert ppl_two["after_sft"] == pytest.approx(ppl_one["after_sft"], rel=1e-5)
     assert_rank_0_alone_wrote(writes, out, "sft_summary.json")
     # The whole difference is the split of the sums: one process adding the gradients of the same two
