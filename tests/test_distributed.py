@@ -399,6 +399,57 @@ def test_a_killed_2_process_ppo_run_resumes_to_the_uninterrupted_one(tiny_lm_dir
     assert metric_rows(tmp_path / "whole") == metric_rows(killed)
 
 
+# PPO sharded by FSDP: the policy and the critic (a separate model, or the value head as a unit of
+# its own) each hold half of every block; each process samples from a whole copy of the policy gathered
+# after every update. The value-head case's mini-batches of 3 in micro-batches of 1 give rank 0 two rows
+# and rank 1 one: rank 1 runs a second micro-batch that counts for nothing, as FSDP's collectives need.
+FSDP_PPO_CASES = {"separate_critic": PPO_CASES["ppo"],
+                  "value_head": {"critic": "value_head", "mini_batch_size": 3, "gradient_accumulation_steps": 3}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FSDP_PPO_CASES)
+def test_ppo_sharded_by_fsdp_is_the_1_process_run_up_to_the_order_of_sums(case, tiny_lm_dir, rm_dir, prompts_file,
+                                                                          tmp_path):
+    args = lambda out: ppo_args(tiny_lm_dir, rm_dir, prompts_file, out, **FSDP_PPO_CASES[case])  # noqa: E731
+    run([sys.executable, "-m", "alignloop", *args(tmp_path / "one")])
+    writes = recorded_run(ACCELERATE_FSDP + args(tmp_path / "two"), tmp_path / "two", tmp_path)
+    one, two = (json.loads((tmp_path / name / "ppo_summary.json").read_text()) for name in ("one", "two"))
+    assert (two["world_size"], two["sharding"]) == (2, "fsdp")
+    rows_one, rows_two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
+    assert len(rows_one) == len(rows_two) == 3
+    for a, b in zip(rows_one, rows_two):  # the same episodes sampled from the gathered copy, exactly
+        assert (a["response_length_mean"], a["eos_rate"]) == (b["response_length_mean"], b["eos_rate"])
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    max_diff, mean_diff = parameter_differences(tmp_path / "one", tmp_path / "two")
+    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
+    assert mean_movement(tmp_path / "two", tiny_lm_dir) > 1e-4
+    if case == "separate_critic":
+        assert parameter_differences(tmp_path / "one" / "critic", tmp_path / "two" / "critic")[0] < MAX_ABS
+    assert writes["1"] == ["recorded"], writes["1"][:5]
+
+
+@pytest.mark.slow
+def test_a_killed_fsdp_ppo_run_resumes_to_the_uninterrupted_one_and_refuses_a_ddp_resume(tiny_lm_dir, rm_dir,
+                                                                                         prompts_file, tmp_path):
+    args = lambda out: ppo_args(tiny_lm_dir, rm_dir, prompts_file, out, steps=4, checkpoint_every=1,  # noqa: E731
+                                **FSDP_PPO_CASES["separate_critic"])
+    run(ACCELERATE_FSDP + args(tmp_path / "whole"))
+    killed = tmp_path / "killed"
+    state = killed_after_first_checkpoint(ACCELERATE_FSDP + args(killed), killed)
+    assert state["sharding"] == "fsdp" and len(state["rng"]) == 2 and state["step"] < 4
+    assert set(state["models"]) == {"policy", "critic"}
+    refused = subprocess.run(TORCHRUN + args(killed), env=ENV, capture_output=True, text=True, timeout=300)
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "written by a fsdp run and this one is replicated" in errors[0], refused.stderr[-2000:]
+    resumed = run(ACCELERATE_FSDP + args(killed))
+    assert "resuming from" in resumed.stderr, resumed.stderr[-2000:]
+    assert parameter_differences(tmp_path / "whole", killed) == (0.0, 0.0)
+    assert parameter_differences(tmp_path / "whole" / "critic", killed / "critic") == (0.0, 0.0)
+    assert metric_rows(tmp_path / "whole") == metric_rows(killed)
+
+
 # DPO: 37 preference pairs in micro-batches of 6 (the last of 1 leaves rank 1 a pair that counts for
 # nothing), 2 micro-batches per step, packed pairs; the reference log-probs each process computes for its
 # block and gathers.
@@ -497,6 +548,23 @@ def test_the_pipeline_on_2_processes_trains_on_both_and_runs_the_other_stages_on
     assert json.loads((out / "round1" / "policy" / "ppo_summary.json").read_text())["episodes_per_process"] == [8, 8]
 
 
+@pytest.mark.slow
+def test_the_pipeline_under_fsdp_shards_every_training_stage(fortunes, tmp_path):
+    from test_demo import tiny_fp32_cpu_sections
+
+    out = tmp_path / "out"
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(json.dumps({"out": str(out), "rounds": 1, **tiny_fp32_cpu_sections(tmp_path, fortunes)}))
+    writes = recorded_run(ACCELERATE_FSDP + ["pipeline", "--config", str(config)], out, tmp_path)
+    assert writes["1"] == ["recorded"], writes["1"][:5]
+    assert (out / "report.html").is_file() and (out / "policy" / "model.safetensors").is_file()
+    launch = {stage: (summary["world_size"], summary.get("sharding"))
+              for stage in ("pretrain", "sft", "sample", "reward", "ppo", "evaluate")
+              for summary in [json.loads(next(out.rglob(f"{stage}_summary.json")).read_text())]}
+    assert launch == {"pretrain": (2, "fsdp"), "sft": (2, "fsdp"), "sample": (1, None), "reward": (2, "fsdp"),
+                      "ppo": (2, "fsdp"), "evaluate": (1, None)}
+
+
 @pytest.mark.parametrize("environ, refusal", [
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "ZeRO stage would be ignored"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set `fsdp_version: 2`"),
@@ -577,16 +645,16 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_one_and_refuses_a_ddp_re
         assert summary[key] == whole_summary[key], key
 
 
-@pytest.mark.parametrize("stage", ["ppo", "pipeline"])
+@pytest.mark.parametrize("stage", ["ppo_lora", "pipeline"])
 def test_a_stage_that_cannot_shard_yet_refuses_fsdp_in_one_line(stage, tiny_lm_dir, rm_dir, prompts_file, tmp_path):
     out = str(tmp_path / "out")
-    args = {"ppo": ppo_args(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "out"),
+    args = {"ppo_lora": ppo_args(tiny_lm_dir, rm_dir, prompts_file, tmp_path / "out", lora_r=4),
             "pipeline": ["pipeline", "--config", str(write_jsonl(tmp_path / "p.yaml", [
-                {"out": out, "policy": {"model": str(tiny_lm_dir)}}]))]}[stage]
+                {"out": out, "policy": {"model": str(tiny_lm_dir)}, "ppo": {"lora_r": 4}}]))]}[stage]
     done = subprocess.run(ACCELERATE_FSDP + args, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert errors and "does not run under FSDP yet" in errors[0] and "ddp_cpu.yaml" in errors[0], done.stderr[-2000:]
+    assert errors and "does not run under FSDP" in errors[0] and "ddp_cpu.yaml" in errors[0], done.stderr[-2000:]
     assert "alignloop/" not in done.stderr.partition("Traceback")[2]  # only the launcher's report of a failed worker
     assert not Path(out).exists()  # refused before anything ran
 

@@ -69,7 +69,7 @@ class Distributed:
     def refuse_sharding(self, stage: str) -> None:
         """Stop a stage that trains replicated models only when the launch asked for FSDP."""
         if self.fsdp is not None:
-            raise ConfigError(f"{stage} does not run under FSDP yet (pretrain, sft, reward training and dpo do): "
+            raise ConfigError(f"{stage} does not run under FSDP yet (pretrain, sft, reward training, dpo and full-weight ppo do): "
                               "launch it with examples/accelerate/ddp_cpu.yaml or ddp_gpu.yaml (docs/scale.md)")
 
     def place(self, device: torch.device) -> torch.device:

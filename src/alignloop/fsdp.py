@@ -1,4 +1,4 @@
-"""Sharded data parallel (FSDP2, `torch.distributed.fsdp.fully_shard`) for the stages that train one model.
+"""Sharded data parallel (FSDP2, `torch.distributed.fsdp.fully_shard`) for the training stages.
 
 Under DDP every process holds the whole model, its gradients and its Adam state (20 bytes per
 parameter under bf16). Under FSDP each process holds 1/N of them: every transformer block is
@@ -84,6 +84,14 @@ def shard(model: torch.nn.Module, settings: FSDPSettings, precision: str, root: 
                 offload_policy=offload)
 
 
+def shard_whole(module: torch.nn.Module, settings: FSDPSettings) -> None:
+    """Shard a small module with no blocks (a value head) as one unit that computes in fp32."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    fully_shard(module, reshard_after_forward=False, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+                offload_policy=CPUOffloadPolicy() if settings.offload_params else OffloadPolicy())
+
+
 def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The sharded model's whole state dict on the CPU, in rank 0 only (`everywhere`: in every process).
 
@@ -103,9 +111,16 @@ def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimiser's whole state (keyed by parameter name) on the CPU in rank 0; a collective."""
+    """The optimiser's whole state (keyed by parameter name) on the CPU in rank 0; a collective.
+
+    Empty before the first step: torch would fill an empty state by stepping every parameter with
+    a zero gradient at lr 0, which Adam counts as its first step, so the run's real first step would
+    be taken with the second step's bias correction (a PPO run checkpoints before its first step).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    if not optimizer.state:
+        return {}
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                 cpu_offload=True))
 
@@ -113,6 +128,9 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if not state:  # written before the first step (full_optimizer_state): the optimiser starts afresh
+        optimizer.state.clear()
+        return
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 

@@ -228,13 +228,27 @@ def scalar_head_outputs(model: PreTrainedModel, batch: TokenBatch, precision: st
     `AutoModelForSequenceClassification` models (backbone + `score` head); HF pools
     their output at one token, so we run backbone and head ourselves.
     """
-    backbone = getattr(model, model.base_model_prefix)
-    P = batch.prompt_width
-    with autocast(batch.input_ids.device, precision):
-        hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                          position_ids=batch.position_ids, use_cache=False).last_hidden_state
-        outputs = model.score(hidden[:, P - 1:]).squeeze(-1)
-    return outputs.float()
+    return ScalarHeadForward(model, precision)(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                              batch.prompt_width)
+
+
+class ScalarHeadForward(torch.nn.Module):
+    """`scalar_head_outputs` of one model as a module: a sharded critic's FSDP root, whose call
+    gathers the weights of the backbone and of the head that it runs one after the other."""
+
+    def __init__(self, model: PreTrainedModel, precision: str):
+        super().__init__()
+        self.model, self.precision = model, precision
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                prompt_width: int) -> torch.Tensor:
+        model = self.model
+        backbone = getattr(model, model.base_model_prefix)
+        with autocast(input_ids.device, self.precision):
+            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False).last_hidden_state
+            outputs = model.score(hidden[:, prompt_width - 1:]).squeeze(-1)
+        return outputs.float()
 
 
 def response_lengths(batch: TokenBatch) -> torch.Tensor:

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .. import fsdp
 from ..device import autocast
+from ..fsdp import FSDPSettings
 from ..logprobs import token_logprobs
 from ..mixed_precision import MasterWeights, cast_frozen_matmul_weights, matmul_weights
 from ..modeling import check_same_tokenizer, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
 from ..reward.model import RewardModel
-from ..rollout import TokenBatch, response_logits, scalar_head_outputs, sequence_scores
+from ..rollout import ScalarHeadForward, TokenBatch, response_logits, scalar_head_outputs, sequence_scores
 from .config import PPOConfig
 
 
@@ -34,6 +36,9 @@ class ValueHead(torch.nn.Module):
         self.score = torch.nn.Linear(hidden_size, 1)
         torch.nn.init.zeros_(self.score.weight)  # V = 0 at the start; critic warm-up fits it
         torch.nn.init.zeros_(self.score.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden.float()).squeeze(-1)
 
 
 @dataclass
@@ -49,6 +54,9 @@ class RLModels:
     temperature: float
     uses_reference: bool = True  # False: no KL term anywhere, so no reference forward (and no copy of it)
     gold: RewardModel | None = None  # a held-out RM the run is judged by, never trained against
+    critic_forward: ScalarHeadForward | None = None  # the separate critic's forward (its FSDP root when sharded)
+    sharded: bool = False  # the policy and the critic are sharded over the processes (shard_trained_models)
+    unsharded_classes: dict[str, type] | None = None  # sharded: each trained role's class before sharding
 
     @property
     def critic_module(self) -> torch.nn.Module | None:
@@ -93,9 +101,10 @@ class RLModels:
     def critic_values(self, batch: TokenBatch, policy_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """V(s_t) for each response position t: (B, R) fp32; zeros with no critic."""
         if self.critic is not None:
-            return scalar_head_outputs(self.critic, batch, self.precision)[:, :-1]
+            return self.critic_forward(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                       batch.prompt_width)[:, :-1]
         if self.value_head is not None:
-            return self.value_head.score(policy_hidden.float()).squeeze(-1)
+            return self.value_head(policy_hidden)
         return torch.zeros(batch.responses.shape, device=batch.responses.device)
 
     def reward_scores(self, batch: TokenBatch, reward: RewardModel | None = None) -> torch.Tensor:
@@ -106,7 +115,10 @@ class RLModels:
 
 
 def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device,
-                 precision: str) -> RLModels:
+                 precision: str, sharded: bool = False) -> RLModels:
+    """The run's models on `device`. `sharded`: the policy and the critic will be sharded by FSDP
+    (shard_trained_models), whose fp32 parameters are the optimiser's masters, so they keep fp32
+    weights here; the frozen models are replicated either way."""
     c = config
     policy = load_causal_lm(c.policy, device, tokenizer)
     reward = RewardModel.from_pretrained(c.reward_model, device, precision)
@@ -144,7 +156,7 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
     # adds the adapters to the fp32 base read again from disk (`restore_fp32_base`); a separate
     # critic trains all its weights either way.
     with_masters = ([policy] if c.lora_r == 0 else []) + ([critic] if critic is not None else [])
-    masters = MasterWeights(with_masters, enabled=precision == "bf16")
+    masters = MasterWeights(with_masters, enabled=precision == "bf16" and not sharded)
     if precision == "bf16" and c.lora_r > 0:
         cast_frozen_matmul_weights(policy, skip_trained=True)
     if precision == "bf16" and c.lora_r == 0 and reference is not None:
@@ -159,8 +171,27 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if c.lora_r > 0:
             policy.enable_input_require_grads()
+    critic_forward = ScalarHeadForward(critic, precision) if critic is not None else None
     return RLModels(policy, reference, critic, value_head, reward, tokenizer, masters, precision, c.temperature,
-                    c.uses_reference, gold)
+                    c.uses_reference, gold, critic_forward)
+
+
+def shard_trained_models(models: RLModels, settings: FSDPSettings) -> None:
+    """Shard the policy and the critic over the processes (FSDP2), in place, before the optimiser is built.
+
+    The policy's forward is its own call; the separate critic is called through `critic_forward`,
+    which runs its backbone and head apart, so that is its root; the value head is one small unit
+    of its own, computed in fp32 as it is unsharded. The reference and the reward models stay whole
+    in every process: they take no gradient and no optimiser state, which is what sharding saves.
+    Every process must then make the same calls of these modules (fsdp.py).
+    """
+    models.unsharded_classes = {role: type(module) for role, module in models.trained().items()}
+    fsdp.shard(models.policy, settings, models.precision)
+    if models.critic is not None:
+        fsdp.shard(models.critic, settings, models.precision, root=models.critic_forward)
+    if models.value_head is not None:
+        fsdp.shard_whole(models.value_head, settings)
+    models.sharded = True
 
 
 @torch.no_grad()
@@ -198,3 +229,33 @@ def load_trained_state(models: RLModels, role: str, state: dict) -> None:
         models.masters.load_state_dict(models.masters.models.index(module), state)
     else:
         module.load_state_dict(state)
+
+
+def sharded_roots(models: RLModels) -> torch.nn.ModuleDict:
+    """The sharded trained modules by role, each as the root its forwards go through."""
+    critic = models.critic_forward if models.critic is not None else models.value_head
+    return torch.nn.ModuleDict({"policy": models.policy, **({"critic": critic} if critic is not None else {})})
+
+
+def root_prefixes(models: RLModels) -> dict[str, str]:
+    """Where each role's own state-dict keys start among `sharded_roots`' keys."""
+    return {"policy": "policy.", "critic": "critic.model." if models.critic is not None else "critic."}
+
+
+def sharded_trained_states(models: RLModels, optimizer: torch.optim.Optimizer | None = None) -> tuple[dict, dict]:
+    """Sharded: every trained role's whole fp32 weights, and the optimiser's whole state (when given),
+    as a checkpoint holds them. A collective whose result only rank 0 holds."""
+    roots, prefixes = sharded_roots(models), root_prefixes(models)
+    full = fsdp.full_state_dict(roots)
+    weights = {role: {k[len(prefixes[role]):]: v for k, v in full.items() if k.startswith(prefixes[role])}
+               for role in roots}
+    return weights, (fsdp.full_optimizer_state(roots, optimizer) if optimizer is not None else {})
+
+
+def load_sharded_trained_states(models: RLModels, optimizer: torch.optim.Optimizer, weights: dict,
+                                optimizer_state: dict) -> None:
+    """Each process takes its shard of a checkpoint's whole weights and optimiser state."""
+    roots, prefixes = sharded_roots(models), root_prefixes(models)
+    fsdp.load_full_state_dict(roots, {prefixes[role] + k: v for role, state in weights.items()
+                                      for k, v in state.items()})
+    fsdp.load_full_optimizer_state(roots, optimizer, optimizer_state)

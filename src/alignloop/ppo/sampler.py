@@ -6,6 +6,9 @@ The old log-probs PPO's ratios start from are always recomputed by the trainer's
 taken from the sampler; the sampler's own log-probs (when it reports them) only measure how far its
 numbers are from the trainer's, logged every step as `sampler_logprob_gap`.
 
+Under FSDP the policy is sharded, and `GatheredPolicySampler` samples from a whole copy of it,
+refreshed after every update: the shape an engine takes too.
+
 A generation engine (vLLM, colocated) would be one more class of this shape: `sample` sends the
 prompts with per-episode seeds from `rollout.stream_seed(seed, step, episode)` (an engine draws its
 own numbers, so its episodes are not the built-in sampler's) and returns the same token layout;
@@ -19,6 +22,9 @@ from typing import Protocol
 
 import torch
 
+from .. import fsdp
+from ..mixed_precision import cast_frozen_matmul_weights
+from ..modeling import disable_dropout
 from ..rollout import TokenBatch, sample_responses
 from .config import PPOConfig
 from .models import RLModels
@@ -47,3 +53,42 @@ class KVCacheSampler:
 
     def policy_updated(self) -> None:
         pass  # it samples from the very module the optimiser steps
+
+
+class GatheredPolicySampler:
+    """The built-in sampler on a whole copy of a sharded policy, gathered again after each update.
+
+    Decoding calls the model once per token, and a sharded model's call is a collective: every
+    process would gather every block at every token, and all would have to decode the same number
+    of tokens. So each process samples its episodes from a whole replica instead (the weights only,
+    in the matmul dtype: no gradients and no optimiser state, which stay sharded), as a colocated
+    engine would. In bf16, FSDP computes with every weight in bf16 and the replica with its matmul
+    weights in bf16, so the sampler's log-probs can differ slightly: `sampler_logprob_gap` shows it.
+    """
+
+    def __init__(self, models: RLModels, config: PPOConfig):
+        self.models, self.config = models, config
+        self.replica: torch.nn.Module | None = None
+        self.stale = True
+
+    def sample(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, uniforms: torch.Tensor) -> TokenBatch:
+        if self.stale:
+            self.gather(prompt_ids.device)
+        c, m, tok = self.config, self.models, self.models.tokenizer
+        return sample_responses(self.replica, prompt_ids, prompt_mask, c.max_new_tokens, tok.eos_token_id,
+                                tok.pad_token_id, c.temperature, c.top_p, precision=m.precision, uniforms=uniforms)
+
+    def gather(self, device: torch.device) -> None:
+        """The policy's whole weights into the replica (a collective: every process samples every step)."""
+        state = fsdp.full_state_dict(self.models.policy, everywhere=True)
+        if self.replica is None:
+            replica = fsdp.unsharded_copy(self.models.policy, state, self.models.unsharded_classes["policy"], device)
+            self.replica = disable_dropout(replica.requires_grad_(False))
+            if self.models.precision == "bf16":
+                cast_frozen_matmul_weights(self.replica)
+        else:
+            self.replica.load_state_dict(state)  # copies into the replica's weights, in their dtype
+        self.stale = False
+
+    def policy_updated(self) -> None:
+        self.stale = True

@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from .. import fsdp
+from ..errors import ConfigError, InputError
 from ..files import atomic_directory
 from ..modeling import load_tokenizer, model_context_length, save_model_dir
 from ..prompts import encode_prompt, read_prompts
@@ -35,7 +36,9 @@ from .config import PPOConfig
 from .experience import Experience, ExperienceMaker
 from .kl_control import KLController
 from .losses import masked_mean
-from .models import build_models, load_initial_policy, load_trained_state, restore_fp32_base, trained_state
+from .models import (build_models, load_initial_policy, load_sharded_trained_states, load_trained_state,
+                     restore_fp32_base, shard_trained_models, sharded_trained_states, trained_state)
+from .sampler import GatheredPolicySampler
 from .update import PPOUpdate
 
 # After rollback n the sampler is reseeded with seed + ROLLBACK_SEED_STRIDE * n, so the retry sees
@@ -50,7 +53,8 @@ class PPOTrainer:
         self.device, self.precision = self.ctx.device_and_precision(c)
         self.out_dir = Path(c.out_dir)
         self.dist = self.ctx.dist
-        self.dist.refuse_sharding("ppo")
+        if c.lora_r > 0:  # adapters on a frozen base: little for sharding to save (docs/scale.md)
+            self.dist.refuse_sharding("ppo with lora_r > 0")
         if c.mini_batch_size < self.dist.world_size:
             raise ConfigError(f"mini_batch_size ({c.mini_batch_size}) must be at least the number of processes "
                               f"({self.dist.world_size}): each process trains on its rows of every mini-batch")
@@ -61,14 +65,20 @@ class PPOTrainer:
 
         self.tokenizer = load_tokenizer(c.policy)
         self.prompts, prompt_ids, self.dropped_prompts = self.encoded_prompts()
-        self.models = build_models(c, self.tokenizer, self.device, self.precision)
+        sharded = self.dist.fsdp is not None
+        self.models = build_models(c, self.tokenizer, self.device, self.precision, sharded)
+        if c.init_policy is not None:
+            load_initial_policy(self.models, c.init_policy, self.device)
+        if sharded:
+            shard_trained_models(self.models, self.dist.fsdp)
         self.optimizer = self.build_optimizer()
         total_updates = c.steps * c.ppo_epochs * c.num_mini_batches
         # Linear annealing to 0 (CleanRL): the last updates, on a policy far from the SFT model, are the smallest.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, (lambda u: 1.0 - u / total_updates) if c.anneal_lr else (lambda u: 1.0))
         self.kl_ctl = KLController(c.kl_coef, c.target_kl, c.kl_horizon)
-        self.experience = ExperienceMaker(self.models, c, prompt_ids, self.kl_ctl, self.dist)
+        sampler = GatheredPolicySampler(self.models, c) if sharded else None
+        self.experience = ExperienceMaker(self.models, c, prompt_ids, self.kl_ctl, self.dist, sampler)
         self.update = PPOUpdate(self.models, c, self.optimizer, self.scheduler, self.generator, self.dist)
         self.update.policy_params = self.policy_params
         self.step_index = 0  # steps completed
@@ -78,8 +88,6 @@ class PPOTrainer:
         self.steady_seconds, self.steady_episodes = 0.0, 0  # steps after the first (warm-up) one
         self.last_experience: Experience | None = None
         self.checkpointer = stage_checkpointer(c, self.ctx)
-        if c.init_policy is not None:
-            load_initial_policy(self.models, c.init_policy, self.device)
 
     # The models by role, for callers that inspect them.
     policy = property(lambda self: self.models.policy)
@@ -202,10 +210,17 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
+        """The run's state for a checkpoint; a collective (sharded weights and RNG states are gathered)."""
+        if self.models.sharded:
+            weights, optimizer = sharded_trained_states(self.models, self.optimizer)
+        else:
+            weights = {role: trained_state(self.models, role) for role in self.models.trained()}
+            optimizer = self.optimizer.state_dict()
         return {
             "step": self.step_index,
-            "models": {role: trained_state(self.models, role) for role in self.models.trained()},
-            "optimizer": self.optimizer.state_dict(),
+            "sharding": self.sharding,
+            "models": weights,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "rng": self.dist.rng_states(self.generator),
@@ -214,10 +229,22 @@ class PPOTrainer:
             "timing": self.timing,
         }
 
+    @property
+    def sharding(self) -> str:
+        return "fsdp" if self.models.sharded else "replicated"
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for role, weights in state["models"].items():
-            load_trained_state(self.models, role, weights)
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved = state.get("sharding", "replicated")
+        if saved != self.sharding:  # the optimiser state is keyed by parameter name under FSDP, by index otherwise
+            raise InputError(self.checkpointer.directory,
+                             f"the checkpoint was written by a {saved} run and this one is {self.sharding}: "
+                             "resume it launched as it was, or remove the checkpoint to start over")
+        if self.models.sharded:
+            load_sharded_trained_states(self.models, self.optimizer, state["models"], state["optimizer"])
+        else:
+            for role, weights in state["models"].items():
+                load_trained_state(self.models, role, weights)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.dist.restore_rng_state(state["rng"], generator=self.generator)
@@ -317,6 +344,19 @@ class PPOTrainer:
         return rows
 
     # ------------------------------------------------------------------------------------------ finish
+    def save_sharded_models(self) -> None:
+        """Sharded: gather the whole trained models (every process) and save them from rank 0."""
+        weights, _ = sharded_trained_states(self.models)
+        if not self.dist.is_main:
+            return
+        m, classes, cpu = self.models, self.models.unsharded_classes, torch.device("cpu")
+        policy = fsdp.unsharded_copy(m.policy, weights["policy"], classes["policy"], cpu)
+        save_model_dir(policy, self.tokenizer, self.out_dir, self.config.max_new_tokens)
+        if m.critic is not None:
+            critic = fsdp.unsharded_copy(m.critic, weights["critic"], classes["critic"], cpu)
+            with atomic_directory(self.out_dir / "critic") as tmp:
+                critic.save_pretrained(tmp, safe_serialization=True)
+
     def save_models(self) -> None:
         policy = self.models.policy
         if self.config.lora_r > 0:
@@ -333,8 +373,11 @@ class PPOTrainer:
 
     def finish(self, history: list[dict], start: float, resumed_from: int, stopped: str | None) -> dict[str, Any]:
         c = self.config
-        if self.dist.is_main:
+        if self.models.sharded:
+            self.save_sharded_models()
+        elif self.dist.is_main:
             self.save_models()
+        if self.dist.is_main:
             self.checkpointer.remove()
         tail = history[-max(1, len(history) // 5):] if history else []
         mean = (lambda key: statistics.fmean(m[key] for m in tail) if tail and key in tail[0] else None)

@@ -10,7 +10,9 @@ micro-batches split a mini-batch, the update is the same.
 Under several processes every process holds the whole experience and draws the same shuffle;
 each runs its block of every mini-batch (micro-batches of `micro_batch_size` rows) and the
 gradients are summed over the processes before the optimiser step, which is then the same step
-in every process: the one-process step, up to the order of floating-point sums.
+in every process: the one-process step, up to the order of floating-point sums. Sharded by
+FSDP, each process steps its shard of every parameter, the gradients having been summed by FSDP
+in each backward.
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ class PPOUpdate:
                 # that is the shard it sampled, whose rollout forwards the first update can reuse.
                 share = self.dist.shard(len(mb_rows))
                 mine = mb_rows.sort().values[share.start:share.stop]
-                for mc_start in range(0, len(mine), c.micro_batch_size):
-                    rows = mine[mc_start:mc_start + c.micro_batch_size]
+                for rows in self.micro_batches(mine, mb_rows):
                     ratio_max = max(ratio_max, self.micro_batch(exp, rows, weights, mb_weight, train_policy, epoch,
                                                                 sums))
-                self.dist.all_reduce_gradients(self.trained_params)  # the shares add up to the mini-batch's gradient
+                if not m.sharded:  # FSDP sums the gradients itself, in each backward
+                    self.dist.all_reduce_gradients(self.trained_params)  # the shares add up to the mini-batch's
                 frozen = () if train_policy else self.policy_params  # critic warm-up: the policy must not move
                 grad_norm = optimizer_step(self.optimizer, self.scheduler, m.masters, self.trained_params,
                                            c.max_grad_norm, frozen)
@@ -79,16 +81,33 @@ class PPOUpdate:
                 "entropy_mean": sums["entropy"] / max(sums["entropy_tokens"], 1.0), "ratio_max": ratio_max,
                 "grad_norm": float(grad_norm)}
 
-    def micro_batch(self, exp: Experience, rows: torch.Tensor, weights: torch.Tensor, mb_weight: torch.Tensor,
+    def micro_batches(self, mine: torch.Tensor, mb_rows: torch.Tensor) -> list[torch.Tensor | None]:
+        """This process's micro-batches of its rows `mine` of the mini-batch `mb_rows`.
+
+        Sharded, every process must run as many forwards and backwards as the others (each is a
+        collective), so a process with fewer rows than the largest share ends with micro-batches
+        of None: one row that counts for nothing.
+        """
+        size = self.config.micro_batch_size
+        own = [mine[start:start + size] for start in range(0, len(mine), size)]
+        if not self.models.sharded:
+            return own
+        largest_share = -(-len(mb_rows) // self.dist.world_size)
+        return own + [None] * (-(-largest_share // size) - len(own))
+
+    def micro_batch(self, exp: Experience, rows: torch.Tensor | None, weights: torch.Tensor, mb_weight: torch.Tensor,
                     train_policy: bool, epoch: int, sums: dict[str, float]) -> float:
-        """Forward, loss and backward of one micro-batch; adds its statistics to `sums`; returns its max ratio."""
+        """Forward, loss and backward of one micro-batch; adds its statistics to `sums`; returns its max ratio.
+        `rows` None: a sharded process's extra micro-batch (see micro_batches), of weight 0."""
         c, m = self.config, self.models
+        counts = rows is not None
         if exp.live is not None:  # the rollout's forwards, of this process's rows (the same set, in its order)
             rows = exp.live_rows
             (logprobs, logits, values), exp.live = exp.live, None
         else:
+            rows = rows if counts else torch.zeros(1, dtype=torch.long)
             logprobs, logits, values = m.policy_and_values(exp.batch.select(rows))
-        mask, w = exp.mask[rows], weights[rows]
+        mask, w = exp.mask[rows], weights[rows] * counts
         pg_sum, pg_stats = ppo_policy_loss(logprobs, exp.logprobs[rows], exp.advantages[rows], w, c.cliprange)
         policy_loss = pg_sum
         if c.kl_loss_coef:  # k3: unbiased and >= 0 on the policy's own samples, as GRPO uses it
@@ -101,8 +120,11 @@ class PPOUpdate:
             loss = loss + c.vf_coef * vf_sum
             sums["vf_loss"] += float(vf_sum.detach())
             sums["vf_clipped"] += float(vf_clipped)
-        (loss / mb_weight).backward()
+        # FSDP averages the processes' gradients: scaled by N, the shares average to their sum.
+        (loss / mb_weight * (self.dist.world_size if m.sharded else 1)).backward()
         m.masters.accumulate_grads()  # bf16: weight grads -> fp32 master grads
+        if not counts:
+            return 0.0
         with torch.no_grad():
             if epoch == 0:  # entropy of the rollout policy, measured once
                 sums["entropy"] += float((entropy_from_logits(logits) * mask).sum())
