@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import random
 
@@ -217,3 +218,20 @@ def test_a_finished_stage_hands_freed_heap_memory_back_to_the_system():
     return_freed_memory()
     assert resident_memory_gib() < held - 0.5  # 0.75 GiB freed, most of it returned
     assert keep.sum() == 20_000
+
+
+@pytest.mark.parametrize("environ, expected", [({}, len(os.sched_getaffinity(0))), ({"OMP_NUM_THREADS": "1"}, 1),
+                                               ({"OMP_NUM_THREADS": "lots"}, None)])
+def test_stages_set_their_thread_count_even_when_torch_already_has_it(environ, expected, monkeypatch):
+    """Once `torch.set_num_threads` has been called, CPU kernels add up in another order: a stage must
+    call it in a fresh process too, or it would not repeat a run made after something else set it."""
+    from alignloop.device import set_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    calls = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: expected)
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    set_cpu_threads()
+    assert calls == ([expected] if expected is not None else [])

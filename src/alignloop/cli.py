@@ -16,6 +16,7 @@ import typer
 
 from .annotate.cli import app as annotate_app
 from .commands import ConfigOpt, SetOpt, console, print_summary, run_command
+from .distributed import finish_job
 from .errors import AlignloopError
 from .generation import MAX_NEW_TOKENS
 from .reward.cli import app as reward_app
@@ -239,6 +240,10 @@ def pipeline(config: Path = typer.Option(..., "--config", "-c", help="YAML with 
 def main() -> None:
     try:
         app()
+    except SystemExit as e:
+        if not e.code:  # the command succeeded in this process: leave the job together with the others
+            finish_job()
+        raise
     except AlignloopError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

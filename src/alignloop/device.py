@@ -33,12 +33,20 @@ def set_cpu_threads() -> None:
 
     An explicit OMP_NUM_THREADS wins: on a shared machine, several processes each
     spinning one thread per core slow each other down many times over.
+
+    The count is set even when torch already has it: torch's CPU kernels add up in another
+    order once `set_num_threads` has been called at all, so a stage run in a fresh process and
+    the same stage run in one that set its threads before (an earlier stage, a notebook) would
+    otherwise differ in the last bits, and a resumed run would not be the uninterrupted one.
     """
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    requested = os.environ.get("OMP_NUM_THREADS", "")
+    if requested:
+        if not requested.isdigit() or int(requested) < 1:
+            return  # not a count: OpenMP's own reading of it stands
+        n = int(requested)
+    else:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(n)
 
 
 @functools.lru_cache(maxsize=None)

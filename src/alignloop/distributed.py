@@ -202,6 +202,22 @@ DEEPSPEED_HINT = ("accelerate launched alignloop with DeepSpeed: alignloop shard
 
 
 @functools.cache
+def leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish_job() -> None:
+    """A process's command ended well: wait for the others, then leave the process group.
+
+    Without the barrier a process can close its connections while another still exchanges
+    with it (a last gather of the saved weights), and gloo aborts that other one at exit.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        leave_process_group()
+
+
 def from_environment() -> Distributed:
     """This process's place in the job that torchrun or accelerate launch started (joining its
     process group on the first call), or `SINGLE_PROCESS` when no launcher started several."""
@@ -229,5 +245,5 @@ def from_environment() -> Distributed:
         else:
             backend = "gloo"
         dist.init_process_group(backend)
-        atexit.register(dist.destroy_process_group)
+        atexit.register(leave_process_group)
     return Distributed(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, fsdp=fsdp)
