@@ -201,7 +201,6 @@ DEEPSPEED_HINT = ("accelerate launched alignloop with DeepSpeed: alignloop shard
                   "ignored (docs/scale.md)")
 
 
-@functools.cache
 def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -218,6 +217,7 @@ def finish_job() -> None:
         leave_process_group()
 
 
+@functools.cache
 def from_environment() -> Distributed:
     """This process's place in the job that torchrun or accelerate launch started (joining its
     process group on the first call), or `SINGLE_PROCESS` when no launcher started several."""
