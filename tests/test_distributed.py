@@ -351,6 +351,20 @@ def metric_rows(out: Path) -> list[dict]:
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_same_ppo_runs(one: Path, two: Path, start: Path) -> None:
+    """Two 3-step PPO runs of the same config: the same episodes sampled (the same lengths and EOS,
+    exactly), every metric and parameter equal up to the order of sums, and the policy moved."""
+    rows_one, rows_two = metric_rows(one), metric_rows(two)
+    assert len(rows_one) == len(rows_two) == 3
+    for a, b in zip(rows_one, rows_two):
+        assert (a["response_length_mean"], a["eos_rate"]) == (b["response_length_mean"], b["eos_rate"])
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    max_diff, mean_diff = parameter_differences(one, two)
+    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
+    assert mean_movement(two, start) > 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", PPO_CASES)
 def test_ppo_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(case, tiny_lm_dir, rm_dir, prompts_file,
@@ -362,15 +376,7 @@ def test_ppo_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(case, t
     assert (one["world_size"], two["world_size"]) == (1, 2)
     batch = PPO_CASES[case].get("batch_size", PPO_SETS["batch_size"])
     assert one["episodes_per_process"] == [3 * batch] and two["episodes_per_process"] == [3 * batch // 2] * 2
-    rows_one, rows_two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
-    assert len(rows_one) == len(rows_two) == 3
-    for a, b in zip(rows_one, rows_two):  # the same episodes sampled: the same lengths and EOS, exactly
-        assert (a["response_length_mean"], a["eos_rate"]) == (b["response_length_mean"], b["eos_rate"])
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    max_diff, mean_diff = parameter_differences(tmp_path / "one", tmp_path / "two")
-    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
-    assert mean_movement(tmp_path / "two", tiny_lm_dir) > 1e-4
+    assert_same_ppo_runs(tmp_path / "one", tmp_path / "two", tiny_lm_dir)
     assert writes["1"] == ["recorded"], writes["1"][:5]
     assert f"os.rename {tmp_path / 'two' / 'ppo_summary.json'}.tmp" in writes["0"]
 
@@ -416,15 +422,7 @@ def test_ppo_sharded_by_fsdp_is_the_1_process_run_up_to_the_order_of_sums(case, 
     writes = recorded_run(ACCELERATE_FSDP + args(tmp_path / "two"), tmp_path / "two", tmp_path)
     one, two = (json.loads((tmp_path / name / "ppo_summary.json").read_text()) for name in ("one", "two"))
     assert (two["world_size"], two["sharding"]) == (2, "fsdp")
-    rows_one, rows_two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
-    assert len(rows_one) == len(rows_two) == 3
-    for a, b in zip(rows_one, rows_two):  # the same episodes sampled from the gathered copy, exactly
-        assert (a["response_length_mean"], a["eos_rate"]) == (b["response_length_mean"], b["eos_rate"])
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    max_diff, mean_diff = parameter_differences(tmp_path / "one", tmp_path / "two")
-    assert max_diff < MAX_ABS and mean_diff < MAX_MEAN, (max_diff, mean_diff)
-    assert mean_movement(tmp_path / "two", tiny_lm_dir) > 1e-4
+    assert_same_ppo_runs(tmp_path / "one", tmp_path / "two", tiny_lm_dir)
     if case == "separate_critic":
         assert parameter_differences(tmp_path / "one" / "critic", tmp_path / "two" / "critic")[0] < MAX_ABS
     assert writes["1"] == ["recorded"], writes["1"][:5]
