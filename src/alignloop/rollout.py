@@ -228,8 +228,19 @@ def scalar_head_outputs(model: PreTrainedModel, batch: TokenBatch, precision: st
     `AutoModelForSequenceClassification` models (backbone + `score` head); HF pools
     their output at one token, so we run backbone and head ourselves.
     """
-    return ScalarHeadForward(model, precision)(batch.input_ids, batch.attention_mask, batch.position_ids,
-                                              batch.prompt_width)
+    return head_along_response(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                               batch.prompt_width, precision)
+
+
+def head_along_response(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        position_ids: torch.Tensor, prompt_width: int, precision: str) -> torch.Tensor:
+    """`scalar_head_outputs` from the batch's tensors: backbone, then the head from position P-1 on."""
+    backbone = getattr(model, model.base_model_prefix)
+    with autocast(input_ids.device, precision):
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
+        outputs = model.score(hidden[:, prompt_width - 1:]).squeeze(-1)
+    return outputs.float()
 
 
 class ScalarHeadForward(torch.nn.Module):
@@ -242,13 +253,7 @@ class ScalarHeadForward(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 prompt_width: int) -> torch.Tensor:
-        model = self.model
-        backbone = getattr(model, model.base_model_prefix)
-        with autocast(input_ids.device, self.precision):
-            hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              use_cache=False).last_hidden_state
-            outputs = model.score(hidden[:, prompt_width - 1:]).squeeze(-1)
-        return outputs.float()
+        return head_along_response(self.model, input_ids, attention_mask, position_ids, prompt_width, self.precision)
 
 
 def response_lengths(batch: TokenBatch) -> torch.Tensor:
