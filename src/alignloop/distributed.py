@@ -66,12 +66,6 @@ class Distributed:
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (self.rank < extra))
 
-    def refuse_sharding(self, stage: str) -> None:
-        """Stop a stage that trains replicated models only when the launch asked for FSDP."""
-        if self.fsdp is not None:
-            raise ConfigError(f"{stage} does not run under FSDP yet (pretrain, sft, reward training, dpo and full-weight ppo do): "
-                              "launch it with examples/accelerate/ddp_cpu.yaml or ddp_gpu.yaml (docs/scale.md)")
-
     def place(self, device: torch.device) -> torch.device:
         """The device this process computes on: under several processes, plain `cuda` is its own GPU."""
         if self.world_size > 1 and device.type == "cuda" and device.index is None:

@@ -190,8 +190,6 @@ def run_pipeline(spec: PipelineSpec) -> dict:
     check_spec(spec)
     out, sections = Path(spec.out), spec.sections
     ctx, started, registry = StageContext(), time.time(), stages()
-    if int(spec.sections.get("ppo", {}).get("lora_r", 0)) > 0:  # before any stage, not after hours of them
-        ctx.dist.refuse_sharding("the pipeline's ppo stage (lora_r > 0)")
     main = ctx.dist.is_main  # under several processes: rank 0 writes the run's own files and says what happens
     if main:
         out.mkdir(parents=True, exist_ok=True)

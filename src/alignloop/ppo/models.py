@@ -11,6 +11,7 @@ Every log-prob, value and score comes out in fp32; only matmuls run in the chose
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,11 +133,11 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
         check_same_tokenizer(Path(c.policy), tokenizer, Path(c.value_model), load_tokenizer(c.value_model))
     reference = None
     if c.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         # The reference is the same weights with the adapters switched off: one copy of the model in memory.
-        policy = get_peft_model(policy, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha,
-                                                   lora_dropout=c.lora_dropout, target_modules="all-linear"))
+        policy = with_lora_adapters(policy, LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha,
+                                                       lora_dropout=c.lora_dropout, target_modules="all-linear"))
     elif c.uses_reference:
         reference = load_causal_lm(c.policy, device, tokenizer).requires_grad_(False)
     # Dropout off for good (not just eval mode): update-time log-probs must equal rollout-time ones,
@@ -157,7 +158,7 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
     # critic trains all its weights either way.
     with_masters = ([policy] if c.lora_r == 0 else []) + ([critic] if critic is not None else [])
     masters = MasterWeights(with_masters, enabled=precision == "bf16" and not sharded)
-    if precision == "bf16" and c.lora_r > 0:
+    if precision == "bf16" and c.lora_r > 0 and not sharded:  # sharded: FSDP casts each gathered block
         cast_frozen_matmul_weights(policy, skip_trained=True)
     if precision == "bf16" and c.lora_r == 0 and reference is not None:
         cast_frozen_matmul_weights(reference)
@@ -176,22 +177,48 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
                     c.uses_reference, gold, critic_forward)
 
 
+def with_lora_adapters(model: PreTrainedModel, lora_config) -> PreTrainedModel:
+    """`model` wrapped by peft with fresh adapters of `lora_config` (a peft `LoraConfig`)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, copy.deepcopy(lora_config))  # peft keeps the config it is given
+
+
+def is_lora(policy: torch.nn.Module) -> bool:
+    return hasattr(policy, "peft_config")
+
+
 def shard_trained_models(models: RLModels, settings: FSDPSettings) -> None:
     """Shard the policy and the critic over the processes (FSDP2), in place, before the optimiser is built.
 
-    The policy's forward is its own call; the separate critic is called through `critic_forward`,
+    Under LoRA the frozen base is sharded with the adapters (so the reference, the base with
+    adapters off, is a sharded forward too) and kept in fp32, the merge's precision. The policy's
+    forward is its own call; the separate critic is called through `critic_forward`,
     which runs its backbone and head apart, so that is its root; the value head is one small unit
     of its own, computed in fp32 as it is unsharded. The reference and the reward models stay whole
     in every process: they take no gradient and no optimiser state, which is what sharding saves.
     Every process must then make the same calls of these modules (fsdp.py).
     """
     models.unsharded_classes = {role: type(module) for role, module in models.trained().items()}
+    if is_lora(models.policy):  # the copies are built as the policy was: the base model, then the adapters
+        models.unsharded_classes["policy"] = type(models.policy.get_base_model())
     fsdp.shard(models.policy, settings, models.precision)
     if models.critic is not None:
         fsdp.shard(models.critic, settings, models.precision, root=models.critic_forward)
     if models.value_head is not None:
         fsdp.shard_whole(models.value_head, settings)
     models.sharded = True
+
+
+def unsharded_policy(models: RLModels, state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    """A plain copy of the sharded policy on `device` holding `state` (its whole weights), built as
+    the policy was: under LoRA, the base model with the same adapters."""
+    base_class = models.unsharded_classes["policy"]
+    if not is_lora(models.policy):
+        return fsdp.unsharded_copy(models.policy, state, base_class, device)
+    plain = with_lora_adapters(base_class(models.policy.config).to(device), models.policy.peft_config["default"])
+    plain.load_state_dict(state)
+    return plain
 
 
 @torch.no_grad()
@@ -205,7 +232,7 @@ def restore_fp32_base(policy: torch.nn.Module, base_dir: Path) -> None:
 
 def load_initial_policy(models: RLModels, init_policy: Path, device: torch.device) -> None:
     """Start the policy from other weights (a previous round's policy) while the reference stays put."""
-    if hasattr(models.policy, "peft_config"):  # LoRA: the reference is the base with adapters off: carry the adapters
+    if is_lora(models.policy):  # LoRA: the reference is the base with adapters off: carry the adapters
         from peft import load_peft_weights, set_peft_model_state_dict
 
         set_peft_model_state_dict(models.policy, load_peft_weights(str(Path(init_policy) / "adapter")))

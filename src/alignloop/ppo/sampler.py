@@ -27,7 +27,7 @@ from ..mixed_precision import cast_frozen_matmul_weights
 from ..modeling import disable_dropout
 from ..rollout import TokenBatch, sample_responses
 from .config import PPOConfig
-from .models import RLModels
+from .models import RLModels, unsharded_policy
 
 
 class RolloutSampler(Protocol):
@@ -82,7 +82,7 @@ class GatheredPolicySampler:
         """The policy's whole weights into the replica (a collective: every process samples every step)."""
         state = fsdp.full_state_dict(self.models.policy, everywhere=True)
         if self.replica is None:
-            replica = fsdp.unsharded_copy(self.models.policy, state, self.models.unsharded_classes["policy"], device)
+            replica = unsharded_policy(self.models, state, device)
             self.replica = disable_dropout(replica.requires_grad_(False))
             if self.models.precision == "bf16":
                 cast_frozen_matmul_weights(self.replica)

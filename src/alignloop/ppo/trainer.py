@@ -36,8 +36,9 @@ from .config import PPOConfig
 from .experience import Experience, ExperienceMaker
 from .kl_control import KLController
 from .losses import masked_mean
-from .models import (build_models, load_initial_policy, load_sharded_trained_states, load_trained_state,
-                     restore_fp32_base, shard_trained_models, sharded_trained_states, trained_state)
+from .models import (build_models, is_lora, load_initial_policy, load_sharded_trained_states, load_trained_state,
+                     restore_fp32_base, shard_trained_models, sharded_trained_states, trained_state,
+                     unsharded_policy)
 from .sampler import GatheredPolicySampler
 from .update import PPOUpdate
 
@@ -53,8 +54,6 @@ class PPOTrainer:
         self.device, self.precision = self.ctx.device_and_precision(c)
         self.out_dir = Path(c.out_dir)
         self.dist = self.ctx.dist
-        if c.lora_r > 0:  # adapters on a frozen base: little for sharding to save (docs/scale.md)
-            self.dist.refuse_sharding("ppo with lora_r > 0")
         if c.mini_batch_size < self.dist.world_size:
             raise ConfigError(f"mini_batch_size ({c.mini_batch_size}) must be at least the number of processes "
                               f"({self.dist.world_size}): each process trains on its rows of every mini-batch")
@@ -350,23 +349,25 @@ class PPOTrainer:
         if not self.dist.is_main:
             return
         m, classes, cpu = self.models, self.models.unsharded_classes, torch.device("cpu")
-        policy = fsdp.unsharded_copy(m.policy, weights["policy"], classes["policy"], cpu)
-        save_model_dir(policy, self.tokenizer, self.out_dir, self.config.max_new_tokens)
+        self.save_policy(unsharded_policy(m, weights["policy"], cpu))
         if m.critic is not None:
             critic = fsdp.unsharded_copy(m.critic, weights["critic"], classes["critic"], cpu)
             with atomic_directory(self.out_dir / "critic") as tmp:
                 critic.save_pretrained(tmp, safe_serialization=True)
 
-    def save_models(self) -> None:
-        policy = self.models.policy
-        if self.config.lora_r > 0:
+    def save_policy(self, policy: torch.nn.Module) -> None:
+        """The policy as a plain HF directory; under LoRA the adapters too, and the merged weights."""
+        if is_lora(policy):
             with atomic_directory(self.out_dir / "adapter") as tmp:
                 policy.save_pretrained(tmp)  # the adapters alone, for peft users
             restore_fp32_base(policy, self.config.policy)
             policy = policy.merge_and_unload()  # a plain HF model: loads with no peft
+        save_model_dir(policy, self.tokenizer, self.out_dir, self.config.max_new_tokens)
+
+    def save_models(self) -> None:
         # The saved weights are the fp32 masters, not their bf16 roundings.
         with self.models.masters.fp32_models():
-            save_model_dir(policy, self.tokenizer, self.out_dir, self.config.max_new_tokens)
+            self.save_policy(self.models.policy)
             if self.models.critic is not None:
                 with atomic_directory(self.out_dir / "critic") as tmp:
                     self.models.critic.save_pretrained(tmp, safe_serialization=True)
