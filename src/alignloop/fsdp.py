@@ -92,6 +92,22 @@ def shard_whole(module: torch.nn.Module, settings: FSDPSettings) -> None:
                 offload_policy=CPUOffloadPolicy() if settings.offload_params else OffloadPolicy())
 
 
+def shard_frozen(model: torch.nn.Module, settings: FSDPSettings, precision: str,
+                 root: torch.nn.Module | None = None) -> None:
+    """Shard a model that takes no gradient as `shard` does, its shards held in the compute dtype
+    (bf16 halves them; a frozen model needs no fp32 masters), so each forward gathers them as they are."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if precision == "bf16":
+        model.to(torch.bfloat16)
+    offload = CPUOffloadPolicy() if settings.offload_params else OffloadPolicy()
+    for block in blocks_to_shard(model, settings):
+        fully_shard(block, reshard_after_forward=True, mp_policy=MixedPrecisionPolicy(), offload_policy=offload)
+    # With no backward to come, the root's weights are freed after its forward too.
+    fully_shard(root if root is not None else model, reshard_after_forward=True, mp_policy=MixedPrecisionPolicy(),
+                offload_policy=offload)
+
+
 def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:
     """The sharded model's whole state dict on the CPU, in rank 0 only (`everywhere`: in every process).
 

@@ -127,7 +127,7 @@ class ExperienceMaker:
         gold_scores = None
         if m.gold is not None:  # timed apart: judging the run is not part of its cost
             t2 = time.perf_counter()
-            gold_scores = dist.gather_rows(m.reward_scores(local, m.gold))
+            gold_scores = dist.gather_rows(m.reward_scores(local, gold=True))
             self.seconds["gold_scoring"] = self.seconds.get("gold_scoring", 0.0) + time.perf_counter() - t2
         logprobs, values, raw_scores = (dist.gather_rows(t) for t in (logprobs, values, raw_scores))
         ref_logprobs = dist.gather_rows(ref_logprobs) if ref_logprobs is not None else None

@@ -25,7 +25,7 @@ from ..logprobs import token_logprobs
 from ..mixed_precision import MasterWeights, cast_frozen_matmul_weights, matmul_weights
 from ..modeling import check_same_tokenizer, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
 from ..reward.model import RewardModel
-from ..rollout import ScalarHeadForward, TokenBatch, response_logits, scalar_head_outputs, sequence_scores
+from ..rollout import ScalarHeadForward, TokenBatch, response_logits, sequence_scores
 from .config import PPOConfig
 
 
@@ -56,7 +56,9 @@ class RLModels:
     uses_reference: bool = True  # False: no KL term anywhere, so no reference forward (and no copy of it)
     gold: RewardModel | None = None  # a held-out RM the run is judged by, never trained against
     critic_forward: ScalarHeadForward | None = None  # the separate critic's forward (its FSDP root when sharded)
-    sharded: bool = False  # the policy and the critic are sharded over the processes (shard_trained_models)
+    reward_forward: ScalarHeadForward | None = None  # the reward model's forward (its root when sharded)
+    gold_forward: ScalarHeadForward | None = None
+    sharded: bool = False  # every model is sharded over the processes (shard_models)
     unsharded_classes: dict[str, type] | None = None  # sharded: each trained role's class before sharding
 
     @property
@@ -108,18 +110,19 @@ class RLModels:
             return self.value_head(policy_hidden)
         return torch.zeros(batch.responses.shape, device=batch.responses.device)
 
-    def reward_scores(self, batch: TokenBatch, reward: RewardModel | None = None) -> torch.Tensor:
+    def reward_scores(self, batch: TokenBatch, gold: bool = False) -> torch.Tensor:
         """(B,) RM scores at each response's last token, normalised by the RM's gain and bias
-        (`reward`: another RM than the one the policy is paid by, e.g. the gold one)."""
-        reward = reward or self.reward
-        return reward.normalize(sequence_scores(scalar_head_outputs(reward.model, batch, self.precision), batch))
+        (`gold`: the held-out RM's, which the policy is judged by, not paid by)."""
+        reward, forward = (self.gold, self.gold_forward) if gold else (self.reward, self.reward_forward)
+        heads = forward(batch.input_ids, batch.attention_mask, batch.position_ids, batch.prompt_width)
+        return reward.normalize(sequence_scores(heads, batch))
 
 
 def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: torch.device,
                  precision: str, sharded: bool = False) -> RLModels:
     """The run's models on `device`. `sharded`: the policy and the critic will be sharded by FSDP
-    (shard_trained_models), whose fp32 parameters are the optimiser's masters, so they keep fp32
-    weights here; the frozen models are replicated either way."""
+    (shard_models), whose fp32 parameters are the optimiser's masters, so they keep fp32
+    weights here, and so do the frozen models, which shard_models shards in the matmul dtype."""
     c = config
     policy = load_causal_lm(c.policy, device, tokenizer)
     reward = RewardModel.from_pretrained(c.reward_model, device, precision)
@@ -160,21 +163,25 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
     masters = MasterWeights(with_masters, enabled=precision == "bf16" and not sharded)
     if precision == "bf16" and c.lora_r > 0 and not sharded:  # sharded: FSDP casts each gathered block
         cast_frozen_matmul_weights(policy, skip_trained=True)
-    if precision == "bf16" and c.lora_r == 0 and reference is not None:
+    for frozen in (reward, gold):
+        if frozen is not None:
+            frozen.model.requires_grad_(False)
+    # Sharded, the frozen models are sharded too, in the matmul dtype (shard_models).
+    if precision == "bf16" and c.lora_r == 0 and reference is not None and not sharded:
         cast_frozen_matmul_weights(reference)
-    if precision == "bf16":
+    if precision == "bf16" and not sharded:
         for frozen in (reward, gold):
             if frozen is not None:
-                cast_frozen_matmul_weights(frozen.model.requires_grad_(False))
+                cast_frozen_matmul_weights(frozen.model)
     if c.gradient_checkpointing:
         for model in (policy, critic):
             if model is not None:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if c.lora_r > 0:
             policy.enable_input_require_grads()
-    critic_forward = ScalarHeadForward(critic, precision) if critic is not None else None
+    forward = (lambda model: ScalarHeadForward(model, precision) if model is not None else None)  # noqa: E731
     return RLModels(policy, reference, critic, value_head, reward, tokenizer, masters, precision, c.temperature,
-                    c.uses_reference, gold, critic_forward)
+                    c.uses_reference, gold, forward(critic), forward(reward.model), forward(gold and gold.model))
 
 
 def with_lora_adapters(model: PreTrainedModel, lora_config) -> PreTrainedModel:
@@ -188,15 +195,16 @@ def is_lora(policy: torch.nn.Module) -> bool:
     return hasattr(policy, "peft_config")
 
 
-def shard_trained_models(models: RLModels, settings: FSDPSettings) -> None:
-    """Shard the policy and the critic over the processes (FSDP2), in place, before the optimiser is built.
+def shard_models(models: RLModels, settings: FSDPSettings) -> None:
+    """Shard every model over the processes (FSDP2), in place, before the optimiser is built.
 
     Under LoRA the frozen base is sharded with the adapters (so the reference, the base with
     adapters off, is a sharded forward too) and kept in fp32, the merge's precision. The policy's
     forward is its own call; the separate critic is called through `critic_forward`,
     which runs its backbone and head apart, so that is its root; the value head is one small unit
-    of its own, computed in fp32 as it is unsharded. The reference and the reward models stay whole
-    in every process: they take no gradient and no optimiser state, which is what sharding saves.
+    of its own, computed in fp32 as it is unsharded. The frozen models (the reference of a
+    full-weight run, the reward model, the gold one) are sharded in the matmul dtype, each forward
+    gathering one block at a time: all they hold is weights, so that is what sharding saves.
     Every process must then make the same calls of these modules (fsdp.py).
     """
     models.unsharded_classes = {role: type(module) for role, module in models.trained().items()}
@@ -207,6 +215,11 @@ def shard_trained_models(models: RLModels, settings: FSDPSettings) -> None:
         fsdp.shard(models.critic, settings, models.precision, root=models.critic_forward)
     if models.value_head is not None:
         fsdp.shard_whole(models.value_head, settings)
+    if models.reference is not None:
+        fsdp.shard_frozen(models.reference, settings, models.precision)
+    fsdp.shard_frozen(models.reward.model, settings, models.precision, root=models.reward_forward)
+    if models.gold is not None:
+        fsdp.shard_frozen(models.gold.model, settings, models.precision, root=models.gold_forward)
     models.sharded = True
 
 

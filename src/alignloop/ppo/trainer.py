@@ -37,7 +37,7 @@ from .experience import Experience, ExperienceMaker
 from .kl_control import KLController
 from .losses import masked_mean
 from .models import (build_models, is_lora, load_initial_policy, load_sharded_trained_states, load_trained_state,
-                     restore_fp32_base, shard_trained_models, sharded_trained_states, trained_state,
+                     restore_fp32_base, shard_models, sharded_trained_states, trained_state,
                      unsharded_policy)
 from .sampler import GatheredPolicySampler
 from .update import PPOUpdate
@@ -69,7 +69,7 @@ class PPOTrainer:
         if c.init_policy is not None:
             load_initial_policy(self.models, c.init_policy, self.device)
         if sharded:
-            shard_trained_models(self.models, self.dist.fsdp)
+            shard_models(self.models, self.dist.fsdp)
         self.optimizer = self.build_optimizer()
         total_updates = c.steps * c.ppo_epochs * c.num_mini_batches
         # Linear annealing to 0 (CleanRL): the last updates, on a policy far from the SFT model, are the smallest.
