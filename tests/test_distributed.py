@@ -365,14 +365,21 @@ def assert_same_ppo_runs(one: Path, two: Path, start: Path) -> None:
     assert mean_movement(two, start) > 1e-4
 
 
+def ppo_on_1_and_2_processes(launcher: list[str], args, tmp_path: Path) -> tuple[dict, dict, dict]:
+    """The command line `args(out)` run by one process into tmp_path/one and by `launcher`'s two into
+    tmp_path/two: both summaries, and what each rank of the second wrote (recorded_run)."""
+    run([sys.executable, "-m", "alignloop", *args(tmp_path / "one")])
+    writes = recorded_run(launcher + args(tmp_path / "two"), tmp_path / "two", tmp_path)
+    one, two = (json.loads((tmp_path / name / "ppo_summary.json").read_text()) for name in ("one", "two"))
+    return one, two, writes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", PPO_CASES)
 def test_ppo_on_2_processes_is_the_1_process_run_up_to_the_order_of_sums(case, tiny_lm_dir, rm_dir, prompts_file,
                                                                           tmp_path):
-    args = lambda out: ppo_args(tiny_lm_dir, rm_dir, prompts_file, out, **PPO_CASES[case])  # noqa: E731
-    run([sys.executable, "-m", "alignloop", *args(tmp_path / "one")])
-    writes = recorded_run(TORCHRUN + args(tmp_path / "two"), tmp_path / "two", tmp_path)
-    one, two = (json.loads((tmp_path / name / "ppo_summary.json").read_text()) for name in ("one", "two"))
+    one, two, writes = ppo_on_1_and_2_processes(
+        TORCHRUN, lambda out: ppo_args(tiny_lm_dir, rm_dir, prompts_file, out, **PPO_CASES[case]), tmp_path)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     batch = PPO_CASES[case].get("batch_size", PPO_SETS["batch_size"])
     assert one["episodes_per_process"] == [3 * batch] and two["episodes_per_process"] == [3 * batch // 2] * 2
@@ -418,10 +425,8 @@ FSDP_PPO_CASES = {"separate_critic": PPO_CASES["ppo"],
 @pytest.mark.parametrize("case", FSDP_PPO_CASES)
 def test_ppo_sharded_by_fsdp_is_the_1_process_run_up_to_the_order_of_sums(case, tiny_lm_dir, rm_dir, prompts_file,
                                                                           tmp_path):
-    args = lambda out: ppo_args(tiny_lm_dir, rm_dir, prompts_file, out, **FSDP_PPO_CASES[case])  # noqa: E731
-    run([sys.executable, "-m", "alignloop", *args(tmp_path / "one")])
-    writes = recorded_run(ACCELERATE_FSDP + args(tmp_path / "two"), tmp_path / "two", tmp_path)
-    one, two = (json.loads((tmp_path / name / "ppo_summary.json").read_text()) for name in ("one", "two"))
+    _, two, writes = ppo_on_1_and_2_processes(
+        ACCELERATE_FSDP, lambda out: ppo_args(tiny_lm_dir, rm_dir, prompts_file, out, **FSDP_PPO_CASES[case]), tmp_path)
     assert (two["world_size"], two["sharding"]) == (2, "fsdp")
     assert_same_ppo_runs(tmp_path / "one", tmp_path / "two", tiny_lm_dir)
     if case == "separate_critic":
