@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignloop.errors import ConfigError
-from alignloop.evaluate import EvaluateConfig, distinct_n, evaluate, win_rate
+from alignloop.evaluate import EvaluateConfig, distinct_n, evaluate, prompt_relevance, win_rate
 from alignloop.logprobs import response_logprobs, token_logprobs
 from alignloop.modeling import load_causal_lm, load_tokenizer
 from alignloop.prompts import encode_prompt, encode_response
@@ -23,6 +23,14 @@ def test_distinct_2_hand_computed():
     # bigrams: (a b) (b a) (a b) | (a b) (b c) -> 3 distinct of 5; a one-word text has none
     assert distinct_n(["a b a b", "a b c", "word"], 2) == pytest.approx(3 / 5)
     assert distinct_n(["x y z"], 1) == 1.0 and distinct_n(["one"], 2) == 0.0
+
+
+def test_prompt_relevance_hand_computed():
+    # replies 1 and 2 likelier after their own prompt, reply 3 equally likely after either: (1 + 1 + 1/2) / 3;
+    # margins 2 + 0.5 + 0 nats over 4 + 1 + 5 tokens
+    r = prompt_relevance([-2.0, -5.0, -3.0], [-4.0, -5.5, -3.0], [4, 1, 5])
+    assert r["prompt_relevance"] == pytest.approx(2.5 / 3)
+    assert r["prompt_relevance_nats_per_token"] == pytest.approx(2.5 / 10)
 
 
 def test_token_logprobs_hand_computed():
@@ -61,6 +69,7 @@ def test_evaluate_policy_equal_to_reference_gives_zero_kl_and_even_win_rate(tmp_
     rows = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
     assert all(r["policy_afinn"] == r["sft_afinn"] for r in rows)
     assert 0 <= s["policy"]["distinct_2"] <= 1
+    assert 0 <= s["policy"]["prompt_relevance"] <= 1
     assert s["policy"] == s["sft"]
     assert s["policy_perplexity_under_reference"] > 1
     assert (tmp_path / "eval" / "samples.jsonl").is_file()

@@ -121,6 +121,31 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def prompt_relevance(own: list[float], other: list[float], lengths: list[int]) -> dict[str, float]:
+    """How much replies depend on the prompt they answer, from each reply's log-likelihood under the
+    reference after its own prompt (`own`) and after another prompt of the set (`other`).
+
+    `prompt_relevance`: the share of replies more likely after their own prompt (ties half): near 1
+    when each reply answers its prompt, near 1/2 for replies that would do for any prompt (a policy
+    that found one text its reward model likes, whatever was asked). `prompt_relevance_nats_per_token`:
+    the summed margin over the replies' `lengths` in tokens, an estimate of the pointwise mutual
+    information of reply and prompt per token, so that shorter replies are not counted as less relevant.
+    """
+    return {"prompt_relevance": win_rate(own, other),
+            "prompt_relevance_nats_per_token": sum(a - b for a, b in zip(own, other)) / max(sum(lengths), 1)}
+
+
+def reply_logliks(model, tokenizer, prompt_ids: list[list[int]], completions: list[Completion],
+                  precision: str) -> tuple[list[float], list[float]]:
+    """Each reply's log-likelihood under `model` at T = 1 after its own prompt, and after the next
+    prompt in the list (the last after the first): what `prompt_relevance` compares."""
+    replies = [c.token_ids for c in completions]
+    other = prompt_ids[1:] + prompt_ids[:1]
+    own_lp, other_lp = (response_logprobs(model, prompts, replies, tokenizer.pad_token_id, precision, 1.0)
+                        for prompts in (prompt_ids, other))
+    return [float(x.sum()) for x in own_lp], [float(x.sum()) for x in other_lp]
+
+
 def judge_key(spec: str) -> str:
     """'afinn' -> 'afinn', 'pkg.module:function' or 'file.py:function' -> 'function': a judge's name in the figures."""
     return spec.rsplit(":", 1)[-1]
@@ -204,6 +229,10 @@ def compare_with_reference(config: EvaluateConfig, device, precision: str) -> di
         reference, prompt_ids, response_ids, tokenizer.pad_token_id, precision, 1.0)
     n_tokens = sum(len(r) for r in lp_ref_t1)
     ppl_ref = float(math.e ** (-sum(float(r.sum()) for r in lp_ref_t1) / max(n_tokens, 1)))
+    # Do the replies still answer their prompts? Read by the reference after their own prompt and another's.
+    relevance = ({side: prompt_relevance(*reply_logliks(reference, tokenizer, prompt_ids, out, precision),
+                                         [len(c.token_ids) for c in out])
+                  for side, out in (("sft", ref_out), ("policy", pol_out))} if len(prompts) > 1 else {})
 
     write_jsonl(STAGE.outputs(config)["samples"], (
         {"prompt": p, "sft": r.completion, "policy": q.completion, "sft_rm": a, "policy_rm": b,
@@ -219,6 +248,9 @@ def compare_with_reference(config: EvaluateConfig, device, precision: str) -> di
     if gold:
         sft_side["gold_score_mean"] = statistics.fmean(gold["sft_gold"])
         policy_side["gold_score_mean"] = statistics.fmean(gold["policy_gold"])
+    if relevance:
+        sft_side.update(relevance["sft"])
+        policy_side.update(relevance["policy"])
     return {
         "prompts": len(prompts),
         "sft": sft_side,
