@@ -70,42 +70,52 @@ def shard(model: torch.nn.Module, settings: FSDPSettings, precision: str, root: 
     norms, head) as the unit of `root`, the module whose forward the training calls (default: the model;
     a wrapper whose forward runs the model's parts one by one must be the root, so that its call gathers
     them all)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     # Gradients are reduced in fp32 whatever the compute dtype: the sum over processes keeps its bits.
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                  reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy() if settings.offload_params else OffloadPolicy()
-    for block in blocks_to_shard(model, settings):
-        fully_shard(block, reshard_after_forward=settings.reshard_after_forward, mp_policy=mixed,
-                    offload_policy=offload)
     # The root unit (embeddings, final norm, head) is needed again at once by the backward.
-    fully_shard(root if root is not None else model, reshard_after_forward=False, mp_policy=mixed,
-                offload_policy=offload)
-
-
-def shard_whole(module: torch.nn.Module, settings: FSDPSettings) -> None:
-    """Shard a small module with no blocks (a value head) as one unit that computes in fp32."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    fully_shard(module, reshard_after_forward=False, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
-                offload_policy=CPUOffloadPolicy() if settings.offload_params else OffloadPolicy())
+    shard_blocks_and_root(model, root, settings, mixed, settings.reshard_after_forward, reshard_root=False)
 
 
 def shard_frozen(model: torch.nn.Module, settings: FSDPSettings, precision: str,
                  root: torch.nn.Module | None = None) -> None:
     """Shard a model that takes no gradient as `shard` does, its shards held in the compute dtype
     (bf16 halves them; a frozen model needs no fp32 masters), so each forward gathers them as they are."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if precision == "bf16":
         model.to(torch.bfloat16)
-    offload = CPUOffloadPolicy() if settings.offload_params else OffloadPolicy()
+    # With no backward to come, every unit's weights are freed after its forward, the root's too.
+    shard_blocks_and_root(model, root, settings, MixedPrecisionPolicy(), reshard_blocks=True, reshard_root=True)
+
+
+def shard_blocks_and_root(model: torch.nn.Module, root: torch.nn.Module | None, settings: FSDPSettings, mixed,
+                          reshard_blocks: bool, reshard_root: bool) -> None:
+    """`fully_shard` each of the model's blocks, then the rest as the unit of `root` (default: the model)."""
+    from torch.distributed.fsdp import fully_shard
+
     for block in blocks_to_shard(model, settings):
-        fully_shard(block, reshard_after_forward=True, mp_policy=MixedPrecisionPolicy(), offload_policy=offload)
-    # With no backward to come, the root's weights are freed after its forward too.
-    fully_shard(root if root is not None else model, reshard_after_forward=True, mp_policy=MixedPrecisionPolicy(),
-                offload_policy=offload)
+        fully_shard(block, reshard_after_forward=reshard_blocks, mp_policy=mixed,
+                    offload_policy=offload_policy(settings))
+    fully_shard(root if root is not None else model, reshard_after_forward=reshard_root, mp_policy=mixed,
+                offload_policy=offload_policy(settings))
+
+
+def shard_whole(module: torch.nn.Module, settings: FSDPSettings) -> None:
+    """Shard a small module with no blocks (a value head) as one unit that computes in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    fully_shard(module, reshard_after_forward=False, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32),
+                offload_policy=offload_policy(settings))
+
+
+def offload_policy(settings: FSDPSettings):
+    """Shards (and Adam's state) in CPU memory between uses when the config asks, else on the device."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    return CPUOffloadPolicy() if settings.offload_params else OffloadPolicy()
 
 
 def full_state_dict(model: torch.nn.Module, everywhere: bool = False) -> dict[str, torch.Tensor]:

@@ -163,15 +163,13 @@ def build_models(config: PPOConfig, tokenizer: PreTrainedTokenizerBase, device: 
     masters = MasterWeights(with_masters, enabled=precision == "bf16" and not sharded)
     if precision == "bf16" and c.lora_r > 0 and not sharded:  # sharded: FSDP casts each gathered block
         cast_frozen_matmul_weights(policy, skip_trained=True)
-    for frozen in (reward, gold):
-        if frozen is not None:
-            frozen.model.requires_grad_(False)
     # Sharded, the frozen models are sharded too, in the matmul dtype (shard_models).
     if precision == "bf16" and c.lora_r == 0 and reference is not None and not sharded:
         cast_frozen_matmul_weights(reference)
-    if precision == "bf16" and not sharded:
-        for frozen in (reward, gold):
-            if frozen is not None:
+    for frozen in (reward, gold):
+        if frozen is not None:
+            frozen.model.requires_grad_(False)
+            if precision == "bf16" and not sharded:
                 cast_frozen_matmul_weights(frozen.model)
     if c.gradient_checkpointing:
         for model in (policy, critic):

@@ -351,9 +351,7 @@ class PPOTrainer:
         m, classes, cpu = self.models, self.models.unsharded_classes, torch.device("cpu")
         self.save_policy(unsharded_policy(m, weights["policy"], cpu))
         if m.critic is not None:
-            critic = fsdp.unsharded_copy(m.critic, weights["critic"], classes["critic"], cpu)
-            with atomic_directory(self.out_dir / "critic") as tmp:
-                critic.save_pretrained(tmp, safe_serialization=True)
+            self.save_critic(fsdp.unsharded_copy(m.critic, weights["critic"], classes["critic"], cpu))
 
     def save_policy(self, policy: torch.nn.Module) -> None:
         """The policy as a plain HF directory; under LoRA the adapters too, and the merged weights."""
@@ -364,13 +362,16 @@ class PPOTrainer:
             policy = policy.merge_and_unload()  # a plain HF model: loads with no peft
         save_model_dir(policy, self.tokenizer, self.out_dir, self.config.max_new_tokens)
 
+    def save_critic(self, critic: torch.nn.Module) -> None:
+        with atomic_directory(self.out_dir / "critic") as tmp:
+            critic.save_pretrained(tmp, safe_serialization=True)
+
     def save_models(self) -> None:
         # The saved weights are the fp32 masters, not their bf16 roundings.
         with self.models.masters.fp32_models():
             self.save_policy(self.models.policy)
             if self.models.critic is not None:
-                with atomic_directory(self.out_dir / "critic") as tmp:
-                    self.models.critic.save_pretrained(tmp, safe_serialization=True)
+                self.save_critic(self.models.critic)
 
     def finish(self, history: list[dict], start: float, resumed_from: int, stopped: str | None) -> dict[str, Any]:
         c = self.config
