@@ -160,6 +160,20 @@ def test_pipeline_file_errors_name_file_line_and_key(tmp_path):
     bad.write_text("sft: {}\npolicy:\n  model: x\n")
     with pytest.raises(InputError, match="either an sft section"):
         load_pipeline_file(bad)
+    # A section that is not a mapping is refused at its line, with or without --set into it.
+    for value in ("[1, 2]", "3", "text"):
+        bad.write_text(f"policy:\n  model: x\nppo: {value}\n")
+        for sets in (None, ["ppo.steps=2"]):
+            with pytest.raises(InputError, match=r"p.yaml:3: field 'ppo': expected a mapping"):
+                load_pipeline_file(bad, sets=sets)
+    # A section with nothing under it is a section of defaults.
+    bad.write_text("policy:\n  model: x\nchatterbot:\nevaluate:\n")
+    spec = load_pipeline_file(bad, sets=["evaluate.num_prompts=4"])
+    assert spec.sections["chatterbot"] == {} and spec.sections["evaluate"] == {"num_prompts": 4}
+    for where, what in ((tmp_path, "a directory, not a config file"), (Path("/dev/null"), "not a regular file"),
+                        (tmp_path / "none.yaml", "no such config file")):
+        with pytest.raises(InputError, match=what):
+            load_pipeline_file(where)
     for key in ("out_dir: s", "out: c.jsonl"):  # out: the deprecated name of sample's output
         bad.write_text(f"policy:\n  model: x\nsample:\n  {key}\n")
         with pytest.raises(AlignloopError, match=f"sample.{key.split(':')[0]} is set, but with rounds > 1"):

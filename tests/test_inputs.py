@@ -312,6 +312,18 @@ def test_language_model_is_no_reward_model(tiny_lm_dir):
         load_scalar_model(tiny_lm_dir)
 
 
+def test_reward_model_is_no_language_model(tiny_rm_dir, tmp_path, prompts_file):
+    """Given as a policy, a reward model would generate from a random or repurposed LM head without a word."""
+    with pytest.raises(InputError, match=r"is a reward model or critic \(GPT2ForSequenceClassification\), not a "
+                                         r"language model"):
+        load_causal_lm(tiny_rm_dir, "cpu")
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run([sys.executable, "-m", "alignloop", "generate", "--model", str(tiny_rm_dir), "--prompts",
+                           str(prompts_file), "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and not out.exists()
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {tiny_rm_dir}: is a reward model or critic")
+
+
 def test_tokenizer_of_another_model_refused(tmp_path, tiny_lm_dir, fortunes):
     bigger = train_tokenizer(fortunes, vocab_size=1024)
     with pytest.raises(InputError, match=r"the tokenizer has 1024 tokens but the model's embedding only 512"):

@@ -393,7 +393,9 @@ def read_yaml_mapping(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]
     except (OSError, ValueError):
         size = None
     if size is None:
-        raise InputError(path, "no such config file")
+        what = ("a directory, not a config file" if path.is_dir() else
+                "not a regular file (a config is a YAML file)" if path.exists() else "no such config file")
+        raise InputError(path, what)
     if size > MAX_CONFIG_BYTES:
         raise InputError(path, f"{size:,} bytes: a config file is at most {MAX_CONFIG_BYTES:,} (is it the right file?)")
     try:

@@ -130,6 +130,7 @@ PARTIAL_SUFFIXES = (".tmp", ".incomplete", ".part")
 LAYER_INDEX = re.compile(r"\.(?:h|layers|layer|blocks)\.(\d+)\.")
 # Where AutoModelForSequenceClassification keeps its output layer: `score` (GPT-2, Llama, Qwen...), `classifier` (BERT).
 SCALAR_HEADS = ("score", "classifier")
+SCALAR_ARCHITECTURES = ("ForSequenceClassification", "ForTokenClassification")
 RESAVE_HINT = "re-save the model (save_pretrained) or rerun the stage that wrote it"
 
 
@@ -289,6 +290,20 @@ def check_has_scalar_head(path: Path) -> None:
                                "it is a language model; give a directory written by alignloop reward train")
 
 
+def check_not_scalar_model(path: Path) -> None:
+    """A policy directory is a language model, not a reward model or critic.
+
+    transformers builds a causal LM from a sequence classifier's directory with only a warning:
+    its LM head is initialised at random (or, tied to the embeddings, reads a trunk trained to
+    score), so a reward model given as the policy would generate noise without a word.
+    """
+    config = read_json_file(path / "config.json")
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if isinstance(architectures, list) and architectures and all(isinstance(a, str) and a.endswith(SCALAR_ARCHITECTURES) for a in architectures):
+        raise InputError(path, f"is a reward model or critic ({architectures[0]}), not a language model: "
+                               "give a policy, SFT or base model directory")
+
+
 def has_tokenizer_files(path: Path) -> bool:
     return any(all((path / name).is_file() for name in group) for group in TOKENIZER_VOCAB_FILES)
 
@@ -348,6 +363,7 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu",
                    tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """Load a causal LM in fp32 (autocast picks the matmul dtype), in eval mode: dropout off."""
     path = check_model_dir(path, tokenizer=False)  # the caller brings or loads the tokenizer
+    check_not_scalar_model(path)
     model = load_pretrained(AutoModelForCausalLM, path)
     if tokenizer is not None:
         fit_to_tokenizer(path, model, tokenizer)

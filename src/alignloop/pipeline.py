@@ -125,12 +125,16 @@ def check_sections(sections: dict[str, Any], source: str = "pipeline", lines: di
                          line=lines.get("pretrain"), field="pretrain")
 
 
-def apply_sets(sections: dict[str, dict], sets: list[str] | None) -> dict[str, dict]:
-    """`--set section.key=value` overrides, applied after the file."""
-    out = {k: dict(v) for k, v in sections.items()}
+def apply_sets(sections: dict[str, Any], sets: list[str] | None) -> dict[str, Any]:
+    """`--set section.key=value` overrides, applied after the file. A section left empty in the file
+    (`chatterbot:` with nothing under it) is a section of defaults; one that is not a mapping is kept
+    as it is, for check_sections to refuse with its line."""
+    out = {k: {} if v is None else dict(v) if isinstance(v, dict) else v for k, v in sections.items()}
     for item in sets or []:
         (section, key), value = parse_set(item, parts=2)
-        out.setdefault(section, {})[key] = value
+        values = out.setdefault(section, {})
+        if isinstance(values, dict):
+            values[key] = value
     return out
 
 
