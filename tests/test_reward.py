@@ -323,3 +323,21 @@ def test_score_reads_the_last_non_pad_token(tiny_lm_dir):
     alone = [rm.score_ids(torch.tensor([s]), torch.tensor([[1] * len(s)])).item() for s in seqs]
     assert padded.tolist() == pytest.approx(alone, abs=1e-5)
     assert rm.score(["Life is"] * 2, [" short", " a much longer response here"]) == pytest.approx(alone, abs=1e-5)
+
+
+def test_data_with_every_prompt_held_out_says_so_and_unusable_rows_say_why(tmp_path, tiny_lm_dir):
+    """One distinct prompt cannot be split into training and held-out prompts: the error says that,
+    not that the rows were unusable; rows that are unusable say why."""
+    from alignloop.reward.train import RewardTrainConfig, load_splits
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}],
+                                "chosen": [{"role": "assistant", "content": "hello"}],
+                                "rejected": [{"role": "assistant", "content": "go"}]}) + "\n")
+    config = RewardTrainConfig(model=tiny_lm_dir, data=data)
+    with pytest.raises(InputError, match=r"no preferences left to train on: its 1 usable row\(s\) have 1 distinct "
+                                         r"prompt\(s\), all held out by held_out_fraction=0.05"):
+        load_splits(config)
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "b"}) + "\n")
+    with pytest.raises(InputError, match=r"no usable preferences \(\{'chosen == rejected': 1\}\)"):
+        load_splits(config)

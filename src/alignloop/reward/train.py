@@ -530,8 +530,13 @@ def load_splits(config: RewardTrainConfig) -> tuple[PreferenceData, PreferenceDa
     else:
         held_data = PreferenceData()
         train_items, held_items = split_by_prompt(data.items, config.held_out_fraction, config.seed)
-    if not train_items:
+    if not data.items:
         raise InputError(config.data, f"no usable preferences ({data.summary()['rejected_by_reason']})")
+    if not train_items:  # every usable row's prompt was held out: too few distinct prompts to split
+        prompts = len({it.prompt for it in data.items})
+        raise InputError(config.data, f"no preferences left to train on: its {len(data.items)} usable row(s) have "
+                                      f"{prompts} distinct prompt(s), all held out by held_out_fraction="
+                                      f"{config.held_out_fraction}; give more prompts or a held_out_data file")
     return data, held_data, train_items, held_items
 
 
