@@ -239,3 +239,23 @@ def test_model_output_with_nul_is_kept_exactly(db, tmp_path):
         with pytest.raises(InputError, match="field 'prompt': must not contain NUL"):
             service.create_campaign(s, "nul2", [{"item_id": "n", "prompt": "a\x00", "responses": ["x", "y"]}])
     assert rows[0]["responses"] == odd
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--noise", "nan"], "--noise: expected a finite number, got nan"),
+    (["--noise", "1.5"], "--noise: noise is a share of answers, in [0, 1]"),
+    (["--annotators", "0"], "--annotators: annotators must be >= 1"),
+    (["--overlap", "0"], "--overlap: overlap must be >= 1"),
+    (["--overlap", "4"], "--overlap: overlap (4) cannot exceed annotators (3)"),
+])
+def test_the_simulate_command_checks_its_values_as_the_pipeline_does(tmp_path, options, message):
+    """Zero annotators or a NaN noise used to 'succeed' with no answers or random ones: refused in one line."""
+    import subprocess
+    import sys
+
+    campaign, out = write_campaign(tmp_path / "c.jsonl", 2), tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "alignloop", "annotate", "simulate", str(campaign), str(out),
+                           "--label-function", "vader", *options], capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr
+    assert not (out / "annotations.db").exists()

@@ -416,6 +416,16 @@ def test_cli_generate_good_input_still_works(generate_runs):
     assert [r["prompt"] for r in read_jsonl(out)] == ["The", "A"]
 
 
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), 0.0, -1.0])
+def test_generate_refuses_a_temperature_that_is_not_a_finite_positive_number(temperature):
+    """NaN passed a `<= 0` check and sampled from NaN probabilities with rc 0."""
+    from alignloop.generation import SamplingSettings
+
+    with pytest.raises(ConfigError, match=r"temperature must be a finite number > 0"):
+        SamplingSettings(temperature=temperature)
+    SamplingSettings(temperature=temperature, greedy=True)  # argmax decoding never reads it
+
+
 # -- limits the stages check against the model they run on -----------------------------------------
 
 def test_generate_refuses_a_prompt_longer_than_the_context_in_one_line(tmp_path, tiny_lm_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,9 @@ class SamplingSettings:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if not self.greedy and self.temperature <= 0:
-            raise ConfigError("temperature must be > 0 (use greedy=true for argmax decoding)")
+        if not self.greedy and not 0 < self.temperature < math.inf:  # written so that NaN fails it too
+            raise ConfigError(f"temperature must be a finite number > 0 (use greedy=true for argmax decoding), "
+                              f"got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1 or self.batch_size < 1:

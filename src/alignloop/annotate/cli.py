@@ -101,5 +101,10 @@ def simulate(campaign: Path, out_dir: Path, label_function: str = "vader", annot
              noise: float = 0.1, mode: str = "rank", seed: int = 0, db: Optional[str] = None):
     """Simulated annotators answer every item through the service, then export."""
     from .simulate import run_simulated_annotation
+    from .stage import AnnotateConfig
 
-    _print(run_simulated_annotation(campaign, out_dir, label_function, annotators, overlap, noise, mode, seed, db))
+    # The pipeline's annotate section and this command check the same values the same way.
+    c = AnnotateConfig.load(campaign=campaign, out_dir=out_dir, label_function=label_function, annotators=annotators,
+                            overlap=overlap, noise=noise, mode=mode, seed=seed, db_url=db)
+    _print(run_simulated_annotation(Path(c.campaign), Path(c.out_dir), c.label_function, c.annotators, c.overlap,
+                                    c.noise, c.mode, c.seed, c.db_url))

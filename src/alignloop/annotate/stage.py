@@ -38,7 +38,8 @@ class AnnotateConfig(StageConfig):
     def validate(self) -> None:
         from ..labelers import load_label_function
 
-        self.require(self.annotators >= 1 and self.overlap >= 1, "annotators and overlap must be >= 1")
+        self.require(self.annotators >= 1, "annotators must be >= 1")
+        self.require(self.overlap >= 1, "overlap must be >= 1")
         self.require(self.overlap <= self.annotators, f"overlap ({self.overlap}) cannot exceed annotators "
                                                       f"({self.annotators}): one person answers an item once")
         self.require(0 <= self.noise <= 1, "noise is a share of answers, in [0, 1]")
