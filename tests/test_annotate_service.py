@@ -259,3 +259,40 @@ def test_the_simulate_command_checks_its_values_as_the_pipeline_does(tmp_path, o
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), done.stderr
     assert not (out / "annotations.db").exists()
+
+
+@pytest.mark.parametrize("url, message", [
+    ("bogus://x", "bogus://x: not a database URL this install can use"),
+    ("postgresql+psycopg://u:secret@127.0.0.1:1/x", "postgresql+psycopg://u:***@127.0.0.1:1/x: cannot open the database"),
+    ("sqlite:////proc/no/x.db", "sqlite:////proc/no/x.db: cannot create the database file"),
+])
+def test_a_database_url_that_cannot_be_used_is_one_error_naming_it_without_its_password(url, message):
+    with pytest.raises(InputError) as e:
+        get_engine(url)
+    assert str(e.value).startswith(message) and "secret" not in str(e.value)
+
+
+def test_exporting_a_database_with_no_answers_writes_empty_files_and_an_empty_dataset(tmp_path):
+    import datasets
+
+    with get_sessionmaker(f"sqlite:///{tmp_path / 'a.db'}")() as s:
+        summary = write_exports(ranking_rows(s), tmp_path / "out", dataset=True)
+    assert summary["ranking_rows"] == summary["pairs"] == 0
+    assert (tmp_path / "out" / "rankings.jsonl").read_text() == (tmp_path / "out" / "preferences.jsonl").read_text() == ""
+    ds = datasets.load_from_disk(summary["dataset"])
+    assert ds.num_rows == 0 and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+
+
+def test_a_port_out_of_range_is_refused_before_serving(tmp_path):
+    from alignloop.annotate.app import BackgroundServer, serve
+    from alignloop.annotate.stage import AnnotateConfig
+    from alignloop.errors import ConfigError
+
+    db = f"sqlite:///{tmp_path / 'a.db'}"
+    for port in (-1, 65536):
+        with pytest.raises(ConfigError, match="port must be in 0-65535"):
+            serve(db, port=port)
+        with pytest.raises(ConfigError, match="port must be in 0-65535"):
+            BackgroundServer(db, port=port)
+        with pytest.raises(ConfigError, match=r"AnnotateConfig.port: at (least 0|most 65,535) is allowed"):
+            AnnotateConfig(campaign=tmp_path / "c.jsonl", human=True, port=port)

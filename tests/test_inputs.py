@@ -474,3 +474,11 @@ def test_reward_score_refuses_a_broken_normalization_file_in_one_line(tmp_path, 
         result = run_cli("reward", "score", "--reward-model", str(rm), "--data", str(data), "--out",
                          str(tmp_path / "o.jsonl"))
         assert_one_line_error(result, "reward_normalization.json", fragment)
+
+
+def test_an_output_path_the_file_system_refuses_is_one_line_naming_it(tmp_path):
+    """A file where a directory must go: the OS error, not a traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_cli("demo", "--out", str(blocker / "run"))
+    assert_one_line_error(result, f"error: {blocker / 'run'}", "Not a directory")

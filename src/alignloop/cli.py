@@ -247,6 +247,15 @@ def main() -> None:
     except AlignloopError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug or the system's, keep its traceback
+            raise
+        # A path the user named that cannot be made or written (an output under /proc, a file where a
+        # directory must go): the stage checks what it can up front, the file system has the last word.
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+        console.print(f"[bold red]error:[/] {where}: {e.strerror or type(e).__name__}", highlight=False,
+                      soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)

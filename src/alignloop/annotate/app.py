@@ -33,7 +33,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.background import BackgroundTask
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from . import service
 from .db import MAX_ID, Annotator, Busy, Conflict, get_sessionmaker, normalize_url
 from .export import PAIR_POLICIES, TIE_POLICIES, iter_pairs, iter_ranking_rows, snapshot_jsonl
@@ -415,10 +415,16 @@ def add_admin_routes(app: FastAPI, db: ServiceCall) -> None:
         return {"name": body.name, "token": db(service.create_annotator, body.name, body.admin)}
 
 
+def check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port must be in 0-65535 (0: any free port), got {port}")
+
+
 def serve(db_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Run the app under uvicorn until interrupted (blocking)."""
     import uvicorn
 
+    check_port(port)
     uvicorn.run(create_app(normalize_url(db_url)), host=host, port=port, log_level="warning")
 
 
@@ -428,6 +434,7 @@ class BackgroundServer:
     def __init__(self, db_url: str, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
 
+        check_port(port)
         self.config = uvicorn.Config(create_app(normalize_url(db_url)), host=host, port=port, log_level="warning")
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

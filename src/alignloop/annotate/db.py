@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, create_engine, event
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from ..errors import AlignloopError
+from ..errors import AlignloopError, InputError
 
 
 class Base(DeclarativeBase):
@@ -190,12 +190,33 @@ def writer_lock(engine: Engine) -> threading.Lock | None:
 
 @functools.lru_cache(maxsize=16)
 def get_engine(db: str) -> Engine:
-    """One engine per URL per process (tables created on first use)."""
+    """One engine per URL per process (tables created on first use). A URL SQLAlchemy cannot use, a
+    database file that cannot be created or a server that does not answer raise InputError naming the
+    URL (its password hidden): they are the user's input, met before anything is read or written."""
     url = normalize_url(db)
-    engine = sqlite_engine(url) if url.startswith("sqlite") else create_engine(url, pool_pre_ping=True, **POOL)
-    with engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
-        Base.metadata.create_all(conn)
+    try:
+        engine = sqlite_engine(url) if url.startswith("sqlite") else create_engine(url, pool_pre_ping=True, **POOL)
+        with engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
+            Base.metadata.create_all(conn)
+    except (ArgumentError, NoSuchModuleError, ValueError) as e:  # ValueError: a URL SQLAlchemy cannot parse
+        raise InputError(shown_url(url), f"not a database URL this install can use ({first_line(e)}): give "
+                                         "sqlite:///FILE, a plain file path, or postgresql+psycopg://...") from None
+    except OSError as e:
+        raise InputError(shown_url(url), f"cannot create the database file ({e.strerror or e})") from None
+    except DBAPIError as e:
+        raise InputError(shown_url(url), f"cannot open the database ({first_line(e.orig or e)})") from None
     return engine
+
+
+def shown_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url.split("@", 1)[-1] if "@" in url else url  # whatever came before '@' may hold a password
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def get_sessionmaker(db: str | Path) -> sessionmaker:

@@ -147,7 +147,7 @@ def write_exports(rows: Iterable[dict], out_dir: Path, prefix: str = "", pair_po
     if dataset:
         paths["dataset"] = out_dir / f"{prefix}preferences"
         save_pairs_dataset(paths["preferences"], paths["dataset"], with_margin=n_pairs > 0 and all_margins)
-    return {"rankings": n_rows, "pairs": n_pairs, **{k: str(v) for k, v in paths.items()}}
+    return {"ranking_rows": n_rows, "pairs": n_pairs, **{k: str(v) for k, v in paths.items()}}  # "rankings": its path
 
 
 def save_pairs_dataset(pairs_jsonl: Path, out: Path, with_margin: bool) -> None:
@@ -163,5 +163,8 @@ def save_pairs_dataset(pairs_jsonl: Path, out: Path, with_margin: bool) -> None:
                 yield {c: pair[c] for c in columns}
 
     features = datasets.Features({c: datasets.Value("float64" if c == "margin" else "string") for c in columns})
+    if pairs_jsonl.stat().st_size == 0:  # nothing answered yet: an empty dataset (from_generator refuses none)
+        datasets.Dataset.from_dict({c: [] for c in columns}, features=features).save_to_disk(str(out), num_shards=1)
+        return
     with tempfile.TemporaryDirectory() as cache:  # a fresh cache: never an earlier export's rows
         datasets.Dataset.from_generator(pairs, features=features, cache_dir=cache).save_to_disk(str(out))
