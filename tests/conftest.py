@@ -17,9 +17,8 @@ from alignloop.modeling import build_causal_lm, load_tokenizer, save_model_dir
 from alignloop.reward.model import RewardModel, init_reward_model
 from alignloop.tokenizer import train_tokenizer
 
-# The longest files first (serial seconds on a 2-core CPU: ~340, ~140, ~65, ~55, ~45, ~40, ~35):
-# `make test` hands each pytest-xdist worker whole files in collection order, and a long file
-# that starts last runs on alone while the other worker idles.
+# The longest files, longest first: `make test` hands each pytest-xdist worker whole files in
+# collection order, and a long file that starts last runs on alone while the other worker idles.
 LONGEST_FILES_FIRST = ("test_distributed.py", "test_resume.py", "test_inputs.py", "test_algorithms.py",
                        "test_annotate_crash.py", "test_realdata_gguf.py", "test_compare.py")
 

@@ -299,7 +299,8 @@ def check_not_scalar_model(path: Path) -> None:
     """
     config = read_json_file(path / "config.json")
     architectures = config.get("architectures") if isinstance(config, dict) else None
-    if isinstance(architectures, list) and architectures and all(isinstance(a, str) and a.endswith(SCALAR_ARCHITECTURES) for a in architectures):
+    if isinstance(architectures, list) and architectures and all(
+            isinstance(a, str) and a.endswith(SCALAR_ARCHITECTURES) for a in architectures):
         raise InputError(path, f"is a reward model or critic ({architectures[0]}), not a language model: "
                                "give a policy, SFT or base model directory")
 

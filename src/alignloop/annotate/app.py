@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.background import BackgroundTask
 
+from ..config import FIELD_LIMITS
 from ..errors import ConfigError, InputError
 from . import service
 from .db import MAX_ID, Annotator, Busy, Conflict, get_sessionmaker, normalize_url
@@ -416,8 +417,10 @@ def add_admin_routes(app: FastAPI, db: ServiceCall) -> None:
 
 
 def check_port(port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port must be in 0-65535 (0: any free port), got {port}")
+    """The bound AnnotateConfig checks, for the callers that take a port without a config."""
+    low, high = FIELD_LIMITS["port"]
+    if not low <= port <= high:
+        raise ConfigError(f"port must be in {low}-{high} (0: any free port), got {port}")
 
 
 def serve(db_url: str, host: str = "127.0.0.1", port: int = 8000) -> None:
