@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -41,6 +42,40 @@ def test_token_logprobs_hand_computed():
     assert lp[0].tolist() == pytest.approx(expected, abs=1e-6)
     # temperature divides the logits: T=2 makes position 2 logits (1, 0)
     assert token_logprobs(logits, labels, 2.0)[0, 1].item() == pytest.approx(-torch.log1p(torch.exp(torch.tensor(-1.0))).item(), abs=1e-6)
+
+
+def test_token_logprobs_gradient_hand_computed():
+    # vocab 2, logits (2, 0), label 0, T = 2: d logp / d logits = (onehot - softmax(logits / T)) / T
+    logits = torch.tensor([[2.0, 0.0]], requires_grad=True)
+    token_logprobs(logits, torch.tensor([0]), 2.0).sum().backward()
+    p0 = 1 / (1 + math.exp(-1.0))
+    assert logits.grad[0].tolist() == pytest.approx([(1 - p0) / 2, -(1 - p0) / 2], abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_equal_the_log_softmax_it_replaces(monkeypatch, dtype, temperature):
+    # Several chunks (a small CHUNK_ELEMENTS), a bf16 input, a temperature: values and gradients
+    # are the plain log_softmax-then-gather's, up to float rounding, and the gradient keeps the
+    # logits' dtype.
+    monkeypatch.setattr("alignloop.logprobs.CHUNK_ELEMENTS", 64)
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 40)).to(dtype).requires_grad_(True)
+    labels, weights = torch.randint(0, 40, (3, 5)), torch.randn(3, 5)
+    (token_logprobs(logits, labels, temperature) * weights).sum().backward()
+    fused = logits.grad.clone()
+    logits.grad = None
+    plain = torch.log_softmax(logits.float() / temperature, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (plain * weights).sum().backward()
+    assert torch.allclose(token_logprobs(logits, labels, temperature), plain, atol=1e-5)
+    assert fused.dtype == dtype
+    assert torch.allclose(fused.float(), logits.grad.float(), atol=1e-6 if dtype == torch.float32 else 4e-3)
+
+
+def test_token_logprobs_pass_gradcheck_in_fp64():
+    labels = torch.tensor([[1, 0, 6], [3, 3, 2]])
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, labels, 0.5), (logits,))
 
 
 def test_response_logprobs_match_unpadded_forward(tiny_lm_dir):

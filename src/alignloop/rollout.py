@@ -209,12 +209,17 @@ def finished_rows(batch: TokenBatch, eos_id: int) -> torch.Tensor:
 
 def response_logits(model: PreTrainedModel, batch: TokenBatch, precision: str) -> torch.Tensor:
     """Logits that predict each response token: (batch, R, vocab), in the matmul dtype."""
-    R = batch.responses.shape[1]
     with autocast(batch.input_ids.device, precision):
-        # Only positions P-1 .. P+R-2 predict response tokens; skip the LM head elsewhere.
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False).logits
-    return logits[:, :R]
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                     logits_to_keep=response_positions(batch), use_cache=False).logits
+
+
+def response_positions(batch: TokenBatch) -> torch.Tensor:
+    """The positions whose logits predict the response tokens, P-1 .. P+R-2, as HF's `logits_to_keep`:
+    the LM head runs on those alone, and the logits come out contiguous (a slice of them would cost
+    a full-vocabulary zero-filled gradient in the backward)."""
+    total, R = batch.input_ids.shape[1], batch.responses.shape[1]
+    return torch.arange(total - R - 1, total - 1, device=batch.input_ids.device)
 
 
 def scalar_head_outputs(model: PreTrainedModel, batch: TokenBatch, precision: str) -> torch.Tensor:

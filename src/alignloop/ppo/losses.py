@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..logprobs import row_chunks
+
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum()
@@ -185,10 +187,16 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of softmax(logits): logsumexp(l) - sum p * l. (B, T, V) -> (B, T)."""
-    logits = logits.float()
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(dim=-1)
+    """Per-position entropy of softmax(logits): logsumexp(l) - sum p * l. (B, T, V) -> (B, T).
+
+    Computed a few rows at a time in fp32, never over a whole batch of fp32 logits (see logprobs.py)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    entropy = torch.empty(flat.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    for start, stop in row_chunks(*flat.shape):
+        x = flat[start:stop].to(entropy.dtype)
+        p = torch.softmax(x, dim=-1)
+        entropy[start:stop] = torch.logsumexp(x, dim=-1) - (p * x).sum(dim=-1)
+    return entropy.view(logits.shape[:-1])
 
 
 LOSS_AGGREGATIONS = ("token_mean", "sequence_mean")

@@ -25,7 +25,7 @@ from ..logprobs import token_logprobs
 from ..mixed_precision import MasterWeights, cast_frozen_matmul_weights, matmul_weights
 from ..modeling import check_same_tokenizer, disable_dropout, load_causal_lm, load_scalar_model, load_tokenizer
 from ..reward.model import RewardModel
-from ..rollout import ScalarHeadForward, TokenBatch, response_logits, sequence_scores
+from ..rollout import ScalarHeadForward, TokenBatch, response_logits, response_positions, sequence_scores
 from .config import PPOConfig
 
 
@@ -75,12 +75,12 @@ class RLModels:
     def policy_logprobs(self, batch: TokenBatch, with_hidden: bool = False):
         """log pi(response token) at the sampling temperature: (B, R) fp32; the logits; the trunk's states."""
         if with_hidden:  # the value head reads the policy's last hidden state: one forward for both
-            R, P = batch.responses.shape[1], batch.prompt_width
+            positions = response_positions(batch)
             with autocast(batch.input_ids.device, self.precision):
                 out = self.policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                  position_ids=batch.position_ids, output_hidden_states=True, use_cache=False)
-            logits = out.logits[:, P - 1:P - 1 + R]
-            hidden = out.hidden_states[-1][:, P - 1:P - 1 + R]
+                                  position_ids=batch.position_ids, logits_to_keep=positions,
+                                  output_hidden_states=True, use_cache=False)
+            logits, hidden = out.logits, out.hidden_states[-1][:, positions]
         else:
             logits, hidden = response_logits(self.policy, batch, self.precision), None
         return token_logprobs(logits, batch.responses, self.temperature), logits, hidden
