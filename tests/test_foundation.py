@@ -6,6 +6,8 @@ import json
 import os
 import math
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -235,3 +237,37 @@ def test_stages_set_their_thread_count_even_when_torch_already_has_it(environ, e
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     set_cpu_threads()
     assert calls == ([expected] if expected is not None else [])
+
+
+PAGE_FAULTS_PROBE = """
+import resource, sys, torch
+from alignloop.device import keep_freed_memory
+kept = keep_freed_memory()
+def faults_of_one_large_temporary():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(64 * 2**20, dtype=torch.uint8)  # 64 MB: above glibc's largest mmap threshold
+    x.fill_(1)
+    del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_one_large_temporary()
+print(kept, faults_of_one_large_temporary())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("environment, kept", [({}, True), ({"ALIGNLOOP_KEEP_FREED_MEMORY": "0"}, False),
+                                               ({"MALLOC_MMAP_THRESHOLD_": "65536"}, False)])
+def test_keep_freed_memory_reuses_a_freed_large_block_without_page_faults(environment, kept):
+    # 64 MB is 16,384 pages: mapped fresh, every one faults; reused from malloc's heap, none does.
+    # Now and then glibc moves a thread that finds its arena locked (by a thread torch started) to
+    # another arena, whose heaps cannot hold 64 MB, and maps it after all: so several processes are
+    # probed, and kept means most of them reuse the block.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}, **environment}
+    runs = [subprocess.run([sys.executable, "-c", PAGE_FAULTS_PROBE], env=env, capture_output=True, text=True,
+                           check=True).stdout.split() for _ in range(5 if kept else 2)]
+    assert all(was_kept == str(kept) for was_kept, _ in runs)
+    faults = [int(n) for _, n in runs]
+    if kept:
+        assert sum(n < 1000 for n in faults) >= 3, faults
+    else:
+        assert all(n > 10000 for n in faults), faults

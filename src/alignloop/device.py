@@ -9,6 +9,7 @@ losses are computed in fp32 by the callers (`.float()` before any of them).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import time
@@ -47,6 +48,40 @@ def set_cpu_threads() -> None:
     else:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(n)
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+# The user's own malloc settings, which `keep_freed_memory` leaves alone.
+MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                      "MALLOC_TOP_PAD_")
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory torch frees for the next tensors, instead of returning it to the OS.
+
+    glibc maps every block above its mmap threshold (32 MB at most, whatever one sets) fresh from
+    the kernel and unmaps it when freed, so each large temporary of a training step (a batch of
+    full-vocabulary logits, an embedding's gradient, a layer's activations) is zero-filled page
+    by page by the kernel again at every step, a cost on the scale of the step's own arithmetic
+    on a small CPU. With no mmap and no trimming, a freed block goes back to malloc's heap and
+    the next tensor reuses its pages; the peak is unchanged (docs/benchmarks.md, "Memory kept by
+    malloc"), but what the process holds stays near its peak until it exits.
+
+    Linux with glibc only, and not where the environment already sets malloc's options or
+    `ALIGNLOOP_KEEP_FREED_MEMORY=0`. Returns whether the setting was made.
+    """
+    if os.environ.get("ALIGNLOOP_KEEP_FREED_MEMORY", "1") == "0" or any(v in os.environ for v in MALLOC_ENVIRONMENT):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 -- raises AttributeError outside glibc (musl, macOS)
+    except (OSError, AttributeError):
+        return False
+    # Large blocks come from the heap (glibc still maps one that a thread's own arena cannot hold),
+    # and the heap is trimmed back only past 2 GB free at its top (mallopt takes a C int).
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ import torch
 
 from .checkpoint import Checkpointer
 from .config import StageConfig
-from .device import choose_precision, resolve_device, set_cpu_threads
+from .device import choose_precision, keep_freed_memory, resolve_device, set_cpu_threads
 from .distributed import SINGLE_PROCESS, Distributed, from_environment
 from .errors import ConfigError
 from .files import atomic_write_json, path_fingerprint, read_json_or_none
@@ -99,8 +99,9 @@ def return_freed_memory() -> None:
 class StageContext:
     """Built once per process and handed to every stage, so none re-derives it.
 
-    It sets the CPU threads, resolves each config's device and precision (the bf16 timing
-    probe runs once per process), and keeps the time and machine load of every stage run.
+    It sets the CPU threads and malloc's keeping of freed memory (device.py), resolves each
+    config's device and precision (the bf16 timing probe runs once per process), and keeps the
+    time and machine load of every stage run.
     `dist` is the process's place in a data-parallel job (torchrun, accelerate launch; one
     process otherwise): a stage whose `data_parallel` is true trains on its shard of every
     global batch, and rank 0 alone writes (distributed.py).
@@ -111,6 +112,7 @@ class StageContext:
 
     def __post_init__(self) -> None:
         set_cpu_threads()
+        keep_freed_memory()
 
     def device_and_precision(self, config: StageConfig) -> tuple[torch.device, str]:
         return self.resolve(getattr(config, "device", "auto"), getattr(config, "precision", "auto"))
