@@ -66,7 +66,8 @@ def keep_freed_memory() -> bool:
     full-vocabulary logits, an embedding's gradient, a layer's activations) is zero-filled page
     by page by the kernel again at every step, a cost on the scale of the step's own arithmetic
     on a small CPU. With no mmap and no trimming, a freed block goes back to malloc's heap and
-    the next tensor reuses its pages; the peak is unchanged (docs/benchmarks.md, "Memory kept by
+    the next tensors reuse its pages (most of them: an aligned request can find a freed block a
+    little too small and extend the heap instead); the peak is unchanged (docs/benchmarks.md, "Memory kept by
     malloc"), but what the process holds stays near its peak until it exits.
 
     Linux with glibc only, and not where the environment already sets malloc's options or
