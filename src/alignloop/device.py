@@ -67,8 +67,9 @@ def keep_freed_memory() -> bool:
     by page by the kernel again at every step, a cost on the scale of the step's own arithmetic
     on a small CPU. With no mmap and no trimming, a freed block goes back to malloc's heap and
     the next tensors reuse its pages (most of them: an aligned request can find a freed block a
-    little too small and extend the heap instead); the peak is unchanged (docs/benchmarks.md, "Memory kept by
-    malloc"), but what the process holds stays near its peak until it exits.
+    little too small and extend the heap instead); the peak is unchanged (docs/benchmarks.md,
+    "Memory kept by malloc"). What the process holds stays near the stage's peak until the stage
+    ends, when `stage.return_freed_memory` hands it back.
 
     Linux with glibc only, and not where the environment already sets malloc's options or
     `ALIGNLOOP_KEEP_FREED_MEMORY=0`. Returns whether the setting was made.
