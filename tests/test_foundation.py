@@ -211,7 +211,8 @@ def test_sft_reads_user_pairs_and_counts_dropped(tmp_path, tiny_lm_dir):
 
 
 def test_a_finished_stage_hands_freed_heap_memory_back_to_the_system():
-    from alignloop.stage import resident_memory_gib, return_freed_memory
+    from alignloop.device import return_freed_memory
+    from alignloop.stage import resident_memory_gib
 
     chunks = [torch.ones(20_000) for _ in range(10_000)]  # 80 KB each, below glibc's mmap threshold: heap
     keep = chunks[-1].clone()  # allocated above them, so the freed heap is not at its top

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import os
 import time
 
@@ -69,7 +70,7 @@ def keep_freed_memory() -> bool:
     the next tensors reuse its pages (most of them: an aligned request can find a freed block a
     little too small and extend the heap instead); the peak is unchanged (docs/benchmarks.md,
     "Memory kept by malloc"). What the process holds stays near the stage's peak until the stage
-    ends, when `stage.return_freed_memory` hands it back.
+    ends, when `return_freed_memory` hands it back.
 
     Linux with glibc only, and not where the environment already sets malloc's options or
     `ALIGNLOOP_KEEP_FREED_MEMORY=0`. Returns whether the setting was made.
@@ -84,6 +85,19 @@ def keep_freed_memory() -> bool:
     # Large blocks come from the heap (glibc still maps one that a thread's own arena cannot hold),
     # and the heap is trimmed back only past 2 GB free at its top (mallopt takes a C int).
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def return_freed_memory() -> None:
+    """Hand the memory a finished stage freed back to the system (glibc only; a no-op elsewhere).
+
+    glibc keeps freed heap memory for reuse; after a reward-model stage on SmolLM2 (states of a
+    frozen trunk, many packed batches) that was ~4 GiB resident with no tensor alive, which the next
+    stage's own peak then sat on. malloc_trim returns it (measured in docs/real-data.md)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,7 +35,7 @@ import torch
 
 from .checkpoint import Checkpointer
 from .config import StageConfig
-from .device import choose_precision, keep_freed_memory, resolve_device, set_cpu_threads
+from .device import choose_precision, keep_freed_memory, resolve_device, return_freed_memory, set_cpu_threads
 from .distributed import SINGLE_PROCESS, Distributed, from_environment
 from .errors import ConfigError
 from .files import atomic_write_json, path_fingerprint, read_json_or_none
@@ -77,22 +77,6 @@ def resident_memory_gib() -> float | None:
         return None
     line = next((line for line in status.splitlines() if line.startswith("VmRSS:")), None)
     return round(int(line.split()[1]) / 2**20, 2) if line else None
-
-
-def return_freed_memory() -> None:
-    """Hand the memory a finished stage freed back to the system (glibc only; a no-op elsewhere).
-
-    glibc keeps freed heap memory for reuse; after a reward-model stage on SmolLM2 (states of a
-    frozen trunk, many packed batches) that was ~4 GiB resident with no tensor alive, which the next
-    stage's own peak then sat on. malloc_trim returns it (measured in docs/real-data.md)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
