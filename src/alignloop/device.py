@@ -77,10 +77,8 @@ def keep_freed_memory() -> bool:
     """
     if os.environ.get("ALIGNLOOP_KEEP_FREED_MEMORY", "1") == "0" or any(v in os.environ for v in MALLOC_ENVIRONMENT):
         return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018 -- raises AttributeError outside glibc (musl, macOS)
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return False
     # Large blocks come from the heap (glibc still maps one that a thread's own arena cannot hold),
     # and the heap is trimmed back only past 2 GB free at its top (mallopt takes a C int).
@@ -94,10 +92,19 @@ def return_freed_memory() -> None:
     frozen trunk, many packed batches) that was ~4 GiB resident with no tensor alive, which the next
     stage's own peak then sat on. malloc_trim returns it (measured in docs/real-data.md)."""
     gc.collect()
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library where it is glibc (whose malloc the two functions above tune), else None."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 -- raises AttributeError outside glibc (musl, macOS)
     except (OSError, AttributeError):
-        pass
+        return None
+    return libc
 
 
 @functools.lru_cache(maxsize=None)
